@@ -1,0 +1,7 @@
+//! The two-phase copy engine: `copy_in` turns source ranges into per-leaf
+//! source tokens, `copy_out` pairs them with the destination's pieces and
+//! offloads each pair to the devices where they can take it, bouncing through
+//! host memory only where it must.
+//!
+//! It sits above [`bdev_stack`]; the engine itself arrives with its issue.
+#![warn(missing_docs)]

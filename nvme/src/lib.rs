@@ -1,0 +1,2 @@
+//! Polled-mode NVMe over VFIO.
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+//! SCSI over the Linux SG_IO interface.
+#![warn(missing_docs)]
