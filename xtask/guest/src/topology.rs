@@ -1,0 +1,243 @@
+//! The devices a VM boot carries, declared once and shared by both sides of
+//! the rig: the host turns a [`Topology`] into QEMU arguments, the guest
+//! runner turns the same value into LIO configuration and device checks.
+//!
+//! A guest test names the topology it needs; the host boots one VM per
+//! topology and runs the tests that asked for it.
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the topology most tests run on.
+pub const DEFAULT: &str = "default";
+/// A controller left to the kernel driver with a namespace that fails reads
+/// at [`FAULT_SECTOR`] (QEMU blkdebug), to check the fault path end to end.
+pub const FAULTS: &str = "faults";
+/// The 512-byte sector the `faults` topology fails reads of.
+pub const FAULT_SECTOR: u64 = 2048;
+
+/// Everything attached to one VM boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Name tests use to ask for this topology.
+    pub name: String,
+    /// QEMU NVMe controllers, bound to vfio-pci in the guest.
+    pub nvme: Vec<NvmeController>,
+    /// LIO fileio LUNs, all behind one tcm_loop nexus.
+    pub lio_luns: Vec<LioLun>,
+    /// virtio-scsi disks, left to the kernel (sd + sg).
+    pub virtio_disks: Vec<VirtioDisk>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+/// One QEMU NVMe controller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeController {
+    /// Serial number reported in Identify Controller.
+    pub serial: String,
+    /// PCI slot on bus 0, so the guest address is `0000:00:SLOT.0`.
+    pub pci_slot: u8,
+    /// Namespaces, with NSIDs 1, 2, ... in order.
+    pub namespaces: Vec<NvmeNamespace>,
+    /// Which guest driver gets the controller.
+    pub driver: GuestDriver,
+}
+
+/// Who drives a controller in the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestDriver {
+    /// Handed to vfio-pci, for our driver.
+    Vfio,
+    /// Left to the kernel's nvme driver (for reference runs and fault checks).
+    Kernel,
+}
+
+impl NvmeController {
+    /// The controller's PCI address in the guest.
+    pub fn pci_address(&self) -> String {
+        format!("0000:00:{:02x}.0", self.pci_slot)
+    }
+}
+
+/// One namespace of a QEMU NVMe controller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeNamespace {
+    /// Logical block size in bytes (512 or 4096).
+    pub block_size: u32,
+    /// Size of the backing image in MiB.
+    pub size_mib: u64,
+    /// Copy limits: maximum single source range length (blocks).
+    pub mssrl: u16,
+    /// Copy limits: maximum copy length (blocks).
+    pub mcl: u32,
+    /// Copy limits: maximum source range count (0's based).
+    pub msrc: u8,
+    /// blkdebug error rules; empty means a plain raw image.
+    pub faults: Vec<BlkdebugRule>,
+}
+
+/// A QEMU blkdebug `[inject-error]` rule on a namespace's backing image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkdebugRule {
+    /// blkdebug event, e.g. `read_aio` or `write_aio`.
+    pub event: String,
+    /// errno to inject (5 = EIO).
+    pub errno: i32,
+    /// 512-byte sector the rule applies to; `None` for every sector.
+    pub sector: Option<u64>,
+    /// Fire once, then disarm.
+    pub once: bool,
+}
+
+/// One LIO fileio LUN behind the tcm_loop nexus.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LioLun {
+    /// `vpd_unit_serial`; LIO derives the NAA designator from its first 25
+    /// hex digits, so serials must differ early.
+    pub serial: String,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Size in MiB of the backing file (in guest memory).
+    pub size_mib: u64,
+}
+
+/// One virtio-scsi disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioDisk {
+    /// Size of the backing image in MiB.
+    pub size_mib: u64,
+}
+
+impl Topology {
+    /// The rig's default: two NVMe controllers (two 512-byte namespaces on
+    /// the first, one 4 KiB namespace on the second, all with Copy limits),
+    /// two LIO LUNs behind one tcm_loop nexus, one virtio-scsi disk.
+    pub fn default_rig() -> Topology {
+        let ns = |block_size| NvmeNamespace {
+            block_size,
+            size_mib: 64,
+            mssrl: 128,
+            mcl: 256,
+            msrc: 15,
+            faults: Vec::new(),
+        };
+        Topology {
+            name: DEFAULT.to_string(),
+            nvme: vec![
+                NvmeController {
+                    serial: "USTORNVME0".to_string(),
+                    pci_slot: 4,
+                    namespaces: vec![ns(512), ns(512)],
+                    driver: GuestDriver::Vfio,
+                },
+                NvmeController {
+                    serial: "USTORNVME1".to_string(),
+                    pci_slot: 5,
+                    namespaces: vec![ns(4096)],
+                    driver: GuestDriver::Vfio,
+                },
+            ],
+            lio_luns: vec![
+                LioLun {
+                    serial: "01234567-89ab-4cde-8f01-23456789ab00".to_string(),
+                    block_size: 512,
+                    size_mib: 64,
+                },
+                LioLun {
+                    serial: "11234567-89ab-4cde-8f01-23456789ab01".to_string(),
+                    block_size: 512,
+                    size_mib: 64,
+                },
+            ],
+            virtio_disks: vec![VirtioDisk { size_mib: 32 }],
+            memory_mib: 1024,
+        }
+    }
+
+    /// One kernel-driven controller whose namespace fails reads of
+    /// [`FAULT_SECTOR`] with EIO, through QEMU's blkdebug.
+    pub fn faults() -> Topology {
+        Topology {
+            name: FAULTS.to_string(),
+            nvme: vec![NvmeController {
+                serial: "USTORFAULT0".to_string(),
+                pci_slot: 4,
+                namespaces: vec![NvmeNamespace {
+                    block_size: 512,
+                    size_mib: 16,
+                    mssrl: 128,
+                    mcl: 256,
+                    msrc: 15,
+                    faults: vec![BlkdebugRule {
+                        event: "read_aio".to_string(),
+                        errno: 5,
+                        sector: Some(FAULT_SECTOR),
+                        once: false,
+                    }],
+                }],
+                driver: GuestDriver::Kernel,
+            }],
+            lio_luns: Vec::new(),
+            virtio_disks: Vec::new(),
+            memory_mib: 512,
+        }
+    }
+
+    /// Looks a topology up by the name a test gave.
+    pub fn named(name: &str) -> Option<Topology> {
+        match name {
+            DEFAULT => Some(Topology::default_rig()),
+            FAULTS => Some(Topology::faults()),
+            _ => None,
+        }
+    }
+
+    /// Names of every topology the rig knows.
+    pub fn names() -> &'static [&'static str] {
+        &[DEFAULT, FAULTS]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_resolves_to_itself() {
+        for name in Topology::names() {
+            let topo = Topology::named(name).expect("listed topology resolves");
+            assert_eq!(topo.name, *name);
+        }
+        assert!(Topology::named("no-such-topology").is_none());
+    }
+
+    #[test]
+    fn lio_serials_differ_in_the_digits_lio_keeps() {
+        // LIO keeps the first 25 hex digits of the serial for the NAA.
+        for name in Topology::names() {
+            let topo = Topology::named(name).unwrap();
+            let keys: Vec<String> = topo
+                .lio_luns
+                .iter()
+                .map(|l| {
+                    l.serial
+                        .chars()
+                        .filter(|c| c.is_ascii_hexdigit())
+                        .take(25)
+                        .collect()
+                })
+                .collect();
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), keys.len(), "NAA collision in {name}");
+        }
+    }
+
+    #[test]
+    fn pci_addresses_are_distinct_and_formatted() {
+        let topo = Topology::default_rig();
+        let addrs: Vec<String> = topo.nvme.iter().map(|c| c.pci_address()).collect();
+        assert_eq!(addrs, ["0000:00:04.0", "0000:00:05.0"]);
+    }
+}

@@ -1,0 +1,305 @@
+//! Turns a [`Topology`] into a QEMU command line and runs the VM with a
+//! hard deadline, streaming its console to a judge and a log file.
+
+use crate::console::{ConsoleJudge, RunReport, VmExit};
+use crate::{Error, Result};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use ustor_guest::protocol::{Event, Outcome};
+use ustor_guest::topology::Topology;
+
+/// Kernel command line: serial console, the vIOMMU VFIO needs, a panic
+/// that ends the VM (with `-no-reboot`) instead of hanging it.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 intel_iommu=on iommu=pt iomem=relaxed panic=-1 oops=panic quiet loglevel=3 nvme.poll_queues=1";
+
+/// Files backing the topology's devices, created fresh for each boot.
+fn create_image(path: &Path, size_mib: u64) -> Result<()> {
+    let file = fs::File::create(path)?;
+    file.set_len(size_mib << 20)?;
+    Ok(())
+}
+
+/// QEMU arguments for `topology`; backing images go under `dir`.
+pub fn qemu_args(
+    topology: &Topology,
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<Vec<String>> {
+    fs::create_dir_all(dir)?;
+    let mut a: Vec<String> = [
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-net",
+        "none",
+        "-machine",
+        "q35,kernel-irqchip=split",
+        // The IOMMU must come before the devices it translates for.
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on,aw-bits=48",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(["-m".into(), topology.memory_mib.to_string()]);
+    a.extend(["-kernel".into(), kernel.display().to_string()]);
+    a.extend(["-initrd".into(), initrd.display().to_string()]);
+    a.extend(["-append".into(), KERNEL_CMDLINE.into()]);
+
+    for (c, ctrl) in topology.nvme.iter().enumerate() {
+        a.extend([
+            "-device".into(),
+            format!(
+                "nvme,serial={},id=nvme{c},addr={:#x}",
+                ctrl.serial, ctrl.pci_slot
+            ),
+        ]);
+        for (n, ns) in ctrl.namespaces.iter().enumerate() {
+            let nsid = n + 1;
+            let id = format!("nvme{c}n{nsid}");
+            let image = dir.join(format!("{id}.img"));
+            create_image(&image, ns.size_mib)?;
+            let file = if ns.faults.is_empty() {
+                image.display().to_string()
+            } else {
+                let rules = dir.join(format!("{id}.blkdebug"));
+                fs::write(&rules, blkdebug_rules(&ns.faults))?;
+                format!("blkdebug:{}:{}", rules.display(), image.display())
+            };
+            a.extend([
+                "-drive".into(),
+                format!("file={file},if=none,id={id},format=raw,cache=unsafe"),
+                "-device".into(),
+                format!(
+                    "nvme-ns,drive={id},bus=nvme{c},nsid={nsid},logical_block_size={bs},\
+                     physical_block_size={bs},mssrl={},mcl={},msrc={}",
+                    ns.mssrl,
+                    ns.mcl,
+                    ns.msrc,
+                    bs = ns.block_size
+                ),
+            ]);
+        }
+    }
+    if !topology.virtio_disks.is_empty() {
+        a.extend(["-device".into(), "virtio-scsi-pci,id=vs0,addr=0x10".into()]);
+        for (i, disk) in topology.virtio_disks.iter().enumerate() {
+            let image = dir.join(format!("virtio{i}.img"));
+            create_image(&image, disk.size_mib)?;
+            a.extend([
+                "-drive".into(),
+                format!(
+                    "file={},if=none,id=vd{i},format=raw,cache=unsafe,werror=report,rerror=report",
+                    image.display()
+                ),
+                "-device".into(),
+                format!("scsi-hd,bus=vs0.0,drive=vd{i},scsi-id={i},lun=0"),
+            ]);
+        }
+    }
+    Ok(a)
+}
+
+/// blkdebug configuration for a namespace's fault rules.
+pub fn blkdebug_rules(rules: &[ustor_guest::topology::BlkdebugRule]) -> String {
+    let mut out = String::new();
+    for r in rules {
+        out.push_str("[inject-error]\n");
+        out.push_str(&format!("event = \"{}\"\n", r.event));
+        out.push_str(&format!("errno = \"{}\"\n", r.errno));
+        if let Some(sector) = r.sector {
+            out.push_str(&format!("sector = \"{sector}\"\n"));
+        }
+        if r.once {
+            out.push_str("once = \"on\"\n");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One boot: what to run, and where.
+pub struct Boot {
+    /// The tests to run, in order.
+    pub tests: Vec<String>,
+    /// Hard deadline for the whole boot.
+    pub deadline: Duration,
+    /// Where the console log goes.
+    pub console_log: PathBuf,
+}
+
+enum Line {
+    Text(String),
+    Eof,
+}
+
+/// Boots QEMU with `args`, printing each test's result as it arrives, and
+/// kills the VM at the boot's deadline. No path through here can hang.
+pub fn run_vm(boot: &Boot, args: &[String]) -> Result<RunReport> {
+    let mut log = fs::File::create(&boot.console_log)?;
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::msg(format!("starting qemu-system-x86_64: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            // Lines may hold bytes that are not UTF-8 (firmware output).
+            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                if tx.send(Line::Text(line)).is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+            let _ = tx.send(Line::Eof);
+        });
+    }
+    drop(tx);
+
+    let mut judge = ConsoleJudge::new(boot.tests.clone());
+    let deadline = started + boot.deadline;
+    let mut open = 2;
+    let exit = loop {
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break VmExit::KilledAtDeadline {
+                after_secs: boot.deadline.as_secs(),
+            };
+        }
+        if open == 0 {
+            match child.try_wait()? {
+                Some(status) => break VmExit::Exited(status.code()),
+                None => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            }
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_millis(200))) {
+            Ok(Line::Text(line)) => {
+                writeln!(log, "{line}")?;
+                if let Some(event) = judge.feed(&line) {
+                    show_progress(&event, started);
+                }
+            }
+            Ok(Line::Eof) => open -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open = 0,
+        }
+    };
+    log.flush()?;
+    Ok(judge.finish(exit))
+}
+
+fn show_progress(event: &Event, started: Instant) {
+    let t = started.elapsed().as_secs_f64();
+    match event {
+        Event::SuiteStart { count } => {
+            println!("[{t:6.1}s] guest ready, running {count} tests");
+        }
+        Event::TestEnd {
+            name,
+            outcome,
+            millis,
+        } => {
+            let verdict = match outcome {
+                Outcome::Pass => "ok".to_string(),
+                Outcome::Fail(_) => "FAILED".to_string(),
+                Outcome::Timeout => "TIMED OUT".to_string(),
+            };
+            println!(
+                "[{t:6.1}s] test {name} ... {verdict} ({:.1} s)",
+                *millis as f64 / 1000.0
+            );
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ustor_guest::topology::FAULT_SECTOR;
+
+    fn args_for(topology: &Topology) -> (Vec<String>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "ustor-qemu-args-{}-{}",
+            topology.name,
+            std::process::id()
+        ));
+        let args = qemu_args(topology, &dir, Path::new("/k"), Path::new("/i")).unwrap();
+        (args, dir)
+    }
+
+    #[test]
+    fn default_topology_declares_every_device() {
+        let topo = Topology::default_rig();
+        let (args, dir) = args_for(&topo);
+        let joined = args.join(" ");
+        // The IOMMU precedes every PCI device it must translate for.
+        let iommu = joined.find("intel-iommu").unwrap();
+        assert!(iommu < joined.find("-device nvme,").unwrap());
+        assert_eq!(joined.matches("-device nvme,").count(), 2);
+        assert_eq!(joined.matches("-device nvme-ns,").count(), 3);
+        assert!(joined.contains("addr=0x4") && joined.contains("addr=0x5"));
+        assert!(joined.contains("logical_block_size=4096"));
+        assert!(joined.contains("mssrl=128,mcl=256,msrc=15"));
+        assert_eq!(joined.matches("scsi-hd,").count(), 1);
+        assert!(!joined.contains("blkdebug"));
+        let image = dir.join("nvme1n1.img");
+        assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn fault_rules_go_through_blkdebug() {
+        let topo = Topology::faults();
+        let (args, dir) = args_for(&topo);
+        let drive = args.iter().find(|a| a.contains("id=nvme0n1")).unwrap();
+        assert!(drive.starts_with("file=blkdebug:"), "{drive}");
+        let rules = fs::read_to_string(dir.join("nvme0n1.blkdebug")).unwrap();
+        assert!(rules.contains("[inject-error]"));
+        assert!(rules.contains("event = \"read_aio\""));
+        assert!(rules.contains(&format!("sector = \"{FAULT_SECTOR}\"")));
+        assert!(!rules.contains("once"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
