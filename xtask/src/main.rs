@@ -3,6 +3,8 @@
 //! - `cargo xtask vmtest [FILTER]`: provision the host, build the guest
 //!   programs, boot QEMU once per topology the selected tests need, and
 //!   report each guest test's result.
+//! - `cargo xtask vmbench [FILTER]`: the same for the guest benchmarks,
+//!   showing their output as it comes.
 //! - `cargo xtask ci`: formatting, clippy, host tests, then `vmtest`.
 
 mod console;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 use ustor_guest::runner::RunConfig;
-use ustor_guest::suite::{GuestTest, TESTS};
+use ustor_guest::suite::{self, GuestTest, Kind};
 use ustor_guest::topology::Topology;
 
 /// The rig's error: a message meant for the person running it.
@@ -60,42 +62,58 @@ fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` when set), which also
+/// holds the rig's cache and work files.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 /// Time QEMU gets to boot and set the devices up before the first test.
 const BOOT_BUDGET: Duration = Duration::from_secs(240);
 
-fn vmtest(filter: Option<&str>) -> Result<bool> {
+/// Boots the VM rig and runs the guest entries of `kind` whose names
+/// contain `filter`: tests for `vmtest`, benchmarks for `vmbench`.
+fn vm_run(kind: Kind, filter: Option<&str>) -> Result<bool> {
     let root = workspace_root();
-    let vm_dir = root.join("target/vmtest");
+    let target = target_dir(&root);
+    let vm_dir = target.join("vmtest");
     let cache = vm_dir.join("cache");
     let work = vm_dir.join("work");
     std::fs::create_dir_all(&cache)?;
     std::fs::create_dir_all(&work)?;
 
-    let selected: Vec<&GuestTest> = TESTS
-        .iter()
+    let label = match kind {
+        Kind::Test => "vmtest",
+        Kind::Bench => "vmbench",
+    };
+    let of_kind = || suite::all().filter(|t| t.kind == kind);
+    let selected: Vec<&GuestTest> = of_kind()
         .filter(|t| filter.is_none_or(|f| t.name.contains(f)))
         .collect();
     if selected.is_empty() {
         return Err(Error::msg(format!(
-            "no guest test matches {:?}; the tests are: {}",
+            "no guest {label} entry matches {:?}; there are: {}",
             filter.unwrap_or(""),
-            TESTS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+            of_kind().map(|t| t.name).collect::<Vec<_>>().join(", ")
         )));
     }
 
     let t0 = Instant::now();
     let kernel = provision::provision(&cache)?;
     println!(
-        "vmtest: provisioned in {:.1} s (kernel {})",
+        "{label}: provisioned in {:.1} s (kernel {})",
         t0.elapsed().as_secs_f64(),
         kernel.release
     );
 
     let t1 = Instant::now();
-    let guest = initramfs::build_guest(&root, &root.join("target/guest"))?;
+    let guest = initramfs::build_guest(&root, &target.join("guest"))?;
     let base = initramfs::build_base(&work, &kernel, &guest)?;
     println!(
-        "vmtest: guest programs and initramfs built in {:.1} s",
+        "{label}: guest programs and initramfs built in {:.1} s",
         t1.elapsed().as_secs_f64()
     );
 
@@ -134,16 +152,17 @@ fn vmtest(filter: Option<&str>) -> Result<bool> {
             tests: config.tests.clone(),
             deadline: BOOT_BUDGET + test_time,
             console_log: vm_dir.join(format!("console-{name}.log")),
+            show_output: kind == Kind::Bench,
         };
         println!(
-            "vmtest: booting topology '{name}' ({} tests; console in {})",
+            "{label}: booting topology '{name}' ({} tests; console in {})",
             tests.len(),
             boot.console_log.display()
         );
         let t2 = Instant::now();
         let report = qemu::run_vm(&boot, &args)?;
         println!(
-            "vmtest: topology '{name}' done in {:.1} s",
+            "{label}: topology '{name}' done in {:.1} s",
             t2.elapsed().as_secs_f64()
         );
         reports.push((name, report));
@@ -160,7 +179,7 @@ fn vmtest(filter: Option<&str>) -> Result<bool> {
             }
         }
         for problem in &report.problems {
-            println!("\nvmtest: topology '{name}': {problem}");
+            println!("\n{label}: topology '{name}': {problem}");
         }
         passed += report.passed();
         failed += report.failed();
@@ -169,8 +188,8 @@ fn vmtest(filter: Option<&str>) -> Result<bool> {
             failed += 1;
         }
     }
-    println!("\nvmtest: whole run {:.1} s", t0.elapsed().as_secs_f64());
-    println!("vmtest: {passed} passed, {failed} failed");
+    println!("\n{label}: whole run {:.1} s", t0.elapsed().as_secs_f64());
+    println!("{label}: {passed} passed, {failed} failed");
     Ok(failed == 0)
 }
 
@@ -202,12 +221,13 @@ fn ci() -> Result<bool> {
         }
     }
     println!("ci: cargo xtask vmtest");
-    vmtest(None)
+    vm_run(Kind::Test, None)
 }
 
 fn usage() -> ExitCode {
     eprintln!(
         "usage: cargo xtask vmtest [FILTER]   boot the VM rig and run the guest tests\n\
+         \x20      cargo xtask vmbench [FILTER]  boot the VM rig and run the guest benchmarks\n\
          \x20      cargo xtask ci                fmt, clippy, host tests, then vmtest"
     );
     ExitCode::from(2)
@@ -221,8 +241,10 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["vmtest"] => vmtest(None),
-        ["vmtest", filter] => vmtest(Some(filter)),
+        ["vmtest"] => vm_run(Kind::Test, None),
+        ["vmtest", filter] => vm_run(Kind::Test, Some(filter)),
+        ["vmbench"] => vm_run(Kind::Bench, None),
+        ["vmbench", filter] => vm_run(Kind::Bench, Some(filter)),
         ["ci"] => ci(),
         _ => return usage(),
     };

@@ -142,6 +142,8 @@ pub struct Boot {
     pub deadline: Duration,
     /// Where the console log goes.
     pub console_log: PathBuf,
+    /// Print every line the guest entries print, as it comes (benchmarks).
+    pub show_output: bool,
 }
 
 enum Line {
@@ -217,7 +219,7 @@ pub fn run_vm(boot: &Boot, args: &[String]) -> Result<RunReport> {
             Ok(Line::Text(line)) => {
                 writeln!(log, "{line}")?;
                 if let Some(event) = judge.feed(&line) {
-                    show_progress(&event, started);
+                    show_progress(&event, started, boot.show_output);
                 }
             }
             Ok(Line::Eof) => open -= 1,
@@ -229,9 +231,10 @@ pub fn run_vm(boot: &Boot, args: &[String]) -> Result<RunReport> {
     Ok(judge.finish(exit))
 }
 
-fn show_progress(event: &Event, started: Instant) {
+fn show_progress(event: &Event, started: Instant, show_output: bool) {
     let t = started.elapsed().as_secs_f64();
     match event {
+        Event::Output { line, .. } if show_output => println!("{line}"),
         Event::SuiteStart { count } => {
             println!("[{t:6.1}s] guest ready, running {count} tests");
         }

@@ -17,8 +17,9 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["list"] => {
-            for t in suite::TESTS {
-                println!("{} {} {}", t.name, t.topology, t.timeout.as_secs());
+            for t in suite::all() {
+                let kind = format!("{:?}", t.kind).to_lowercase();
+                println!("{} {kind} {} {}", t.name, t.topology, t.timeout.as_secs());
             }
             true
         }
