@@ -177,20 +177,28 @@ fn prepare_nvme(ctrl: &NvmeController) -> Result<NvmeDevice, String> {
     })
 }
 
-/// Hands a PCI device to vfio-pci.
-fn bind_vfio(addr: &str) -> Result<(), String> {
+/// Hands a PCI device to `driver` (`vfio-pci`, `nvme`), unbinding it from
+/// whatever holds it now. Benchmarks use it to run the kernel path and ours
+/// on the same controller in one boot.
+pub fn rebind(addr: &str, driver: &str) -> Result<(), String> {
     let dev = format!("{PCI_DEVICES}/{addr}");
-    if driver_of(addr).as_deref() == Some("vfio-pci") {
+    if driver_of(addr).as_deref() == Some(driver) {
         return Ok(());
     }
     if driver_of(addr).is_some() {
         write(format!("{dev}/driver/unbind"), addr)?;
     }
-    write(format!("{dev}/driver_override"), "vfio-pci")?;
+    write(format!("{dev}/driver_override"), driver)?;
     write(PCI_DRIVERS_PROBE, addr)?;
-    wait_for(&format!("vfio-pci to bind {addr}"), DEVICE_WAIT, || {
-        driver_of(addr).as_deref() == Some("vfio-pci")
-    })?;
+    wait_for(&format!("{driver} to bind {addr}"), DEVICE_WAIT, || {
+        driver_of(addr).as_deref() == Some(driver)
+    })
+}
+
+/// Hands a PCI device to vfio-pci and waits for its group node.
+pub fn bind_vfio(addr: &str) -> Result<(), String> {
+    let dev = format!("{PCI_DEVICES}/{addr}");
+    rebind(addr, "vfio-pci")?;
     let group = fs::read_link(format!("{dev}/iommu_group"))
         .map_err(|e| format!("{addr} has no IOMMU group ({e}): is intel_iommu=on set?"))?;
     let group = group
