@@ -4,12 +4,12 @@
 use crate::console::{ConsoleJudge, RunReport, VmExit};
 use crate::{Error, Result};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use ustor_guest::protocol::{Event, Outcome};
+use ustor_guest::supervise::{Ended, supervise};
 use ustor_guest::topology::Topology;
 
 /// Kernel command line: serial console, the vIOMMU VFIO needs, a panic
@@ -146,86 +146,39 @@ pub struct Boot {
     pub show_output: bool,
 }
 
-enum Line {
-    Text(String),
-    Eof,
-}
-
 /// Boots QEMU with `args`, printing each test's result as it arrives, and
 /// kills the VM at the boot's deadline. No path through here can hang.
 pub fn run_vm(boot: &Boot, args: &[String]) -> Result<RunReport> {
     let mut log = fs::File::create(&boot.console_log)?;
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let child = Command::new("qemu-system-x86_64")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Error::msg(format!("starting qemu-system-x86_64: {e}")))?;
-    let (tx, rx) = mpsc::channel();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            // Lines may hold bytes that are not UTF-8 (firmware output).
-            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                if tx.send(Line::Text(line)).is_err() {
-                    return;
-                }
-                buf.clear();
-            }
-            let _ = tx.send(Line::Eof);
-        });
-    }
-    drop(tx);
-
     let mut judge = ConsoleJudge::new(boot.tests.clone());
-    let deadline = started + boot.deadline;
-    let mut open = 2;
-    let exit = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break VmExit::KilledAtDeadline {
-                after_secs: boot.deadline.as_secs(),
-            };
+    let mut log_error = None;
+    let ended = supervise(child, boot.deadline, |line| {
+        if let Err(e) = writeln!(log, "{line}") {
+            log_error.get_or_insert(e);
         }
-        if open == 0 {
-            match child.try_wait()? {
-                Some(status) => break VmExit::Exited(status.code()),
-                None => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-            }
+        if let Some(event) = judge.feed(&line) {
+            show_progress(&event, started, boot.show_output);
         }
-        match rx.recv_timeout((deadline - now).min(Duration::from_millis(200))) {
-            Ok(Line::Text(line)) => {
-                writeln!(log, "{line}")?;
-                if let Some(event) = judge.feed(&line) {
-                    show_progress(&event, started, boot.show_output);
-                }
-            }
-            Ok(Line::Eof) => open -= 1,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => open = 0,
-        }
+    })?;
+    if let Some(e) = log_error {
+        return Err(Error::msg(format!(
+            "writing {}: {e}",
+            boot.console_log.display()
+        )));
+    }
+    let exit = match ended {
+        Ended::Exited(status) => VmExit::Exited(status.code()),
+        Ended::Killed => VmExit::KilledAtDeadline {
+            after_secs: boot.deadline.as_secs(),
+        },
     };
     log.flush()?;
     Ok(judge.finish(exit))

@@ -14,4 +14,5 @@ pub mod reference;
 pub mod runner;
 pub mod setup;
 pub mod suite;
+pub mod supervise;
 pub mod topology;

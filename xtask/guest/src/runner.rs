@@ -7,11 +7,11 @@
 use crate::protocol::{Event, Outcome};
 use crate::setup;
 use crate::suite::{self, GuestTest};
+use crate::supervise::{Ended, supervise};
 use crate::topology::Topology;
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Where the host puts the run configuration in the initramfs.
@@ -112,27 +112,6 @@ pub fn run() -> bool {
     failed == 0
 }
 
-enum Line {
-    Out(String),
-    Closed,
-}
-
-fn forward(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<Line>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(Line::Out(l)).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = tx.send(Line::Closed);
-    });
-}
-
 fn spawn_test(test: &GuestTest) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     Command::new(exe)
@@ -146,62 +125,34 @@ fn spawn_test(test: &GuestTest) -> std::io::Result<Child> {
 
 /// Runs one test in a child process, bounded by the test's timeout.
 fn run_one(test: &GuestTest) -> Outcome {
-    let mut child = match spawn_test(test) {
+    let child = match spawn_test(test) {
         Ok(c) => c,
         Err(e) => return Outcome::Fail(format!("could not start the test process: {e}")),
     };
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        forward(out, tx.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        forward(err, tx.clone());
-    }
-    drop(tx);
-    let deadline = Instant::now() + test.timeout;
     let mut tail: Vec<String> = Vec::new();
-    let mut open_streams = 2;
-    let status = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Outcome::Timeout;
-        }
-        match rx.recv_timeout((deadline - now).min(Duration::from_millis(50))) {
-            Ok(Line::Out(line)) => {
-                emit(&Event::Output {
-                    name: test.name.to_string(),
-                    line: line.clone(),
-                });
-                if !line.trim().is_empty() {
-                    tail.push(line);
-                    if tail.len() > 3 {
-                        tail.remove(0);
-                    }
-                }
-                continue;
-            }
-            Ok(Line::Closed) => open_streams -= 1,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => open_streams = 0,
-        }
-        if open_streams == 0 {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Outcome::Fail(format!("waiting for the test process: {e}")),
+    let ended = supervise(child, test.timeout, |line| {
+        emit(&Event::Output {
+            name: test.name.to_string(),
+            line: line.clone(),
+        });
+        if !line.trim().is_empty() {
+            tail.push(line);
+            if tail.len() > 3 {
+                tail.remove(0);
             }
         }
-    };
-    if status.success() {
-        Outcome::Pass
-    } else {
-        let code = status.code().map_or_else(
-            || "killed by a signal".to_string(),
-            |c| format!("exit code {c}"),
-        );
-        Outcome::Fail(format!("{code}: {}", tail.join(" / ")))
+    });
+    match ended {
+        Err(e) => Outcome::Fail(format!("supervising the test process: {e}")),
+        Ok(Ended::Killed) => Outcome::Timeout,
+        Ok(Ended::Exited(status)) if status.success() => Outcome::Pass,
+        Ok(Ended::Exited(status)) => {
+            let code = status.code().map_or_else(
+                || "killed by a signal".to_string(),
+                |c| format!("exit code {c}"),
+            );
+            Outcome::Fail(format!("{code}: {}", tail.join(" / ")))
+        }
     }
 }
 
