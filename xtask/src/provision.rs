@@ -56,9 +56,75 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
+/// What provisioning has to do, decided from the facts alone so the
+/// decision (and its messages) can be tested without a second machine.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// Install these Debian packages (as root), then fetch the kernel if it
+    /// is not cached.
+    Install(Vec<&'static str>),
+    /// Nothing to install.
+    Ready,
+}
+
+/// The host as provisioning sees it.
+struct Host {
+    debian: bool,
+    root: bool,
+    /// Packages (Debian names) whose tools are missing.
+    missing: Vec<&'static str>,
+    kernel_cached: bool,
+}
+
+fn plan(host: &Host, cache: &Path) -> std::result::Result<Plan, String> {
+    if !host.debian {
+        if host.missing.is_empty() && host.kernel_cached {
+            return Ok(Plan::Ready);
+        }
+        let tools: Vec<&str> = PACKAGES
+            .iter()
+            .filter(|(pkg, _)| host.missing.contains(pkg))
+            .map(|(_, cmd)| *cmd)
+            .collect();
+        let mut what = Vec::new();
+        if !tools.is_empty() {
+            what.push(format!(
+                "install the commands {} (Debian packages: {})",
+                tools.join(", "),
+                host.missing.join(", ")
+            ));
+        }
+        if !host.kernel_cached {
+            what.push(format!(
+                "unpack a Debian cloud kernel package ({KERNEL_META}) into {}/RELEASE and \
+                 write RELEASE into {}/current",
+                cache.join("kernel").display(),
+                cache.join("kernel").display()
+            ));
+        }
+        return Err(format!(
+            "the VM rig provisions itself only on Debian; on this system, {}",
+            what.join(", and ")
+        ));
+    }
+    if host.missing.is_empty() {
+        return Ok(Plan::Ready);
+    }
+    if !host.root {
+        return Err(format!(
+            "the VM rig needs {}: run it as root, or install them first with \
+             `apt-get install {}`",
+            host.missing.join(", "),
+            host.missing.join(" ")
+        ));
+    }
+    Ok(Plan::Install(host.missing.clone()))
+}
+
 /// Installs what is missing; returns the kernel to boot.
 pub fn provision(cache: &Path) -> Result<Kernel> {
-    let missing = if is_debian() {
+    let debian = is_debian();
+    let missing = if debian {
         missing_packages()
     } else {
         // Without dpkg, judge by the commands themselves.
@@ -69,47 +135,29 @@ pub fn provision(cache: &Path) -> Result<Kernel> {
             .collect()
     };
     let kernel = cached_kernel(cache);
-    if !is_debian() {
-        if let (true, Some(kernel)) = (missing.is_empty(), kernel) {
-            return Ok(kernel);
-        }
-        return Err(Error::msg(format!(
-            "the VM rig provisions itself only on Debian (as root). On this system, install \
-             {} and place an unpacked Debian cloud kernel ({KERNEL_META}) under {}",
-            describe(&missing),
-            cache.join("kernel").display()
-        )));
-    }
+    let host = Host {
+        debian,
+        root: is_root(),
+        missing,
+        kernel_cached: kernel.is_some(),
+    };
     let mut updated = false;
-    if !missing.is_empty() {
-        if !is_root() {
-            return Err(Error::msg(format!(
-                "the VM rig needs {}: run as root, or install them first with \
-                 `apt-get install {}`",
-                missing.join(", "),
-                missing.join(" ")
-            )));
+    match plan(&host, cache).map_err(Error::msg)? {
+        Plan::Ready => {}
+        Plan::Install(packages) => {
+            eprintln!("vmtest: installing {}", packages.join(" "));
+            apt_update()?;
+            updated = true;
+            let mut cmd = Command::new("apt-get");
+            cmd.env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&packages);
+            run_checked(&mut cmd)?;
         }
-        eprintln!("vmtest: installing {}", missing.join(" "));
-        apt_update()?;
-        updated = true;
-        let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing);
-        run_checked(&mut cmd)?;
     }
     match kernel {
         Some(k) => Ok(k),
         None => download_kernel(cache, updated),
-    }
-}
-
-fn describe(missing: &[&str]) -> String {
-    if missing.is_empty() {
-        "nothing else".to_string()
-    } else {
-        format!("the tools of {}", missing.join(", "))
     }
 }
 
@@ -210,4 +258,54 @@ fn download_kernel(cache: &Path, updated: bool) -> Result<Kernel> {
             deb.display()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(debian: bool, root: bool, missing: &[&'static str], kernel_cached: bool) -> Host {
+        Host {
+            debian,
+            root,
+            missing: missing.to_vec(),
+            kernel_cached,
+        }
+    }
+
+    const CACHE: &str = "/w/target/vmtest/cache";
+
+    #[test]
+    fn debian_root_installs_what_is_missing() {
+        let p = plan(&host(true, true, &["fio", "ddpt"], false), Path::new(CACHE));
+        assert_eq!(p, Ok(Plan::Install(vec!["fio", "ddpt"])));
+        let p = plan(&host(true, false, &[], true), Path::new(CACHE));
+        assert_eq!(p, Ok(Plan::Ready));
+    }
+
+    #[test]
+    fn not_root_names_the_packages_and_the_command() {
+        let err = plan(
+            &host(true, false, &["qemu-system-x86", "fio"], true),
+            Path::new(CACHE),
+        )
+        .unwrap_err();
+        assert!(err.contains("qemu-system-x86, fio"), "{err}");
+        assert!(err.contains("apt-get install qemu-system-x86 fio"), "{err}");
+        assert!(err.contains("root"), "{err}");
+    }
+
+    #[test]
+    fn not_debian_names_the_commands_and_the_kernel_layout() {
+        let err = plan(&host(false, true, &["sg3-utils"], false), Path::new(CACHE)).unwrap_err();
+        assert!(err.contains("only on Debian"), "{err}");
+        assert!(err.contains("sg_inq"), "{err}");
+        assert!(err.contains(KERNEL_META), "{err}");
+        assert!(err.contains(&format!("{CACHE}/kernel/current")), "{err}");
+        // Everything present: nothing stands in the way.
+        assert_eq!(
+            plan(&host(false, false, &[], true), Path::new(CACHE)),
+            Ok(Plan::Ready)
+        );
+    }
 }
