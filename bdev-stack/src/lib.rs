@@ -2,7 +2,69 @@
 //! memory and files, and the virtual devices (concat, stripe, mirror) built
 //! from them.
 //!
-//! The stack sits above the drivers: it depends on [`nvme`] and [`scsi_sg`],
-//! which know nothing of it. Its devices arrive with the block-device issue;
-//! this crate is the place they live.
+//! # Architecture
+//!
+//! - [`BlockDevice`] describes a device ([`DeviceInfo`]: block size and
+//!   count, max transfer, alignment, optimal boundary, supported ops, copy
+//!   offloads), maps logical ranges onto leaves for the copy engine
+//!   ([`BlockDevice::map`]), and opens per-thread [`Channel`]s.
+//! - A [`Channel`] (`Send`, not `Sync`) takes [`IoRequest`]s without
+//!   blocking or allocating (a full queue is [`SubmitError::Busy`]) and
+//!   returns [`Completion`]s, with the caller's context, from a bounded
+//!   [`Channel::poll`]. [`OwnedChannel`] is its safe face, which holds
+//!   buffers while devices own them.
+//! - Buffers are described by [`DmaSlice`] (host pointer, length, optional
+//!   IOVA) over library-owned memory ([`DmaMemory`], [`HostBuffer`]).
+//! - Leaves: [`MemDevice`], [`FileDevice`], and [`FaultyDevice`] for tests;
+//!   NVMe and SCSI leaves plug in through [`spec::LeafRegistry`].
+//! - Virtual devices: [`Concat`] and [`Stripe`] (one generic splitter,
+//!   [`SplitDevice`]) and [`Mirror`].
+//! - [`spec::build`] makes a stack from a spec string.
+//!
+//! # Example
+//!
+//! ```
+//! use bdev_stack::{HostBuffer, OwnedChannel, spec};
+//!
+//! let dev = spec::build("mirror(stripe(chunk=8k, mem:1m, mem:1m), mem:2m)")?;
+//! let mut ch = OwnedChannel::<HostBuffer>::open(dev.as_ref(), 4)?;
+//! let mut buf = HostBuffer::new(64 * 512)?;
+//! buf.as_mut_slice().fill(0xab);
+//! ch.write(10, 64, buf, 1).map_err(|r| r.error)?;
+//! let mut done = Vec::new();
+//! while done.is_empty() {
+//!     ch.poll(8, |ctx, result, buf| done.push((ctx, result, buf)));
+//! }
+//! assert_eq!(done[0].0, 1);
+//! assert!(done[0].1.is_ok());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
+
+mod buffer;
+mod device;
+mod error;
+mod fault;
+mod file;
+mod mem;
+mod mirror;
+mod owned;
+mod pool;
+pub mod spec;
+mod split;
+
+pub use buffer::{DmaAllocator, DmaMemory, DmaSlice, HostAllocator, HostBuffer, PAGE_SIZE};
+pub use device::{
+    Access, BlockDevice, Channel, Completion, CopyOffload, DeviceId, DeviceInfo, DeviceKind, IoOp,
+    IoRequest, LeafFragment, SubmitError, SupportedOps, find_device,
+};
+pub use error::{BdevError, IoError, IoErrorKind};
+pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
+pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
+pub use mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemDevice};
+pub use mirror::{
+    DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
+    ResyncReport, ResyncStep,
+};
+pub use owned::{OwnedChannel, Rejected};
+pub use split::{Concat, ConcatLayout, Layout, SplitDevice, Stripe, StripeLayout};

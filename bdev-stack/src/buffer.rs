@@ -1,0 +1,208 @@
+//! I/O buffers: library-owned, page-aligned memory described by host
+//! pointer, length and, when a DMA context mapped it, a device address.
+//!
+//! [`DmaSlice`] is the descriptor every channel takes: it is what an NVMe
+//! leaf turns into PRPs (from [`DmaSlice::iova`]) and what a SCSI or file
+//! leaf hands to `SG_IO`/`pread` for direct I/O (from [`DmaSlice::host_ptr`]).
+//! It is `Copy` and carries no lifetime, so splitting a request into
+//! children is pointer arithmetic; the promise that the memory lives and is
+//! not touched while a device owns it is made once, by the caller of
+//! [`crate::Channel::submit`], or by the type system in
+//! [`crate::OwnedChannel`].
+//!
+//! [`DmaMemory`] is the small trait a driver's DMA buffer implements to be
+//! usable here; [`HostBuffer`] is the host-memory one (no IOVA) that memory
+//! and file leaves need.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+use crate::error::BdevError;
+
+/// Alignment of [`HostBuffer`]s: a page, which satisfies `O_DIRECT` on every
+/// Linux filesystem and NVMe's PRP rules for the first entry.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Describes a run of I/O memory: host pointer, length and optional device
+/// address (IOVA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaSlice {
+    ptr: NonNull<u8>,
+    len: usize,
+    iova: Option<u64>,
+}
+
+// SAFETY: a DmaSlice is a description (address, length), not access. Whoever
+// dereferences it does so under the contract of `Channel::submit`, which
+// holds whichever thread the request travels to.
+unsafe impl Send for DmaSlice {}
+
+impl DmaSlice {
+    /// The descriptor for operations that move no data (flush, write
+    /// zeroes, deallocate).
+    pub const EMPTY: DmaSlice = DmaSlice {
+        ptr: NonNull::dangling(),
+        len: 0,
+        iova: None,
+    };
+
+    /// Describes `len` bytes at `ptr`, mapped at `iova` for devices if given.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be one allocation owned by the library's buffer
+    /// type (not caller stack or heap a device must never see), and `iova`,
+    /// when given, must map exactly that memory for the device.
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, iova: Option<u64>) -> DmaSlice {
+        DmaSlice { ptr, len, iova }
+    }
+
+    /// Host address of the first byte.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length slice.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Device address of the first byte, when the memory is DMA-mapped.
+    pub fn iova(&self) -> Option<u64> {
+        self.iova
+    }
+
+    /// The sub-run `[offset, offset + len)`, or `None` if it does not fit.
+    pub fn sub(&self, offset: usize, len: usize) -> Option<DmaSlice> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: offset <= self.len, so the result stays inside (or one
+        // past the end of) the same allocation, and is therefore non-null.
+        let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) };
+        Some(DmaSlice {
+            ptr,
+            len,
+            iova: self.iova.map(|iova| iova + offset as u64),
+        })
+    }
+}
+
+/// Library-owned I/O memory that a channel can read from or write to.
+///
+/// # Safety
+/// Implementors promise that [`DmaMemory::dma_slice`] describes memory they
+/// own for as long as they live, page-aligned, that is not freed or moved
+/// while the value exists, and whose IOVA (if any) maps exactly that memory.
+pub unsafe trait DmaMemory: Send {
+    /// Describes the whole buffer.
+    fn dma_slice(&mut self) -> DmaSlice;
+}
+
+/// Page-aligned, zero-initialised host memory, without a device mapping.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: HostBuffer uniquely owns its allocation, like a Box<[u8]>.
+unsafe impl Send for HostBuffer {}
+// SAFETY: shared access only hands out `&[u8]`, like a Box<[u8]>.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// Allocates `len` zeroed bytes aligned to [`PAGE_SIZE`].
+    pub fn new(len: usize) -> Result<HostBuffer, BdevError> {
+        let alloc_len = len.max(1).next_multiple_of(PAGE_SIZE);
+        let layout = Layout::from_size_align(alloc_len, PAGE_SIZE)
+            .map_err(|_| BdevError::OutOfMemory { bytes: len })?;
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or(BdevError::OutOfMemory { bytes: len })?;
+        Ok(HostBuffer { ptr, len, layout })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes. Not to be called while a device owns the buffer, which the
+    /// borrow rules ensure when it was submitted through
+    /// [`crate::OwnedChannel`].
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of at least len initialised
+        // bytes, borrowed shared for the lifetime of &self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+// SAFETY: the allocation is owned, page-aligned and lives until drop.
+unsafe impl DmaMemory for HostBuffer {
+    fn dma_slice(&mut self) -> DmaSlice {
+        DmaSlice {
+            ptr: self.ptr,
+            len: self.len,
+            iova: None,
+        }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// Where the library gets I/O memory for its own requests (mirror resync,
+/// copy bounce buffers). A driver's DMA context implements it so that
+/// buffers carry IOVAs its devices accept; [`HostAllocator`] gives host
+/// memory, enough for memory and file leaves.
+pub trait DmaAllocator: Send + Sync {
+    /// `len` bytes of page-aligned I/O memory.
+    fn allocate(&self, len: usize) -> Result<Box<dyn DmaMemory>, BdevError>;
+}
+
+/// Allocates [`HostBuffer`]s.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostAllocator;
+
+impl DmaAllocator for HostAllocator {
+    fn allocate(&self, len: usize) -> Result<Box<dyn DmaMemory>, BdevError> {
+        Ok(Box::new(HostBuffer::new(len)?))
+    }
+}
+
+// SAFETY: a Box moves the pointer, not the memory; the boxed value keeps
+// its promise.
+unsafe impl DmaMemory for Box<dyn DmaMemory> {
+    fn dma_slice(&mut self) -> DmaSlice {
+        (**self).dma_slice()
+    }
+}

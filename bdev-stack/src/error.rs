@@ -1,0 +1,171 @@
+//! Errors: [`IoError`] for one I/O (small, `Copy`, carried in completions
+//! without allocating) and [`BdevError`] for everything off the I/O path
+//! (building devices, opening channels, resync).
+
+use std::fmt;
+
+use crate::device::{DeviceId, IoOp};
+
+/// Why one I/O failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IoErrorKind {
+    /// The range runs past the end of the device.
+    #[error("range past the end of the device ({block_count} blocks)")]
+    OutOfRange {
+        /// The device's size in blocks.
+        block_count: u64,
+    },
+    /// A read or write of zero blocks.
+    #[error("empty transfer")]
+    Empty,
+    /// More blocks than the device takes in one command.
+    #[error("transfer larger than the device's maximum of {max_blocks} blocks")]
+    TooLarge {
+        /// The device's maximum transfer, in blocks.
+        max_blocks: u64,
+    },
+    /// The buffer's length is not the transfer's length.
+    #[error("buffer of {buffer_bytes} bytes for a transfer of {transfer_bytes} bytes")]
+    BufferLength {
+        /// Bytes in the buffer.
+        buffer_bytes: usize,
+        /// Bytes the range covers.
+        transfer_bytes: u64,
+    },
+    /// The buffer's address is not aligned as the device requires.
+    #[error("buffer not aligned to {align} bytes")]
+    Misaligned {
+        /// The alignment the device requires.
+        align: usize,
+    },
+    /// The device needs a DMA-mapped buffer (with an IOVA) and got host
+    /// memory.
+    #[error("buffer is not DMA-mapped")]
+    NotDmaMapped,
+    /// The device does not support the operation.
+    #[error("operation not supported by the device")]
+    Unsupported,
+    /// The medium could not deliver or store the data (real or injected).
+    #[error("medium error")]
+    Medium,
+    /// The operating system returned an error number.
+    #[error("OS error {errno}")]
+    Os {
+        /// The `errno` value.
+        errno: i32,
+    },
+    /// A mirror had no leg able to take the I/O.
+    #[error("no healthy leg")]
+    NoHealthyLeg,
+}
+
+/// One failed I/O: which device, which operation, which blocks, and why.
+///
+/// Children of split requests report the member device and the member's
+/// range, which is where the failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoError {
+    /// The device that failed the I/O.
+    pub device: DeviceId,
+    /// The operation.
+    pub op: IoOp,
+    /// First block of the range, on `device`.
+    pub lba: u64,
+    /// Length of the range in blocks.
+    pub blocks: u64,
+    /// What went wrong.
+    pub kind: IoErrorKind,
+}
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of blocks {}..{} on {}: {}",
+            self.op,
+            self.lba,
+            self.lba.saturating_add(self.blocks),
+            self.device,
+            self.kind
+        )
+    }
+}
+
+impl std::error::Error for IoError {}
+
+/// Errors off the I/O path: building, opening, resyncing.
+#[derive(Debug, thiserror::Error)]
+pub enum BdevError {
+    /// Members of a virtual device have different block sizes.
+    #[error("{device}: member {member} has {found}-byte blocks, expected {expected}")]
+    BlockSizeMismatch {
+        /// The virtual device being built.
+        device: String,
+        /// The offending member's name.
+        member: String,
+        /// The block size of the first member.
+        expected: u32,
+        /// The offending member's block size.
+        found: u32,
+    },
+    /// A virtual device was given too few members.
+    #[error("{device} needs at least {min} members, got {got}")]
+    TooFewMembers {
+        /// The kind of virtual device.
+        device: &'static str,
+        /// The minimum.
+        min: usize,
+        /// How many it got.
+        got: usize,
+    },
+    /// A parameter is out of its valid range.
+    #[error("{device}: invalid {parameter}: {reason}")]
+    InvalidParameter {
+        /// The device being built.
+        device: String,
+        /// The parameter's name.
+        parameter: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// An OS call failed while setting a device up.
+    #[error("{device}: {action}")]
+    Os {
+        /// The device concerned.
+        device: String,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memory for buffers or pools could not be obtained.
+    #[error("cannot allocate {bytes} bytes of I/O buffer")]
+    OutOfMemory {
+        /// The size asked for.
+        bytes: usize,
+    },
+    /// An I/O issued by the library itself (resync, set-up) failed.
+    #[error("{context}")]
+    Io {
+        /// What the library was doing.
+        context: &'static str,
+        /// The failed I/O.
+        #[source]
+        source: IoError,
+    },
+    /// A leg index or mirror operation is not valid in the mirror's state.
+    #[error("{device}: {reason}")]
+    MirrorState {
+        /// The mirror.
+        device: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A leaf kind reserved for a driver that is not registered.
+    #[error("leaf kind `{kind}:` is not available yet (no factory registered)")]
+    LeafKindNotAvailable {
+        /// The prefix, e.g. `nvme`.
+        kind: String,
+    },
+}

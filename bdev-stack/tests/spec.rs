@@ -1,0 +1,147 @@
+//! The spec builder: shapes it builds, errors with the column they concern,
+//! reserved leaf kinds, and factories registered for them.
+
+mod common;
+
+use std::sync::Arc;
+
+use bdev_stack::spec::{self, LeafError, LeafFactory, LeafRegistry, LeafSpec, SpecErrorKind};
+use bdev_stack::{BlockDevice, DeviceKind, MemDevice};
+use common::{SyncIo, pattern};
+
+fn column_of(spec: &str) -> (usize, SpecErrorKind) {
+    match spec::build(spec) {
+        Ok(_) => panic!("`{spec}` built"),
+        Err(e) => {
+            // The rendered message carries a caret under that column.
+            let text = e.to_string();
+            assert!(text.contains(spec), "{text}");
+            (e.column, e.kind)
+        }
+    }
+}
+
+#[test]
+fn builds_the_issue_example_shape_and_it_works() {
+    let path = std::env::temp_dir().join(format!("bdev-spec-{}.img", std::process::id()));
+    let text = format!(
+        "mirror(stripe(chunk=128k, mem:8m, mem:8m), concat(file:{},size=4m, mem:12m,bs=512))",
+        path.display()
+    );
+    let device = spec::build(&text).expect("build");
+    let info = device.info();
+    assert_eq!(info.kind, DeviceKind::Mirror);
+    assert_eq!(info.block_size, 512);
+    assert_eq!(info.block_count, 16 * 2048);
+    let members = device.members();
+    assert_eq!(members[0].info().kind, DeviceKind::Stripe);
+    assert_eq!(members[0].info().optimal_boundary_blocks, 256);
+    assert_eq!(members[1].info().kind, DeviceKind::Concat);
+    assert_eq!(members[1].members()[0].info().kind, DeviceKind::File);
+
+    let mut io = SyncIo::open(device.as_ref());
+    let data = pattern(1, 4096 * 512);
+    io.write(6000, &data)
+        .expect("write across the file/mem boundary");
+    assert_eq!(io.read(6000, 4096).expect("read"), data);
+    drop(io);
+    drop(members);
+    drop(device);
+    std::fs::remove_file(&path).expect("remove the image");
+}
+
+#[test]
+fn errors_point_at_the_column() {
+    let cases: &[(&str, usize)] = &[
+        ("", 1),
+        ("mem", 4),
+        ("mem:", 5),
+        ("mem:64x", 5),
+        ("concat(mem:1m mem:1m)", 15),
+        ("concat(mem:1m,", 15),
+        ("raid5(mem:1m, mem:1m)", 1),
+        ("stripe(mem:1m, mem:1m)", 1),
+        ("stripe(chunk=3x, mem:1m, mem:1m)", 8),
+        ("stripe(size=4k, mem:1m, mem:1m)", 8),
+        ("stripe(chunk=4096, mem:1m, mem:1m)", 8),
+        ("mirror(mem:1m,bogus=1, mem:1m)", 15),
+        ("mem:1m)", 7),
+        ("concat(mem:1m, disk:/dev/sda)", 16),
+    ];
+    for &(text, column) in cases {
+        let (got, kind) = column_of(text);
+        assert_eq!(got, column, "`{text}`: {kind}");
+    }
+}
+
+#[test]
+fn block_size_mismatch_names_the_member_and_points_at_it() {
+    let (column, kind) = column_of("concat(mem:1m, mem:1m,bs=4096)");
+    assert_eq!(column, 16);
+    let SpecErrorKind::Device(error) = kind else {
+        panic!("wrong kind: {kind}");
+    };
+    let text = error.to_string();
+    assert!(text.contains("4096") && text.contains("512"), "{text}");
+}
+
+#[test]
+fn reserved_leaf_kinds_say_they_are_not_available_yet() {
+    for (text, column, kind) in [
+        ("nvme:0000:00:04.0/1", 1, "nvme"),
+        ("mirror(mem:1m, sg:/dev/sg0)", 16, "sg"),
+        ("stripe(chunk=8, emu:nvme0/1, mem:1m)", 17, "emu"),
+    ] {
+        let (got, error) = column_of(text);
+        assert_eq!(got, column, "{text}");
+        assert!(
+            matches!(&error, SpecErrorKind::LeafNotAvailable(k) if k == kind),
+            "{text}: {error}"
+        );
+    }
+}
+
+/// Stands in for the NVMe driver: serves `nvme:` leaves from memory, and
+/// reports the body and options it was given.
+struct FakeNvme;
+
+impl LeafFactory for FakeNvme {
+    fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
+        let Some((_pci, nsid)) = spec.body.rsplit_once('/') else {
+            return Err(LeafError::BadBody("expected PCI/NSID".into()));
+        };
+        let nsid: u32 = nsid
+            .parse()
+            .map_err(|_| LeafError::BadBody(format!("bad nsid `{nsid}`")))?;
+        if let Some(option) = spec.options.first() {
+            return Err(LeafError::BadOption {
+                key: option.key.to_string(),
+                reason: "no options".into(),
+            });
+        }
+        Ok(Arc::new(MemDevice::new(
+            u64::from(nsid) << 20,
+            512,
+            1 << 17,
+        )?))
+    }
+}
+
+#[test]
+fn a_registered_factory_serves_a_reserved_kind_without_parser_changes() {
+    let mut registry = LeafRegistry::with_defaults();
+    registry.register("nvme", Arc::new(FakeNvme));
+    let device = registry
+        .build("stripe(chunk=64k, nvme:0000:00:04.0/1, nvme:0000:00:05.0/1)")
+        .expect("build");
+    assert_eq!(device.info().block_count, 2 * 2048);
+
+    let error = registry
+        .build("concat(nvme:0000:00:04.0/x)")
+        .expect_err("bad body");
+    assert_eq!(error.column, 13);
+    let error = registry
+        .build("concat(nvme:0000:00:04.0/1,queue=4)")
+        .expect_err("bad option");
+    assert_eq!(error.column, 28);
+}
