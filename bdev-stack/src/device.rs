@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::buffer::DmaSlice;
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::offload::CopyChannel;
 
 /// Identifies a device within the process: leaves, virtual devices and
 /// wrappers each get one when built. Copy-engine fragments and I/O errors
@@ -403,6 +404,16 @@ pub trait BlockDevice: Send + Sync {
 
     /// The devices this one is built from (empty for a leaf).
     fn members(&self) -> Vec<Arc<dyn BlockDevice>>;
+
+    /// Opens a channel for offloaded copies onto this device, for the
+    /// calling thread, holding `depth` commands in flight; `None` when the
+    /// device executes no copy offload (every virtual device: the copy
+    /// engine reaches leaves through [`BlockDevice::map`]). A leaf that
+    /// advertises [`DeviceInfo::copy_offloads`] returns a channel.
+    fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
+        let _ = depth;
+        Ok(None)
+    }
 
     /// Appends to `out` the leaf fragments of `[lba, lba + blocks)` for
     /// `access`, in increasing `lba` order per replica.

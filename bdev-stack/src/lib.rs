@@ -15,6 +15,10 @@
 //!   buffers while devices own them.
 //! - Buffers are described by [`DmaSlice`] (host pointer, length, optional
 //!   IOVA) over library-owned memory ([`DmaMemory`], [`HostBuffer`]).
+//! - Copy offload: a leaf that can copy opens a [`CopyChannel`] (NVMe Copy,
+//!   EXTENDED COPY, WRITE USING TOKEN all fit its [`OffloadRequest`]);
+//!   [`MemDevice::with_copy_offload`] gives a memory leaf an NVMe-Copy-like
+//!   one, with fault injection, for host tests of the copy engine.
 //! - Leaves: [`MemDevice`], [`FileDevice`], and [`FaultyDevice`] for tests;
 //!   NVMe and SCSI leaves plug in through [`spec::LeafRegistry`].
 //! - Virtual devices: [`Concat`] and [`Stripe`] (one generic splitter,
@@ -48,6 +52,7 @@ mod fault;
 mod file;
 mod mem;
 mod mirror;
+mod offload;
 mod owned;
 mod pool;
 pub mod spec;
@@ -61,10 +66,16 @@ pub use device::{
 pub use error::{BdevError, IoError, IoErrorKind};
 pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
 pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
-pub use mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemDevice};
+pub use mem::{
+    CopyFault, CopyFaultHandle, DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice,
+};
 pub use mirror::{
     DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
     ResyncReport, ResyncStep,
+};
+pub use offload::{
+    CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
+    OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, RodToken,
 };
 pub use owned::{OwnedChannel, Rejected};
 pub use split::{Concat, ConcatLayout, Layout, SplitDevice, Stripe, StripeLayout};

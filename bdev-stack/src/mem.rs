@@ -2,15 +2,28 @@
 //! and read as zeroes until then, so a 64 GiB test device costs only what
 //! is written. I/O happens during `submit` (a memory copy does not block)
 //! and completes at the next `poll`.
+//!
+//! [`MemDevice::with_copy_offload`] makes it an offload-capable leaf: it
+//! advertises an NVMe-Copy-like [`CopyOffload::NvmeCopy`] with the limits
+//! given and copies inside itself through a [`CopyChannel`], front to back
+//! in 64 KiB steps like a simple controller (so a command whose source and
+//! destination overlap gets what such a device would give it). A
+//! [`CopyFaultHandle`] injects the failures the copy engine must survive:
+//! clean failures, partial completions and destinations left in an unknown
+//! state.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::device::{
-    Access, BlockDevice, Channel, Completion, DeviceId, DeviceInfo, DeviceKind, IoOp, IoRequest,
-    LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
+    Access, BlockDevice, Channel, Completion, CopyOffload, DeviceId, DeviceInfo, DeviceKind, IoOp,
+    IoRequest, LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError};
+use crate::offload::{
+    CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
+    OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
+};
 
 /// Bytes per lazily allocated chunk.
 const CHUNK_BYTES: u64 = 64 * 1024;
@@ -26,6 +39,119 @@ type ChunkTable = Mutex<Vec<Option<Box<[u8]>>>>;
 pub struct MemDevice {
     info: DeviceInfo,
     chunks: Arc<ChunkTable>,
+    copy: Option<(MemCopyLimits, CopyFaultHandle)>,
+}
+
+/// The copy limits an offload-capable memory leaf advertises, in NVMe's
+/// terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemCopyLimits {
+    /// Source ranges per command (MSRC + 1).
+    pub max_ranges: u32,
+    /// Blocks per source range (MSSRL).
+    pub max_range_blocks: u64,
+    /// Blocks per command (MCL).
+    pub max_command_blocks: u64,
+}
+
+impl Default for MemCopyLimits {
+    /// The limits of the VM rig's QEMU namespaces: MSRC 15, MSSRL 128,
+    /// MCL 256.
+    fn default() -> MemCopyLimits {
+        MemCopyLimits {
+            max_ranges: 16,
+            max_range_blocks: 128,
+            max_command_blocks: 256,
+        }
+    }
+}
+
+/// A fault an offload-capable memory leaf injects into a copy command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFault {
+    /// Copy nothing; complete with [`OffloadOutcome::NotDone`] of this kind.
+    Clean(OffloadErrorKind),
+    /// Copy the first `ranges` ranges, scribble over the first block of the
+    /// next one's destination, and complete with
+    /// [`OffloadOutcome::Partial`] (as an NVMe Copy reporting range
+    /// `ranges` in DW0). A command with no more ranges than that is done,
+    /// and the fault is used up without counting as injected.
+    Partial {
+        /// Ranges copied.
+        ranges: u32,
+    },
+    /// Scribble over every destination block and complete with
+    /// [`OffloadOutcome::DestinationUnknown`].
+    DestinationUnknown,
+}
+
+#[derive(Debug, Default)]
+struct CopyFaultState {
+    queue: VecDeque<CopyFault>,
+    every: Option<CopyFault>,
+    commands: u64,
+    injected: u64,
+}
+
+/// Shared control of the faults an offload-capable [`MemDevice`] injects
+/// into its copy commands.
+#[derive(Debug, Clone, Default)]
+pub struct CopyFaultHandle {
+    state: Arc<Mutex<CopyFaultState>>,
+}
+
+impl CopyFaultHandle {
+    fn with<T>(&self, f: impl FnOnce(&mut CopyFaultState) -> T) -> T {
+        // Plain data: a poisoned lock still holds valid state.
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Injects `fault` into the next copy command not yet given a fault
+    /// (faults queue up, one per command).
+    pub fn push(&self, fault: CopyFault) {
+        self.with(|s| s.queue.push_back(fault));
+    }
+
+    /// Injects `fault` into every copy command once the queue is empty;
+    /// `None` stops it.
+    pub fn set_every(&self, fault: Option<CopyFault>) {
+        self.with(|s| s.every = fault);
+    }
+
+    /// Removes every queued and standing fault.
+    pub fn clear(&self) {
+        self.with(|s| {
+            s.queue.clear();
+            s.every = None;
+        });
+    }
+
+    /// Copy commands accepted so far.
+    pub fn commands(&self) -> u64 {
+        self.with(|s| s.commands)
+    }
+
+    /// Faults injected so far.
+    pub fn injected(&self) -> u64 {
+        self.with(|s| s.injected)
+    }
+
+    /// The fault for the next command, of `ranges` ranges. A partial
+    /// fault that leaves no range uncopied does not apply: it is used up
+    /// and not counted.
+    fn decide(&self, ranges: usize) -> Option<CopyFault> {
+        self.with(|s| {
+            s.commands += 1;
+            let fault = s.queue.pop_front().or(s.every).filter(|f| match f {
+                CopyFault::Partial { ranges: done } => (*done as usize) < ranges,
+                _ => true,
+            });
+            if fault.is_some() {
+                s.injected += 1;
+            }
+            fault
+        })
+    }
 }
 
 impl MemDevice {
@@ -82,7 +208,37 @@ impl MemDevice {
                 copy_offloads: Vec::new(),
             },
             chunks: Arc::new(Mutex::new(chunks)),
+            copy: None,
         })
+    }
+
+    /// Makes this an offload-capable leaf: it advertises
+    /// [`CopyOffload::NvmeCopy`] within itself (subsystem `mem:<id>`,
+    /// namespace 1) with `limits`, and opens [`CopyChannel`]s.
+    pub fn with_copy_offload(mut self, limits: MemCopyLimits) -> Result<MemDevice, BdevError> {
+        if limits.max_ranges == 0 || limits.max_range_blocks == 0 || limits.max_command_blocks == 0
+        {
+            return Err(BdevError::InvalidParameter {
+                device: self.info.name.clone(),
+                parameter: "copy limits",
+                reason: format!("{limits:?} has a zero limit"),
+            });
+        }
+        self.info.copy_offloads = vec![CopyOffload::NvmeCopy {
+            subsystem: format!("mem:{}", self.info.id.0),
+            nsid: 1,
+            max_ranges: limits.max_ranges,
+            max_range_blocks: limits.max_range_blocks,
+            max_command_blocks: limits.max_command_blocks,
+        }];
+        self.copy = Some((limits, CopyFaultHandle::default()));
+        Ok(self)
+    }
+
+    /// The handle to the faults injected into copy commands, for an
+    /// offload-capable leaf.
+    pub fn copy_faults(&self) -> Option<CopyFaultHandle> {
+        self.copy.as_ref().map(|(_, handle)| handle.clone())
     }
 }
 
@@ -103,6 +259,23 @@ impl BlockDevice for MemDevice {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
+        let Some((limits, faults)) = &self.copy else {
+            return Ok(None);
+        };
+        let depth = depth.max(1);
+        Ok(Some(Box::new(MemCopyChannel {
+            info: self.info.clone(),
+            chunks: Arc::clone(&self.chunks),
+            limits: *limits,
+            faults: faults.clone(),
+            done: VecDeque::with_capacity(depth),
+            depth,
+            scratch: vec![0; CHUNK_BYTES as usize].into_boxed_slice(),
+            _not_sync: NotSync::default(),
+        })))
     }
 
     fn map(
@@ -225,6 +398,250 @@ impl Channel for MemChannel {
                 break;
             };
             out[n] = completion;
+            n += 1;
+        }
+        n
+    }
+
+    fn outstanding(&self) -> usize {
+        self.done.len()
+    }
+}
+
+/// Copies `buf.len()` bytes at byte `offset` of the device into `buf`.
+fn read_bytes(chunks: &[Option<Box<[u8]>>], mut offset: u64, buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        let index = (offset / CHUNK_BYTES) as usize;
+        let within = (offset % CHUNK_BYTES) as usize;
+        let run = (CHUNK_BYTES as usize - within).min(buf.len() - done);
+        let out = &mut buf[done..done + run];
+        match chunks.get(index) {
+            Some(Some(chunk)) => out.copy_from_slice(&chunk[within..within + run]),
+            _ => out.fill(0),
+        }
+        offset += run as u64;
+        done += run;
+    }
+}
+
+/// Copies `buf` to byte `offset` of the device.
+fn write_bytes(chunks: &mut [Option<Box<[u8]>>], mut offset: u64, buf: &[u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        let index = (offset / CHUNK_BYTES) as usize;
+        let within = (offset % CHUNK_BYTES) as usize;
+        let run = (CHUNK_BYTES as usize - within).min(buf.len() - done);
+        let Some(slot) = chunks.get_mut(index) else {
+            return; // validated by the caller: unreachable, and harmless
+        };
+        let chunk = slot.get_or_insert_with(|| vec![0u8; CHUNK_BYTES as usize].into_boxed_slice());
+        chunk[within..within + run].copy_from_slice(&buf[done..done + run]);
+        offset += run as u64;
+        done += run;
+    }
+}
+
+/// The copy channel of an offload-capable memory leaf.
+struct MemCopyChannel {
+    info: DeviceInfo,
+    chunks: Arc<ChunkTable>,
+    limits: MemCopyLimits,
+    faults: CopyFaultHandle,
+    done: VecDeque<OffloadCompletion>,
+    depth: usize,
+    /// One step of a copy: the device copies front to back through it.
+    scratch: Box<[u8]>,
+    _not_sync: NotSync,
+}
+
+/// The byte the leaf scribbles over destinations it leaves in an unknown
+/// state.
+const SCRIBBLE: u8 = 0xde;
+
+impl MemCopyChannel {
+    fn error(&self, req: &OffloadRequest<'_>, kind: OffloadErrorKind) -> OffloadError {
+        OffloadError {
+            device: self.info.id,
+            dst_lba: req.ranges.first().map_or(0, |r| r.dst),
+            blocks: req.blocks(),
+            kind,
+            status: match kind {
+                // NVMe generic status: Invalid Field in Command, LBA Out of
+                // Range; media: Unrecovered Read Error; otherwise aborted.
+                OffloadErrorKind::Unsupported | OffloadErrorKind::Limits => DeviceStatus::Nvme {
+                    sct: 0,
+                    sc: 0x02,
+                    dnr: true,
+                },
+                OffloadErrorKind::OutOfRange => DeviceStatus::Nvme {
+                    sct: 0,
+                    sc: 0x80,
+                    dnr: true,
+                },
+                OffloadErrorKind::Medium => DeviceStatus::Nvme {
+                    sct: 2,
+                    sc: 0x81,
+                    dnr: false,
+                },
+                _ => DeviceStatus::Nvme {
+                    sct: 0,
+                    sc: 0x07,
+                    dnr: false,
+                },
+            },
+        }
+    }
+
+    /// Checks a command against NVMe Copy's rules and this leaf's limits.
+    fn validate(&self, req: &OffloadRequest<'_>) -> Result<(), OffloadErrorKind> {
+        let count = self.info.block_count;
+        if req.ranges.is_empty() {
+            return Err(OffloadErrorKind::OutOfRange);
+        }
+        if req.ranges.len() as u64 > u64::from(self.limits.max_ranges) {
+            return Err(OffloadErrorKind::Limits);
+        }
+        let mut total: u64 = 0;
+        let mut next_dst = req.ranges[0].dst;
+        for r in req.ranges {
+            let inside = |start: u64| start.checked_add(r.blocks).is_some_and(|e| e <= count);
+            if r.blocks == 0 || !inside(r.src) || !inside(r.dst) {
+                return Err(OffloadErrorKind::OutOfRange);
+            }
+            if r.blocks > self.limits.max_range_blocks || r.dst != next_dst {
+                return Err(OffloadErrorKind::Limits);
+            }
+            next_dst = r.dst + r.blocks;
+            total += r.blocks;
+        }
+        if total > self.limits.max_command_blocks {
+            return Err(OffloadErrorKind::Limits);
+        }
+        Ok(())
+    }
+
+    /// Copies one range front to back through the scratch buffer.
+    fn copy_range(&mut self, chunks: &mut [Option<Box<[u8]>>], src: u64, dst: u64, blocks: u64) {
+        let bs = u64::from(self.info.block_size);
+        let (src, dst, len) = (src * bs, dst * bs, blocks * bs);
+        let mut done = 0;
+        while done < len {
+            let run = (len - done).min(self.scratch.len() as u64) as usize;
+            read_bytes(chunks, src + done, &mut self.scratch[..run]);
+            write_bytes(chunks, dst + done, &self.scratch[..run]);
+            done += run as u64;
+        }
+    }
+
+    /// Overwrites `blocks` blocks at `dst` with [`SCRIBBLE`].
+    fn scribble(&mut self, chunks: &mut [Option<Box<[u8]>>], dst: u64, blocks: u64) {
+        let bs = u64::from(self.info.block_size);
+        let len = blocks * bs;
+        let mut done = 0;
+        while done < len {
+            let run = (len - done).min(self.scratch.len() as u64) as usize;
+            self.scratch[..run].fill(SCRIBBLE);
+            write_bytes(chunks, dst * bs + done, &self.scratch[..run]);
+            done += run as u64;
+        }
+    }
+
+    /// Executes a validated command, with its injected fault if any.
+    fn execute(&mut self, req: &OffloadRequest<'_>) -> OffloadOutcome {
+        let fault = self.faults.decide(req.ranges.len());
+        if let Some(CopyFault::Clean(kind)) = fault {
+            return OffloadOutcome::NotDone(self.error(req, kind));
+        }
+        let chunks_arc = Arc::clone(&self.chunks);
+        // Memory contents stay valid across a panic elsewhere.
+        let mut chunks = chunks_arc.lock().unwrap_or_else(PoisonError::into_inner);
+        match fault {
+            Some(CopyFault::DestinationUnknown) => {
+                for r in req.ranges {
+                    self.scribble(&mut chunks, r.dst, r.blocks);
+                }
+                OffloadOutcome::DestinationUnknown(self.error(req, OffloadErrorKind::Medium))
+            }
+            Some(CopyFault::Partial { ranges }) if (ranges as usize) < req.ranges.len() => {
+                let copied = &req.ranges[..ranges as usize];
+                for r in copied {
+                    self.copy_range(&mut chunks, r.src, r.dst, r.blocks);
+                }
+                self.scribble(&mut chunks, req.ranges[ranges as usize].dst, 1);
+                OffloadOutcome::Partial {
+                    blocks_done: copied.iter().map(|r| r.blocks).sum(),
+                    error: self.error(req, OffloadErrorKind::Medium),
+                }
+            }
+            _ => {
+                for r in req.ranges {
+                    self.copy_range(&mut chunks, r.src, r.dst, r.blocks);
+                }
+                OffloadOutcome::Done
+            }
+        }
+    }
+}
+
+impl CopyChannel for MemCopyChannel {
+    fn device(&self) -> DeviceId {
+        self.info.id
+    }
+
+    fn submit_copy(&mut self, req: &OffloadRequest<'_>) -> Result<(), OffloadSubmitError> {
+        if self.done.len() >= self.depth {
+            return Err(OffloadSubmitError::Busy);
+        }
+        let outcome = match req.source {
+            OffloadSource::SameDevice => {
+                if let Err(kind) = self.validate(req) {
+                    return Err(OffloadSubmitError::Invalid(self.error(req, kind)));
+                }
+                self.execute(req)
+            }
+            // An NVMe namespace copies only within itself.
+            OffloadSource::Designator { .. } | OffloadSource::RodToken(_) => {
+                OffloadOutcome::NotDone(self.error(req, OffloadErrorKind::Unsupported))
+            }
+        };
+        self.done.push_back(OffloadCompletion {
+            ctx: req.ctx,
+            outcome,
+        });
+        Ok(())
+    }
+
+    fn submit_populate(&mut self, ranges: &[LbaRange], ctx: u64) -> Result<(), OffloadSubmitError> {
+        if self.done.len() >= self.depth {
+            return Err(OffloadSubmitError::Busy);
+        }
+        // An NVMe-like leaf has no ROD tokens: the command is not supported.
+        let error = OffloadError {
+            device: self.info.id,
+            dst_lba: ranges.first().map_or(0, |r| r.lba),
+            blocks: ranges.iter().map(|r| r.blocks).sum(),
+            kind: OffloadErrorKind::Unsupported,
+            status: DeviceStatus::Nvme {
+                sct: 0,
+                sc: 0x01,
+                dnr: true,
+            },
+        };
+        self.done.push_back(OffloadCompletion {
+            ctx,
+            outcome: OffloadOutcome::NotDone(error),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<OffloadCompletion>, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(completion) = self.done.pop_front() else {
+                break;
+            };
+            out.push(completion);
             n += 1;
         }
         n

@@ -8,7 +8,10 @@
 //!         | KIND:BODY[,key=value...]            a leaf
 //! ```
 //!
-//! Leaves: `mem:SIZE[,bs=512][,max=SIZE]`, `file:PATH[,bs=512][,size=SIZE]`
+//! Leaves: `mem:SIZE[,bs=512][,max=SIZE][,copy=nvme[,msrc=N][,mssrl=N][,mcl=N]]`
+//! (with `copy=nvme`, an offload-capable memory leaf with NVMe Copy limits,
+//! by default those of the VM rig: MSRC 15, MSSRL 128, MCL 256),
+//! `file:PATH[,bs=512][,size=SIZE]`
 //! (with `size`, created or extended), and `nvme:`, `sg:`, `emu:`, which
 //! are reserved for the drivers' leaves and fail with
 //! [`SpecErrorKind::LeafNotAvailable`] until a [`LeafFactory`] is registered
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use crate::device::BlockDevice;
 use crate::error::BdevError;
 use crate::file::FileDevice;
-use crate::mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemDevice};
+use crate::mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice};
 use crate::mirror::{DEFAULT_REGION_BYTES, Mirror};
 use crate::split::{Concat, Stripe};
 
@@ -558,13 +561,57 @@ struct MemFactory;
 
 impl LeafFactory for MemFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
-        const ALLOWED: &[&str] = &["bs", "max"];
+        const ALLOWED: &[&str] = &["bs", "max", "copy", "msrc", "mssrl", "mcl"];
         let size = parse_size(spec.body)
             .map(bytes_of)
             .map_err(LeafError::BadBody)?;
         let block_size = block_size_option(spec, ALLOWED)?;
         let max = size_option(spec, ALLOWED, "max")?.unwrap_or(DEFAULT_MEM_MAX_TRANSFER_BYTES);
-        Ok(Arc::new(MemDevice::new(size, block_size, max)?))
+        let device = MemDevice::new(size, block_size, max)?;
+        let number = |key: &str| -> Result<Option<u64>, LeafError> {
+            option_value(spec, ALLOWED, key)?
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| LeafError::BadOption {
+                        key: key.to_string(),
+                        reason: format!("`{v}` is not a number"),
+                    })
+                })
+                .transpose()
+        };
+        let limit_keys = ["msrc", "mssrl", "mcl"];
+        match option_value(spec, ALLOWED, "copy")? {
+            None => {
+                if let Some(key) = limit_keys
+                    .iter()
+                    .find(|k| spec.options.iter().any(|o| o.key == **k))
+                {
+                    return Err(LeafError::BadOption {
+                        key: key.to_string(),
+                        reason: "copy limits need `copy=nvme`".into(),
+                    });
+                }
+                Ok(Arc::new(device))
+            }
+            Some("nvme") => {
+                let defaults = MemCopyLimits::default();
+                let msrc = number("msrc")?.unwrap_or(u64::from(defaults.max_ranges) - 1);
+                let limits = MemCopyLimits {
+                    max_ranges: u32::try_from(msrc.saturating_add(1)).map_err(|_| {
+                        LeafError::BadOption {
+                            key: "msrc".into(),
+                            reason: format!("{msrc} is too large"),
+                        }
+                    })?,
+                    max_range_blocks: number("mssrl")?.unwrap_or(defaults.max_range_blocks),
+                    max_command_blocks: number("mcl")?.unwrap_or(defaults.max_command_blocks),
+                };
+                Ok(Arc::new(device.with_copy_offload(limits)?))
+            }
+            Some(other) => Err(LeafError::BadOption {
+                key: "copy".into(),
+                reason: format!("`{other}`: the memory leaf offers `copy=nvme`"),
+            }),
+        }
     }
 }
 

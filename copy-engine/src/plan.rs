@@ -95,8 +95,8 @@ pub enum PlanError {
         /// Copy length.
         total: u64,
     },
-    /// A destination layer does not cover the copy space exactly.
-    #[error("destination partitions cover {covered} blocks, expected a multiple of {total}")]
+    /// The destination fragments cover less than the copy space.
+    #[error("destination partitions cover {covered} blocks, less than the copy's {total}")]
     DestinationCoverage {
         /// Blocks covered by all destination fragments together.
         covered: u64,
@@ -126,8 +126,10 @@ fn check_source(src: &[Fragment]) -> Result<u64, PlanError> {
 /// Cuts the source partition against every destination fragment.
 ///
 /// `src` must be sorted by logical start and cover `[0, total)` exactly.
-/// `dst` may hold several layers (one per mirror leg), each covering
-/// `[0, total)`, in any order. Pieces are appended to `out` in the order of
+/// `dst` may hold several layers (one per replica), in any order: the
+/// first covers `[0, total)`, the others may cover parts of it (a mirror
+/// under one member of a concat). That every block is covered is the
+/// caller's to know (the engine checks replica 0); this checks the total. Pieces are appended to `out` in the order of
 /// `dst`, and within a fragment by logical start.
 pub fn intersect(
     src: &[Fragment],
@@ -168,9 +170,10 @@ pub fn intersect(
             i += 1;
         }
     }
-    // A cheap consistency check: every layer covers the whole space, so
-    // together they cover a whole multiple of it.
-    if !covered.is_multiple_of(total.max(1)) {
+    // A cheap consistency check: at least one layer covers the whole
+    // space. Further layers may be partial (a mirror under one member of a
+    // concat adds a replica for that member's blocks only).
+    if covered < total {
         return Err(PlanError::DestinationCoverage { covered, total });
     }
     Ok(())

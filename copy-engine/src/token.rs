@@ -1,0 +1,326 @@
+//! Phase 1, copy in: the source stack's leaves and, per leaf fragment, a
+//! token that says where the bytes are and how they may be moved.
+
+use std::sync::Arc;
+
+use bdev_stack::{
+    Access, BlockDevice, CopyChannel, CopyOffload, DeviceId, DeviceKind, LbaRange, LeafFragment,
+    OffloadCompletion, OffloadOutcome, OffloadSubmitError, RodToken, find_device,
+};
+use tracing::{debug, warn};
+
+use crate::error::CopyError;
+
+/// How the bytes of one source fragment may be moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Only by reading them (bounce).
+    Plain,
+    /// An NVMe namespace: NVMe Copy to any destination in the same
+    /// namespace.
+    Nvme {
+        /// The controller's subsystem identity.
+        subsystem: Arc<str>,
+        /// Namespace id.
+        nsid: u32,
+    },
+    /// A SCSI LUN reachable by a copy manager: EXTENDED COPY to LUNs of the
+    /// same copy manager.
+    ExtendedCopy {
+        /// The LUN's NAA designator (VPD 0x83).
+        naa: Arc<[u8]>,
+        /// The copy manager's identity.
+        copy_manager: Arc<str>,
+    },
+    /// A ROD token made by POPULATE TOKEN over this fragment: WRITE USING
+    /// TOKEN to a LUN that accepts it.
+    Rod {
+        /// The token.
+        token: RodToken,
+    },
+}
+
+/// One source fragment's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceToken {
+    /// Start in the logical copy space, in blocks.
+    pub logical: u64,
+    /// Length in blocks.
+    pub blocks: u64,
+    /// The leaf holding the bytes.
+    pub leaf: DeviceId,
+    /// Where on the leaf.
+    pub leaf_lba: u64,
+    /// How they may be moved.
+    pub kind: TokenKind,
+}
+
+/// The result of [`copy_in`]: the source and one token per leaf fragment,
+/// in logical order, tiling `[0, total_blocks)`.
+#[derive(Debug, Clone)]
+pub struct SourceTokens {
+    pub(crate) source: Arc<dyn BlockDevice>,
+    pub(crate) tokens: Vec<SourceToken>,
+    pub(crate) total_blocks: u64,
+    /// (logical start, source LBA) per source range, for reading a block
+    /// again through the source itself.
+    pub(crate) starts: Vec<(u64, u64)>,
+    /// The source has a mirror: a failed leaf read is retried through the
+    /// source, which tries its other legs.
+    pub(crate) has_mirror: bool,
+}
+
+impl SourceTokens {
+    /// The source device.
+    pub fn source(&self) -> &Arc<dyn BlockDevice> {
+        &self.source
+    }
+
+    /// The tokens, in logical order.
+    pub fn tokens(&self) -> &[SourceToken] {
+        &self.tokens
+    }
+
+    /// Blocks in the logical copy space.
+    pub fn total_blocks(&self) -> u64 {
+        self.total_blocks
+    }
+
+    /// Index of the token holding logical block `logical`.
+    pub(crate) fn token_at(&self, logical: u64) -> usize {
+        self.tokens
+            .partition_point(|t| t.logical + t.blocks <= logical)
+            .min(self.tokens.len().saturating_sub(1))
+    }
+}
+
+/// Checks `ranges` against `device`; returns their total length.
+pub(crate) fn check_ranges(
+    device: &dyn BlockDevice,
+    ranges: &[LbaRange],
+) -> Result<u64, CopyError> {
+    let info = device.info();
+    let mut total: u64 = 0;
+    for r in ranges {
+        let past_end = || CopyError::RangePastEnd {
+            device: info.name.clone(),
+            lba: r.lba,
+            blocks: r.blocks,
+            block_count: info.block_count,
+        };
+        match r.lba.checked_add(r.blocks) {
+            Some(end) if end <= info.block_count => {}
+            _ => return Err(past_end()),
+        }
+        total = total.checked_add(r.blocks).ok_or_else(past_end)?;
+    }
+    Ok(total)
+}
+
+fn has_mirror(device: &dyn BlockDevice) -> bool {
+    device.info().kind == DeviceKind::Mirror
+        || device.members().iter().any(|m| has_mirror(m.as_ref()))
+}
+
+/// What a leaf's advertised offloads make of its fragments, before any
+/// ROD token is populated.
+fn kind_of(offloads: &[CopyOffload]) -> TokenKind {
+    // An identity-only token costs nothing to make; prefer those.
+    for offload in offloads {
+        if let CopyOffload::NvmeCopy {
+            subsystem, nsid, ..
+        } = offload
+        {
+            return TokenKind::Nvme {
+                subsystem: Arc::from(subsystem.as_str()),
+                nsid: *nsid,
+            };
+        }
+    }
+    for offload in offloads {
+        if let CopyOffload::ScsiExtendedCopy {
+            naa, copy_manager, ..
+        } = offload
+        {
+            return TokenKind::ExtendedCopy {
+                naa: Arc::from(naa.as_slice()),
+                copy_manager: Arc::from(copy_manager.as_str()),
+            };
+        }
+    }
+    TokenKind::Plain
+}
+
+/// Phase 1: maps `ranges` of `source` (concatenated, they are the logical
+/// copy space) onto its leaves and makes one token per leaf fragment. A
+/// mirror source gives one healthy leg. A LUN that offers only ROD tokens
+/// gets POPULATE TOKEN per fragment, split at its token size limit; where
+/// that fails, the fragment gets a plain token.
+pub fn copy_in(
+    source: &Arc<dyn BlockDevice>,
+    ranges: &[LbaRange],
+) -> Result<SourceTokens, CopyError> {
+    let total_blocks = check_ranges(source.as_ref(), ranges)?;
+    let name = &source.info().name;
+    let mut fragments: Vec<LeafFragment> = Vec::new();
+    let mut tokens = Vec::new();
+    let mut leaves: Vec<(DeviceId, Arc<dyn BlockDevice>)> = Vec::new();
+    let mut logical = 0;
+    let mut starts = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        starts.push((logical, r.lba));
+        fragments.clear();
+        source
+            .map(r.lba, r.blocks, Access::Read, &mut fragments)
+            .map_err(|e| CopyError::Map {
+                device: name.clone(),
+                lba: r.lba,
+                blocks: r.blocks,
+                source: e,
+            })?;
+        for f in &fragments {
+            let leaf = match leaves.iter().find(|(id, _)| *id == f.leaf) {
+                Some((_, leaf)) => Arc::clone(leaf),
+                None => {
+                    let leaf = find_device(source, f.leaf).ok_or(CopyError::UnknownLeaf {
+                        device: name.clone(),
+                        leaf: f.leaf,
+                    })?;
+                    leaves.push((f.leaf, Arc::clone(&leaf)));
+                    leaf
+                }
+            };
+            let token_logical = logical + (f.lba - r.lba);
+            let offloads = &leaf.info().copy_offloads;
+            let kind = kind_of(offloads);
+            let rod = offloads.iter().find_map(|o| match o {
+                CopyOffload::ScsiRodToken {
+                    max_token_blocks, ..
+                } => Some(*max_token_blocks),
+                _ => None,
+            });
+            match (kind, rod) {
+                (TokenKind::Plain, Some(max_token_blocks)) => populate(
+                    leaf.as_ref(),
+                    f,
+                    token_logical,
+                    max_token_blocks,
+                    &mut tokens,
+                )?,
+                (kind, _) => tokens.push(SourceToken {
+                    logical: token_logical,
+                    blocks: f.blocks,
+                    leaf: f.leaf,
+                    leaf_lba: f.leaf_lba,
+                    kind,
+                }),
+            }
+        }
+        logical += r.blocks;
+    }
+    debug!(source = %name, blocks = total_blocks, tokens = tokens.len(), "copy in");
+    Ok(SourceTokens {
+        source: Arc::clone(source),
+        tokens,
+        total_blocks,
+        starts,
+        has_mirror: has_mirror(source.as_ref()),
+    })
+}
+
+/// POPULATE TOKEN over fragment `f` of `leaf`, one token per
+/// `max_token_blocks`; plain tokens where the leaf refuses.
+fn populate(
+    leaf: &dyn BlockDevice,
+    f: &LeafFragment,
+    logical: u64,
+    max_token_blocks: u64,
+    tokens: &mut Vec<SourceToken>,
+) -> Result<(), CopyError> {
+    let device_error = |source| CopyError::Device {
+        device: leaf.info().name.clone(),
+        action: "opening a copy channel for POPULATE TOKEN",
+        source,
+    };
+    let mut channel: Option<Box<dyn CopyChannel>> =
+        leaf.open_copy_channel(1).map_err(device_error)?;
+    let step = if max_token_blocks == 0 {
+        f.blocks
+    } else {
+        max_token_blocks
+    };
+    let mut done = 0;
+    let mut completions: Vec<OffloadCompletion> = Vec::with_capacity(1);
+    while done < f.blocks {
+        let blocks = (f.blocks - done).min(step);
+        let range = LbaRange {
+            lba: f.leaf_lba + done,
+            blocks,
+        };
+        let kind = match channel.as_mut() {
+            Some(ch) => populate_one(ch.as_mut(), range, &mut completions),
+            None => None,
+        }
+        .map_or(TokenKind::Plain, |token| TokenKind::Rod { token });
+        if kind == TokenKind::Plain {
+            warn!(leaf = %leaf.info().name, lba = range.lba, blocks, "POPULATE TOKEN failed; the range will be bounced");
+        }
+        tokens.push(SourceToken {
+            logical: logical + done,
+            blocks,
+            leaf: f.leaf,
+            leaf_lba: range.lba,
+            kind,
+        });
+        done += blocks;
+    }
+    // Nothing outstanding is left: every populate was waited for.
+    channel.take();
+    Ok(())
+}
+
+/// One POPULATE TOKEN, waited for by polling.
+fn populate_one(
+    channel: &mut dyn CopyChannel,
+    range: LbaRange,
+    completions: &mut Vec<OffloadCompletion>,
+) -> Option<RodToken> {
+    loop {
+        match channel.submit_populate(&[range], 0) {
+            Ok(()) => break,
+            Err(OffloadSubmitError::Busy) => {
+                completions.clear();
+                channel.poll(completions, 1);
+            }
+            Err(OffloadSubmitError::Invalid(e)) => {
+                warn!(error = %e, "POPULATE TOKEN refused");
+                return None;
+            }
+        }
+    }
+    loop {
+        completions.clear();
+        if channel.poll(completions, 1) == 1 {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    match completions.pop().map(|c| c.outcome) {
+        Some(OffloadOutcome::Token(token)) if token.blocks() >= range.blocks => Some(token),
+        Some(OffloadOutcome::Token(token)) => {
+            // The device made a token for fewer blocks than asked: it
+            // cannot serve this range by itself.
+            warn!(
+                asked = range.blocks,
+                got = token.blocks(),
+                "ROD token shorter than its range"
+            );
+            None
+        }
+        Some(other) => {
+            debug!(outcome = ?other, "POPULATE TOKEN not done");
+            None
+        }
+        None => None,
+    }
+}
