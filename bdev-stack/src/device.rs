@@ -340,6 +340,11 @@ pub enum SubmitError {
 /// `Send` but not `Sync`: a channel belongs to one thread at a time, like an
 /// NVMe queue pair. Submission never blocks and does not allocate once the
 /// channel is open; a full queue is [`SubmitError::Busy`].
+///
+/// Every accepted request completes: a leaf whose device does not answer
+/// completes the request with an error once its per-command timeout has
+/// passed (the drivers own those timeouts). Callers above, the copy engine
+/// among them, rely on this and poll without deadlines of their own.
 pub trait Channel: Send {
     /// The device this channel submits to.
     fn device(&self) -> DeviceId;

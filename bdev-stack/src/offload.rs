@@ -304,7 +304,9 @@ pub enum OffloadSubmitError {
 /// A per-thread queue of offload commands to one leaf.
 ///
 /// Like [`crate::Channel`], `Send` and not `Sync`; submission does not
-/// block and does not allocate once the channel is open.
+/// block and does not allocate once the channel is open; and, as there,
+/// every accepted command completes, with an error after the driver's
+/// per-command timeout if the device stays silent.
 pub trait CopyChannel: Send {
     /// The leaf this channel submits to.
     fn device(&self) -> DeviceId;
