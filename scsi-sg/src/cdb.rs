@@ -403,6 +403,164 @@ pub fn test_unit_ready() -> [u8; 6] {
     [TEST_UNIT_READY, 0, 0, 0, 0, 0]
 }
 
+/// Bytes of VPD data the crate asks for by default (the largest
+/// allocation length INQUIRY can carry that is also page-sized friendly).
+pub const VPD_ALLOC_LEN: u16 = 4096;
+/// RECEIVE COPY OPERATING PARAMETERS allocation length. LIO rejects less
+/// than 54 bytes (target_core_xcopy.c); 256 leaves room for long lists of
+/// implemented descriptor codes.
+pub const RCOP_ALLOC_LEN: u32 = 256;
+/// RECEIVE ROD TOKEN INFORMATION allocation length: header (32), sense
+/// (up to 252), token descriptor header (6) and a 512-byte token.
+pub const RRTI_ALLOC_LEN: u32 = 1024;
+
+/// INQUIRY for a VPD page (EVPD=1).
+pub fn inquiry_vpd(page: u8, alloc_len: u16) -> [u8; 6] {
+    inquiry(true, page, alloc_len)
+}
+
+fn rw16(opcode: u8, lba: u64, blocks: u32, byte1: u8) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = opcode;
+    cdb[1] = byte1;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+/// READ(16) (SBC-3): LBA in bytes 2..10, TRANSFER LENGTH (blocks) in
+/// 10..14; `fua` sets byte 1 bit 3.
+pub fn read16(lba: u64, blocks: u32, fua: bool) -> [u8; 16] {
+    rw16(READ_16, lba, blocks, if fua { 0x08 } else { 0 })
+}
+
+/// WRITE(16) (SBC-3), same layout as [`read16`].
+pub fn write16(lba: u64, blocks: u32, fua: bool) -> [u8; 16] {
+    rw16(WRITE_16, lba, blocks, if fua { 0x08 } else { 0 })
+}
+
+/// SYNCHRONIZE CACHE(16) (SBC-3): LBA and NUMBER OF LOGICAL BLOCKS
+/// (0: to the end of the medium); IMMED off.
+pub fn synchronize_cache16(lba: u64, blocks: u32) -> [u8; 16] {
+    rw16(SYNCHRONIZE_CACHE_16, lba, blocks, 0)
+}
+
+/// WRITE SAME(16) (SBC-3): one block of data written to `blocks` blocks
+/// from `lba`; `unmap` sets the UNMAP bit (byte 1 bit 3), asking the
+/// device to deallocate instead when the data is zeros.
+pub fn write_same16(lba: u64, blocks: u32, unmap: bool) -> [u8; 16] {
+    rw16(WRITE_SAME_16, lba, blocks, if unmap { 0x08 } else { 0 })
+}
+
+/// UNMAP (SBC-3): `[0x42, ANCHOR=0, 0, 0, 0, 0, group, len(be16), CONTROL]`.
+pub fn unmap(param_len: u16) -> [u8; 10] {
+    let [hi, lo] = param_len.to_be_bytes();
+    [UNMAP, 0, 0, 0, 0, 0, 0, hi, lo, 0]
+}
+
+/// UNMAP parameter list (SBC-3): 8-byte header, then one 16-byte block
+/// descriptor per `(lba, blocks)` range. `None` if the list would not fit
+/// the CDB's 16-bit PARAMETER LIST LENGTH.
+pub fn unmap_parameters(ranges: &[(u64, u32)]) -> Option<Vec<u8>> {
+    let desc_len = u16::try_from(ranges.len().checked_mul(16)?).ok()?;
+    let total = desc_len.checked_add(8)?;
+    let mut v = Vec::with_capacity(usize::from(total));
+    v.extend_from_slice(&(total - 2).to_be_bytes());
+    v.extend_from_slice(&desc_len.to_be_bytes());
+    v.extend_from_slice(&[0; 4]);
+    for &(lba, blocks) in ranges {
+        v.extend_from_slice(&lba.to_be_bytes());
+        v.extend_from_slice(&blocks.to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
+    }
+    Some(v)
+}
+
+/// REPORT LUNS (SPC-4): SELECT REPORT 0 (all LUNs), allocation length in
+/// bytes 6..10.
+pub fn report_luns(alloc_len: u32) -> [u8; 12] {
+    let mut cdb = [0u8; 12];
+    cdb[0] = REPORT_LUNS;
+    cdb[6..10].copy_from_slice(&alloc_len.to_be_bytes());
+    cdb
+}
+
+/// A THIRD-PARTY COPY OUT CDB (EXTENDED COPY, POPULATE TOKEN, WRITE USING
+/// TOKEN): service action in byte 1, LIST IDENTIFIER in 6..10 (ignored by
+/// EXTENDED COPY(LID1), which carries it in the parameter list),
+/// PARAMETER LIST LENGTH in 10..14.
+pub fn third_party_copy_out(service_action: u8, list_id: u32, param_len: u32) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = THIRD_PARTY_COPY_OUT;
+    cdb[1] = service_action & 0x1f;
+    cdb[6..10].copy_from_slice(&list_id.to_be_bytes());
+    cdb[10..14].copy_from_slice(&param_len.to_be_bytes());
+    cdb
+}
+
+/// EXTENDED COPY(LID1) with a parameter list of `param_len` bytes.
+pub fn extended_copy_lid1(param_len: u32) -> [u8; 16] {
+    third_party_copy_out(TPC_OUT_EXTENDED_COPY_LID1, 0, param_len)
+}
+
+/// POPULATE TOKEN (SBC-3) for list identifier `list_id`.
+pub fn populate_token(list_id: u32, param_len: u32) -> [u8; 16] {
+    third_party_copy_out(TPC_OUT_POPULATE_TOKEN, list_id, param_len)
+}
+
+/// WRITE USING TOKEN (SBC-3) for list identifier `list_id`.
+pub fn write_using_token(list_id: u32, param_len: u32) -> [u8; 16] {
+    third_party_copy_out(TPC_OUT_WRITE_USING_TOKEN, list_id, param_len)
+}
+
+/// A THIRD-PARTY COPY IN CDB (RECEIVE COPY RESULTS family): service action
+/// in byte 1, LIST IDENTIFIER in byte 2 for the LID1 service actions and
+/// in bytes 2..6 for the LID4 ones (RRTI), ALLOCATION LENGTH in 10..14.
+fn third_party_copy_in(service_action: u8, list_id: u32, lid4: bool, alloc_len: u32) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = THIRD_PARTY_COPY_IN;
+    cdb[1] = service_action & 0x1f;
+    if lid4 {
+        cdb[2..6].copy_from_slice(&list_id.to_be_bytes());
+    } else {
+        cdb[2] = list_id.to_be_bytes()[3];
+    }
+    cdb[10..14].copy_from_slice(&alloc_len.to_be_bytes());
+    cdb
+}
+
+/// RECEIVE COPY OPERATING PARAMETERS (SPC-4, service action 0x03).
+pub fn receive_copy_operating_parameters(alloc_len: u32) -> [u8; 16] {
+    third_party_copy_in(
+        TPC_IN_RECEIVE_COPY_OPERATING_PARAMETERS,
+        0,
+        false,
+        alloc_len,
+    )
+}
+
+/// RECEIVE COPY STATUS(LID1) (SPC-4, service action 0x00) for an 8-bit list
+/// identifier.
+pub fn receive_copy_status_lid1(list_id: u8, alloc_len: u32) -> [u8; 16] {
+    third_party_copy_in(
+        TPC_IN_RECEIVE_COPY_STATUS_LID1,
+        u32::from(list_id),
+        false,
+        alloc_len,
+    )
+}
+
+/// RECEIVE ROD TOKEN INFORMATION (SPC-4, service action 0x07) for the
+/// 32-bit list identifier of a POPULATE TOKEN or WRITE USING TOKEN.
+pub fn receive_rod_token_information(list_id: u32, alloc_len: u32) -> [u8; 16] {
+    third_party_copy_in(
+        TPC_IN_RECEIVE_ROD_TOKEN_INFORMATION,
+        list_id,
+        true,
+        alloc_len,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +617,49 @@ mod tests {
             "READ CAPACITY(16) [0x9e/0x10]"
         );
         assert_eq!(Command::new(INQUIRY).to_string(), "INQUIRY [0x12]");
+    }
+
+    #[test]
+    fn io_cdbs() {
+        let c = read16(0x0102_0304_0506_0708, 0x0a0b_0c0d, false);
+        assert_eq!(
+            c,
+            [
+                0x88, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0x0a, 0x0b, 0x0c, 0x0d, 0, 0
+            ]
+        );
+        assert_eq!(write16(5, 1, true)[..2], [0x8a, 0x08]);
+        assert_eq!(write16(5, 1, true)[9], 5);
+        assert_eq!(write_same16(0, 8, true)[..2], [0x93, 0x08]);
+        assert_eq!(synchronize_cache16(0, 0)[0], 0x91);
+        assert_eq!(unmap(24), [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]);
+        let p = unmap_parameters(&[(7, 9)]).unwrap();
+        assert_eq!(p.len(), 24);
+        assert_eq!(&p[..4], &[0, 22, 0, 16]);
+        assert_eq!(p[15], 7);
+        assert_eq!(p[19], 9);
+        assert!(unmap_parameters(&vec![(0, 0); 5000]).is_none());
+        assert_eq!(report_luns(0x100)[..10], [0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn tpc_cdbs() {
+        let x = extended_copy_lid1(76);
+        assert_eq!(x[..2], [0x83, 0x00]);
+        assert_eq!(x[10..14], [0, 0, 0, 76]);
+        let p = populate_token(0x0102_0304, 48);
+        assert_eq!(p[..2], [0x83, 0x10]);
+        assert_eq!(p[6..10], [1, 2, 3, 4]);
+        assert_eq!(write_using_token(9, 552)[1], 0x11);
+        let r = receive_rod_token_information(0x0a0b_0c0d, 1024);
+        assert_eq!(r[..6], [0x84, 0x07, 0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(r[10..14], [0, 0, 4, 0]);
+        let o = receive_copy_operating_parameters(256);
+        assert_eq!(o[..3], [0x84, 0x03, 0]);
+        assert_eq!(receive_copy_status_lid1(7, 60)[..3], [0x84, 0x00, 7]);
+        assert_eq!(
+            Command::from_cdb(&o).name(),
+            "RECEIVE COPY OPERATING PARAMETERS"
+        );
     }
 }

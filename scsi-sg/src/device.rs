@@ -81,6 +81,62 @@ pub struct CommandOutcome {
 }
 
 impl CommandOutcome {
+    /// An outcome as a transport other than SG_IO (the emulated target)
+    /// reports it: status, bytes requested and moved, sense (at most
+    /// [`SENSE_BUFFER_LEN`] bytes are kept).
+    pub fn from_parts(
+        command: Command,
+        status: ScsiStatus,
+        requested: usize,
+        transferred: usize,
+        sense: &[u8],
+    ) -> CommandOutcome {
+        let mut buf = [0u8; SENSE_BUFFER_LEN];
+        let n = sense.len().min(SENSE_BUFFER_LEN);
+        buf[..n].copy_from_slice(&sense[..n]);
+        let resid = requested.saturating_sub(transferred);
+        CommandOutcome {
+            command,
+            status,
+            host_status: sys::DID_OK,
+            driver_status: if n > 0 {
+                sys::DRIVER_SENSE
+            } else {
+                sys::DRIVER_OK
+            },
+            resid: i32::try_from(resid).unwrap_or(i32::MAX),
+            duration: Duration::ZERO,
+            info: 0,
+            requested,
+            sense: buf,
+            sense_len: u8::try_from(n).unwrap_or(u8::MAX),
+        }
+    }
+
+    /// An outcome from the sg driver's output fields (after the transport
+    /// checks: host and driver status are OK or DRIVER_SENSE).
+    pub(crate) fn from_sg(
+        command: Command,
+        out: &sys::SgIoOutput,
+        requested: usize,
+        sense: &[u8; SENSE_BUFFER_LEN],
+    ) -> CommandOutcome {
+        CommandOutcome {
+            command,
+            status: ScsiStatus::from_byte(out.status),
+            host_status: out.host_status,
+            driver_status: out.driver_status,
+            resid: out.resid,
+            duration: Duration::from_millis(u64::from(out.duration_ms)),
+            info: out.info,
+            requested,
+            sense: *sense,
+            sense_len: out
+                .sb_len_wr
+                .min(u8::try_from(SENSE_BUFFER_LEN).unwrap_or(u8::MAX)),
+        }
+    }
+
     /// Bytes of data the command asked to move.
     pub fn requested(&self) -> usize {
         self.requested
@@ -338,42 +394,7 @@ impl SgDevice {
         timeout: Duration,
     ) -> Result<CommandOutcome, Error> {
         let outcome = self.execute(cdb, data, timeout)?;
-        match outcome.status {
-            ScsiStatus::Good | ScsiStatus::ConditionMet => Ok(outcome),
-            ScsiStatus::CheckCondition => match outcome.sense() {
-                Some(Ok(sense)) => match sense.key {
-                    SenseKey::RecoveredError | SenseKey::NoSense | SenseKey::Completed => {
-                        debug!(path = %self.path.display(), command = %outcome.command, %sense,
-                            "command completed with informational sense");
-                        Ok(outcome)
-                    }
-                    _ => {
-                        debug!(path = %self.path.display(), command = %outcome.command, %sense,
-                            "CHECK CONDITION");
-                        Err(Error::CheckCondition {
-                            path: self.path.clone(),
-                            command: outcome.command,
-                            sense,
-                        })
-                    }
-                },
-                other => {
-                    warn!(path = %self.path.display(), command = %outcome.command,
-                        sense = ?outcome.sense_bytes(), error = ?other.and_then(Result::err),
-                        "CHECK CONDITION without usable sense data");
-                    Err(Error::Status {
-                        path: self.path.clone(),
-                        command: outcome.command,
-                        status: outcome.status,
-                    })
-                }
-            },
-            status => Err(Error::Status {
-                path: self.path.clone(),
-                command: outcome.command,
-                status,
-            }),
-        }
+        check_outcome(&self.path, outcome)
     }
 
     /// [`execute_checked`](Self::execute_checked), retried once when the
@@ -441,6 +462,65 @@ impl SgDevice {
     }
 }
 
+/// Turn an outcome whose status is not success into an error, as
+/// [`SgDevice::execute_checked`] documents: GOOD, CONDITION MET and CHECK
+/// CONDITION with RECOVERED ERROR / NO SENSE / COMPLETED pass; any other
+/// CHECK CONDITION is [`Error::CheckCondition`]; other statuses, and CHECK
+/// CONDITION without decodable sense, are [`Error::Status`].
+pub fn check_outcome(path: &Path, outcome: CommandOutcome) -> Result<CommandOutcome, Error> {
+    match outcome.status {
+        ScsiStatus::Good | ScsiStatus::ConditionMet => Ok(outcome),
+        ScsiStatus::CheckCondition => match outcome.sense() {
+            Some(Ok(sense)) => match sense.key {
+                SenseKey::RecoveredError | SenseKey::NoSense | SenseKey::Completed => {
+                    debug!(path = %path.display(), command = %outcome.command, %sense,
+                        "command completed with informational sense");
+                    Ok(outcome)
+                }
+                _ => {
+                    debug!(path = %path.display(), command = %outcome.command, %sense,
+                        "CHECK CONDITION");
+                    Err(Error::CheckCondition {
+                        path: path.to_path_buf(),
+                        command: outcome.command,
+                        sense,
+                    })
+                }
+            },
+            other => {
+                warn!(path = %path.display(), command = %outcome.command,
+                    sense = ?outcome.sense_bytes(), error = ?other.and_then(Result::err),
+                    "CHECK CONDITION without usable sense data");
+                Err(Error::Status {
+                    path: path.to_path_buf(),
+                    command: outcome.command,
+                    status: outcome.status,
+                })
+            }
+        },
+        status => Err(Error::Status {
+            path: path.to_path_buf(),
+            command: outcome.command,
+            status,
+        }),
+    }
+}
+
+impl crate::transport::ScsiTransport for SgDevice {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn execute(
+        &self,
+        cdb: &[u8],
+        data: DataTransfer<'_>,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, Error> {
+        SgDevice::execute(self, cdb, data, timeout)
+    }
+}
+
 impl AsFd for SgDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -449,7 +529,7 @@ impl AsFd for SgDevice {
 
 /// Duration to the header's millisecond timeout: rounded up so a short
 /// non-zero timeout never becomes 0 (= kernel default), saturating.
-fn timeout_millis(timeout: Duration) -> u32 {
+pub(crate) fn timeout_millis(timeout: Duration) -> u32 {
     let ms = timeout.as_nanos().div_ceil(1_000_000);
     u32::try_from(ms).unwrap_or(u32::MAX)
 }

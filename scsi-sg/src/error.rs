@@ -23,6 +23,24 @@ pub enum ParseError {
         /// Bytes available.
         available: usize,
     },
+    /// A VPD page other than the one asked for.
+    #[error("{what}: expected page {expected:#04x}, got {got:#04x}")]
+    WrongPage {
+        /// What was being parsed.
+        what: &'static str,
+        /// The page code asked for.
+        expected: u8,
+        /// The page code received.
+        got: u8,
+    },
+    /// A field holds a value the structure does not allow.
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// What was being parsed.
+        what: &'static str,
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// Sense data with a response code other than 0x70..=0x73.
     #[error("sense data: unsupported response code {response_code:#04x}")]
     UnsupportedSenseFormat {
@@ -172,6 +190,66 @@ pub enum Error {
         /// The status.
         status: ScsiStatus,
     },
+    /// The logical unit is not a connected direct-access block device.
+    #[error(
+        "{path}: not a direct-access block device (qualifier {peripheral_qualifier}, type {device_type:#04x})"
+    )]
+    NotDirectAccess {
+        /// Device path.
+        path: PathBuf,
+        /// PERIPHERAL QUALIFIER.
+        peripheral_qualifier: u8,
+        /// PERIPHERAL DEVICE TYPE.
+        device_type: u8,
+    },
+    /// Reading completions from, or waiting on, an sg queue failed.
+    #[error("{path}: sg queue I/O failed")]
+    QueueIo {
+        /// Device path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device does not offer a feature (as probed), so no command was
+    /// sent.
+    #[error("{path}: {what} not supported by the device")]
+    Unsupported {
+        /// Device path.
+        path: PathBuf,
+        /// The feature.
+        what: &'static str,
+    },
+    /// A request the library refused before sending it: the range runs
+    /// past the capacity, the buffer is not whole blocks, a count does not
+    /// fit the CDB.
+    #[error("{path}: {command}: invalid request for LBA {lba} + {blocks} blocks: {reason}")]
+    InvalidRequest {
+        /// Device path.
+        path: PathBuf,
+        /// The command.
+        command: Command,
+        /// First LBA.
+        lba: u64,
+        /// Block count.
+        blocks: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The copy manager refused a ROD token (ILLEGAL REQUEST, INVALID
+    /// TOKEN OPERATION): it expired, was revoked because its source was
+    /// written, was deleted, ... No data was moved.
+    #[error("{path}: {command}: ROD token refused ({problem:?}): {sense}")]
+    Token {
+        /// Device path.
+        path: PathBuf,
+        /// The command.
+        command: Command,
+        /// Why.
+        problem: TokenProblem,
+        /// The sense data.
+        sense: Sense,
+    },
     /// The command succeeded but its data could not be decoded (too short
     /// after the residual, or malformed).
     #[error("{path}: {command}: bad response data")]
@@ -184,6 +262,53 @@ pub enum Error {
         #[source]
         source: ParseError,
     },
+}
+
+/// Why a copy manager refused a ROD token (ASC 0x23, INVALID TOKEN
+/// OPERATION, by ASCQ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenProblem {
+    /// 0x23/0x00: cause not reportable.
+    NotReportable,
+    /// 0x23/0x01: unsupported token type.
+    UnsupportedType,
+    /// 0x23/0x02, 0x03: remote token usage or creation not supported.
+    RemoteNotSupported,
+    /// 0x23/0x04: token unknown.
+    Unknown,
+    /// 0x23/0x05: token corrupt.
+    Corrupt,
+    /// 0x23/0x06: token revoked (e.g. its source was written).
+    Revoked,
+    /// 0x23/0x07: token expired (inactivity timeout).
+    Expired,
+    /// 0x23/0x08: token cancelled.
+    Cancelled,
+    /// 0x23/0x09: token deleted.
+    Deleted,
+    /// 0x23/0x0A: invalid token length.
+    InvalidLength,
+    /// Any other ASCQ under ASC 0x23.
+    Other(u8),
+}
+
+impl TokenProblem {
+    /// The problem a sense reports, if it is an INVALID TOKEN OPERATION.
+    pub fn from_sense(sense: &Sense) -> Option<TokenProblem> {
+        (sense.asc == 0x23).then_some(match sense.ascq {
+            0x00 => TokenProblem::NotReportable,
+            0x01 => TokenProblem::UnsupportedType,
+            0x02 | 0x03 => TokenProblem::RemoteNotSupported,
+            0x04 => TokenProblem::Unknown,
+            0x05 => TokenProblem::Corrupt,
+            0x06 => TokenProblem::Revoked,
+            0x07 => TokenProblem::Expired,
+            0x08 => TokenProblem::Cancelled,
+            0x09 => TokenProblem::Deleted,
+            0x0a => TokenProblem::InvalidLength,
+            q => TokenProblem::Other(q),
+        })
+    }
 }
 
 impl Error {
@@ -202,7 +327,12 @@ impl Error {
             | Error::DriverStatus { path, .. }
             | Error::CheckCondition { path, .. }
             | Error::Status { path, .. }
-            | Error::Parse { path, .. } => path,
+            | Error::Parse { path, .. }
+            | Error::NotDirectAccess { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::InvalidRequest { path, .. }
+            | Error::Token { path, .. }
+            | Error::QueueIo { path, .. } => path,
         }
     }
 
@@ -212,7 +342,10 @@ impl Error {
             Error::NoSuchDevice { .. }
             | Error::Permission { .. }
             | Error::NotSgCapable { .. }
-            | Error::Open { .. } => None,
+            | Error::Open { .. }
+            | Error::NotDirectAccess { .. }
+            | Error::Unsupported { .. }
+            | Error::QueueIo { .. } => None,
             Error::InvalidCdb { command, .. }
             | Error::TransferTooLarge { command, .. }
             | Error::Io { command, .. }
@@ -221,14 +354,16 @@ impl Error {
             | Error::DriverStatus { command, .. }
             | Error::CheckCondition { command, .. }
             | Error::Status { command, .. }
-            | Error::Parse { command, .. } => Some(*command),
+            | Error::Parse { command, .. }
+            | Error::InvalidRequest { command, .. }
+            | Error::Token { command, .. } => Some(*command),
         }
     }
 
     /// The sense data, for [`Error::CheckCondition`].
     pub fn sense(&self) -> Option<&Sense> {
         match self {
-            Error::CheckCondition { sense, .. } => Some(sense),
+            Error::CheckCondition { sense, .. } | Error::Token { sense, .. } => Some(sense),
             _ => None,
         }
     }

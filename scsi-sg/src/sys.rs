@@ -18,6 +18,9 @@ use std::ptr;
 
 use crate::DataTransfer;
 
+pub mod aligned;
+pub mod sgq;
+
 /// `SG_IO`: send a command and wait for its completion (`_IO(0x22, 0x85)`).
 pub const SG_IO: u32 = 0x2285;
 /// `SG_GET_VERSION_NUM`: read the sg driver version, e.g. 30536 for 3.5.36.

@@ -101,3 +101,69 @@ fn unreadable_file_is_permission() {
     let err = SgDevice::open(&f.0).unwrap_err();
     assert!(matches!(err, Error::Permission { .. }), "{err:?}");
 }
+
+#[test]
+fn queue_and_probe_open_errors_are_typed() {
+    use scsi_sg::{ScsiDevice, SgQueue};
+    assert!(matches!(
+        SgQueue::open("/nonexistent", 2),
+        Err(Error::NoSuchDevice { .. })
+    ));
+    assert!(matches!(
+        SgQueue::open("/dev/null", 1),
+        Err(Error::NotSgCapable { .. })
+    ));
+    let f = TempFile::new("queue");
+    assert!(matches!(
+        SgQueue::open(&f.0, 1),
+        Err(Error::NotSgCapable { .. })
+    ));
+    assert!(matches!(
+        ScsiDevice::open("/nonexistent"),
+        Err(Error::NoSuchDevice { .. })
+    ));
+    assert!(matches!(
+        ScsiDevice::open("/dev/null"),
+        Err(Error::NotSgCapable { .. })
+    ));
+}
+
+#[test]
+fn probe_rejects_non_disk() {
+    use scsi_sg::emu::{EmuConfig, EmuTarget, Fault, FaultAction};
+    // A CD/DVD device is refused by the probe.
+    let t = EmuTarget::new(
+        "cd",
+        EmuConfig {
+            peripheral_device_type: 0x05,
+            ..EmuConfig::default()
+        },
+    );
+    let err = scsi_sg::ScsiDevice::probe(t.add_memory_lun(8, 2048)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NotDirectAccess {
+                device_type: 0x05,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A LUN whose INQUIRY fails is reported with its sense.
+    let t = EmuTarget::new("nd", EmuConfig::default());
+    let lun = t.add_memory_lun(8, 512);
+    t.inject_fault(Fault {
+        lun: None,
+        opcode: scsi_sg::cdb::INQUIRY,
+        service_action: None,
+        action: FaultAction::Sense(scsi_sg::Sense::new(
+            scsi_sg::SenseKey::HardwareError,
+            0x44,
+            0,
+        )),
+        count: 1,
+    });
+    let err = scsi_sg::ScsiDevice::probe(lun).unwrap_err();
+    assert_eq!(err.sense().map(|s| s.asc), Some(0x44));
+}

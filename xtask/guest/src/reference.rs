@@ -212,6 +212,99 @@ impl ShowRegs {
     }
 }
 
+/// What `sg_vpd -p bl DEVICE` printed of the Block Limits page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SgVpdBlockLimits {
+    /// Maximum transfer length (blocks).
+    pub max_transfer: u64,
+    /// Optimal transfer length (blocks).
+    pub optimal_transfer: u64,
+    /// Maximum unmap LBA count (absent from short, SBC-2 style pages).
+    pub max_unmap_lba_count: Option<u64>,
+    /// Maximum unmap block descriptor count (absent from short pages).
+    pub max_unmap_descriptors: Option<u64>,
+    /// Maximum write same length (blocks; absent from short pages).
+    pub max_write_same: Option<u64>,
+}
+
+impl SgVpdBlockLimits {
+    /// Parses `sg_vpd -p bl`'s output.
+    pub fn parse(text: &str) -> Result<SgVpdBlockLimits, String> {
+        let num = |label: &str| {
+            number_after(text, label).ok_or_else(|| format!("sg_vpd -p bl printed no '{label}'"))
+        };
+        Ok(SgVpdBlockLimits {
+            max_transfer: num("Maximum transfer length:")?,
+            optimal_transfer: num("Optimal transfer length:")?,
+            max_unmap_lba_count: number_after(text, "Maximum unmap LBA count:"),
+            max_unmap_descriptors: number_after(text, "Maximum unmap block descriptor count:"),
+            max_write_same: number_after(text, "Maximum write same length:"),
+        })
+    }
+}
+
+/// What `sg_vpd -p di DEVICE` printed: the logical unit's NAA designator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SgVpdDesignators {
+    /// The NAA designator of the addressed logical unit, as `0x` + hex.
+    pub naa: String,
+}
+
+impl SgVpdDesignators {
+    /// Parses `sg_vpd -p di`'s output: the first hex line after a
+    /// "designator type: NAA" line.
+    pub fn parse(text: &str) -> Result<SgVpdDesignators, String> {
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.contains("designator type: NAA") {
+                let hex = lines
+                    .next()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with("0x"))
+                    .ok_or_else(|| format!("sg_vpd -p di: no hex line after '{}'", line.trim()))?;
+                return Ok(SgVpdDesignators {
+                    naa: hex.to_ascii_lowercase(),
+                });
+            }
+        }
+        Err("sg_vpd -p di printed no NAA designator".to_string())
+    }
+}
+
+/// What `sg_vpd -p sn DEVICE` printed.
+pub fn sg_vpd_serial(text: &str) -> Result<String, String> {
+    text_after(text, "Unit serial number:")
+        .map(str::to_string)
+        .ok_or_else(|| "sg_vpd -p sn printed no 'Unit serial number:'".to_string())
+}
+
+/// What `sg_vpd -p lbpv DEVICE` printed of the provisioning flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SgVpdLbpv {
+    /// Unmap command supported (LBPU).
+    pub lbpu: bool,
+    /// Write same (16) with unmap bit supported (LBPWS).
+    pub lbpws: bool,
+    /// Write same (10) with unmap bit supported (LBPWS10).
+    pub lbpws10: bool,
+}
+
+impl SgVpdLbpv {
+    /// Parses `sg_vpd -p lbpv`'s output.
+    pub fn parse(text: &str) -> Result<SgVpdLbpv, String> {
+        let flag = |label: &str| {
+            number_after(text, label)
+                .map(|v| v != 0)
+                .ok_or_else(|| format!("sg_vpd -p lbpv printed no '{label}'"))
+        };
+        Ok(SgVpdLbpv {
+            lbpu: flag("(LBPU):")?,
+            lbpws: flag("(LBPWS):")?,
+            lbpws10: flag("(LBPWS10):")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +392,33 @@ mod tests {
         assert_eq!(f.get("NormACA").map(String::as_str), Some("1"));
         assert_eq!(f.get("version").map(String::as_str), Some("0x06"));
         assert!(!f.contains_key("TrmTsk"));
+    }
+
+    #[test]
+    fn sg_vpd_pages() {
+        let bl = SgVpdBlockLimits::parse(include_str!("../testdata/sg_vpd-bl-lio.txt")).unwrap();
+        assert_eq!(bl.max_transfer, 16384);
+        assert_eq!(bl.optimal_transfer, 16384);
+        assert_eq!(bl.max_unmap_descriptors, None);
+        let long = "Maximum transfer length: 8 blocks\nOptimal transfer length: 8 blocks\n\
+                    Maximum unmap LBA count: 0 [Unmap command not implemented]\n\
+                    Maximum unmap block descriptor count: 1\nMaximum write same length: 0xffff blocks";
+        let bl = SgVpdBlockLimits::parse(long).unwrap();
+        assert_eq!(
+            (
+                bl.max_unmap_lba_count,
+                bl.max_unmap_descriptors,
+                bl.max_write_same
+            ),
+            (Some(0), Some(1), Some(0xffff))
+        );
+        let di = SgVpdDesignators::parse(include_str!("../testdata/sg_vpd-di-lio.txt")).unwrap();
+        assert_eq!(di.naa, "0x60014050123456789ab4cde8f0123456");
+        let sn = sg_vpd_serial(include_str!("../testdata/sg_vpd-sn-lio.txt")).unwrap();
+        assert!(sn.starts_with("01234567"), "{sn}");
+        let lbpv = SgVpdLbpv::parse(include_str!("../testdata/sg_vpd-lbpv-lio.txt")).unwrap();
+        assert!(!lbpv.lbpu);
+        assert!(SgVpdBlockLimits::parse("nothing").is_err());
+        assert!(SgVpdDesignators::parse("designator type: NAA\n  garbage").is_err());
     }
 }
