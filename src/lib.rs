@@ -10,4 +10,5 @@
 pub use bdev_stack;
 pub use copy_engine;
 pub use nvme;
+pub mod perf;
 pub use scsi_sg;

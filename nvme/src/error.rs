@@ -216,6 +216,75 @@ pub enum Error {
     /// An argument is out of its valid range.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+
+    /// The controller did not reach a state within its timeout.
+    #[error("{device}: timed out after {waited_ms} ms waiting for {what}")]
+    ControllerTimeout {
+        /// The controller.
+        device: String,
+        /// What was awaited, e.g. "CSTS.RDY = 1".
+        what: &'static str,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+
+    /// The controller reports Controller Fatal Status (CSTS.CFS): it needs
+    /// a reset.
+    #[error("{device}: controller fatal status (CSTS.CFS = 1); reset the controller")]
+    ControllerFatal {
+        /// The controller.
+        device: String,
+    },
+
+    /// An admin command completed with an error status.
+    #[error("{device}: admin command {command} failed: {status}")]
+    AdminCommand {
+        /// The controller.
+        device: String,
+        /// The command, e.g. "Create I/O CQ 3".
+        command: String,
+        /// Its status.
+        status: crate::spec::NvmeStatus,
+    },
+
+    /// An admin command did not complete in time.
+    #[error("{device}: admin command {command} timed out after {waited_ms} ms")]
+    AdminTimeout {
+        /// The controller.
+        device: String,
+        /// The command.
+        command: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+
+    /// The device supplied data that violates the specification (a CID or
+    /// SQ head out of range, an impossible identify field).
+    #[error("{device}: bad data from the device: {what}")]
+    BadDeviceData {
+        /// The controller.
+        device: String,
+        /// What was wrong.
+        what: String,
+    },
+
+    /// The controller lacks something the driver needs.
+    #[error("{device}: unsupported: {what}")]
+    Unsupported {
+        /// The controller.
+        device: String,
+        /// What is missing.
+        what: String,
+    },
+
+    /// No I/O queue id is free.
+    #[error("{device}: all {granted} I/O queue pairs are in use")]
+    NoFreeQueue {
+        /// The controller.
+        device: String,
+        /// Queue pairs the controller granted.
+        granted: u16,
+    },
 }
 
 fn describe_driver(driver: &Option<String>) -> String {

@@ -1,67 +1,95 @@
-//! Polled-mode NVMe over VFIO.
+//! Polled-mode NVMe: a userspace driver over VFIO, and an in-process
+//! emulated controller that follows the specification.
 //!
 //! # Architecture
 //!
-//! The driver runs in user space, SPDK style: it owns the controller through
-//! VFIO, talks to it by MMIO on BAR0 and by DMA into memory it allocated
-//! itself, and polls for completions instead of taking interrupts.
+//! The driver runs in user space, SPDK style: it owns the controller, talks
+//! to it by MMIO on BAR0 and by DMA into memory it allocated itself, and
+//! polls for completions instead of taking interrupts.
 //!
 //! ```text
-//!   driver (controller bring-up, queue pairs, namespaces)   [later]
-//!      |  generic over R: RegisterAccess          | DMA buffers (IOVA)
-//!      v                                          v
-//!   mmio::RegisterAccess  <-- regs (offsets, CAP/VS/CC/CSTS/AQA decoding)
-//!      |                                          |
-//!   vfio::Bar (mmap'ed BAR0)               vfio::DmaBuffer (pinned,
-//!      |                                    IOMMU-mapped at an IOVA from
-//!   vfio::VfioPci (container, group,        vfio::IovaAllocator)
-//!   device fd, PCI config space)
+//!   Controller<T> (bring-up, admin, identify, reset, shutdown)
+//!   QueuePair<T>  (one per thread: submit / ring / poll, CID slots,
+//!      |           PRP-list pool, request splitting)
+//!      |  generic over T: Transport = RegisterAccess + DmaContext
+//!      v
+//!   vfio::VfioPci (BAR0 mmap, IOMMU)     emu::EmuController (registers,
+//!      |                                    queues in host memory, PRPs)
+//!   DmaContext: one IOMMU domain (VFIO container) or host IOVA space;
+//!   every controller of a context sees every DmaBuffer of it.
 //! ```
 //!
-//! - [`regs`]: register offsets and decoders (NVMe Base Specification,
-//!   "Controller Properties"). Pure, untrusted-input-safe, no I/O.
-//! - [`RegisterAccess`]: the one register path between the driver and a
-//!   transport; the VFIO BAR implements it (and the in-process emulated
-//!   controller will). The driver is generic over it, not `dyn`.
-//! - [`vfio`]: the VFIO/PCI transport. [`vfio::VfioPci::open`] checks sysfs,
-//!   opens the container, group and device, enables memory space and bus
-//!   mastering, maps BAR0 and learns which IOVAs the IOMMU translates.
-//!   [`vfio::VfioPci::dma_alloc`] hands out [`vfio::DmaBuffer`]s: anonymous
-//!   memory (2 MiB huge pages when available), pinned and mapped into the
-//!   IOMMU, unmapped on drop, and only ever accessed by volatile copies.
-//! - [`Error`]: one error enum for the crate, with the device, path or range
-//!   each failure concerns, and the fix for set-up errors.
+//! - [`spec`]: wire structures (SQE, CQE, Identify, log pages, Copy
+//!   descriptors), opcodes, [`NvmeStatus`] with names. [`regs`]: registers.
+//! - [`Transport`]: the seam. [`vfio::VfioPci`] and [`emu::EmuController`]
+//!   implement it; the I/O path is generic over it, not `dyn`.
+//! - [`Controller`] / [`QueuePair`]: the driver. Submission never blocks or
+//!   allocates ([`SubmitError::QueueFull`] is a value), doorbells are
+//!   batched, `poll` is bounded, every device-supplied value is checked.
+//! - [`dma`]: [`DmaContext`], [`DmaBuffer`] (RAII, volatile access only),
+//!   [`DmaSlice`] (keeps memory alive while the device owns it).
+//! - [`conformance`]: checks run on both the emulator (host tests) and
+//!   QEMU's controller (VM tests).
 //!
 //! `unsafe` lives in `vfio::sys` (ioctls and syscalls), the BAR's volatile
-//! accessors and the DMA buffer's volatile accessors; each block carries a
+//! accessors and [`dma`]'s volatile accessors; each block carries a
 //! `// SAFETY:` comment.
 //!
 //! # Example
 //!
-//! On a machine (or the test VM) with an NVMe controller bound to vfio-pci:
+//! Write and read back a block on the emulated controller (on hardware,
+//! replace the transport with `nvme::vfio::VfioPci::open("0000:00:04.0")?`):
 //!
-//! ```no_run
-//! use nvme::RegisterAccess;
-//! use nvme::vfio::VfioPci;
+//! ```
+//! use std::time::Duration;
+//! use nvme::emu::{EmuConfig, EmuController};
+//! use nvme::{Controller, ControllerOptions, DmaContext, QueueOptions};
 //!
-//! # fn main() -> Result<(), nvme::Error> {
-//! let ctrl = VfioPci::open("0000:00:04.0")?;
-//! let cap = ctrl.cap();
-//! println!("NVMe {} MQES={} DSTRD={}", ctrl.version(), cap.mqes(), cap.dstrd());
-//! println!("CSTS: {:?}", ctrl.bar0().csts());
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ctx = DmaContext::host();
+//! let emu = EmuController::new(&ctx, EmuConfig::default())?;
+//! let ctrl = Controller::new(emu, ControllerOptions::default())?;
+//! let ns = ctrl.namespace(1).ok_or("no namespace 1")?;
+//! let mut qp = ctrl.create_qpair(QueueOptions::default())?;
 //!
 //! let buf = ctrl.dma_alloc(4096)?;
 //! buf.write_bytes(0, b"hello")?;
-//! println!("buffer at IOVA {:#x}", buf.iova());
+//! qp.write(&ns, 8, &buf.as_slice(), 1)?; // staged: the device has not read it yet
+//! for c in qp.drain(Duration::from_secs(1))? {
+//!     c.result?; // rung, completed: the buffer is ours again
+//! }
+//! let back = ctrl.dma_alloc(4096)?;
+//! qp.read(&ns, 8, &back.as_slice(), 2)?;
+//! qp.read(&ns, 8, &back.as_slice(), 3)?; // two reads, one doorbell write
+//! for c in qp.drain(Duration::from_secs(1))? {
+//!     c.result?;
+//! }
+//! let mut got = [0u8; 5];
+//! back.read_bytes(0, &mut got)?;
+//! assert_eq!(&got, b"hello");
 //! # Ok(())
 //! # }
 //! ```
 #![warn(missing_docs)]
 
+pub mod conformance;
+pub mod dma;
+mod driver;
+pub mod emu;
 mod error;
 pub mod mmio;
 pub mod regs;
+pub mod spec;
+pub mod split;
+mod transport;
 pub mod vfio;
 
+pub use dma::{DmaBuffer, DmaContext, DmaSlice};
+pub use driver::{
+    Completion, Controller, ControllerOptions, IoError, Namespace, PAGE_SIZE, QueueOptions,
+    QueuePair, SubmitError,
+};
 pub use error::{Error, Result};
 pub use mmio::RegisterAccess;
+pub use spec::NvmeStatus;
+pub use transport::Transport;

@@ -169,6 +169,51 @@ impl IovaAllocator {
         Ok(a)
     }
 
+    /// Narrows the allocator to what `ranges` also allow (a second device
+    /// joined the IOMMU domain). Fails, changing nothing, if a live
+    /// allocation lies outside the new ranges.
+    pub fn restrict(&mut self, ranges: &[IovaRange]) -> Result<()> {
+        let other = IovaAllocator::new(ranges, self.granule)?;
+        let inside =
+            |s: u64, e: u64, set: &[IovaRange]| set.iter().any(|r| s >= r.start && e <= r.end);
+        for (&s, &l) in &self.allocated {
+            if !inside(s, s + l, &other.ranges) {
+                return Err(Error::IovaExhausted {
+                    len: l,
+                    align: self.granule,
+                });
+            }
+        }
+        let mut merged = Vec::new();
+        for a in &self.ranges {
+            for b in &other.ranges {
+                if let Some(r) = IovaRange::new(a.start.max(b.start), a.end.min(b.end)) {
+                    merged.push(r);
+                }
+            }
+        }
+        if merged.is_empty() {
+            return Err(Error::NoIovaRange);
+        }
+        merged.sort();
+        let mut free = BTreeMap::new();
+        for r in &merged {
+            let mut cur = r.start;
+            for (&s, &l) in self.allocated.range(r.start..r.end) {
+                if s > cur {
+                    free.insert(cur, s);
+                }
+                cur = cur.max(s + l);
+            }
+            if cur < r.end {
+                free.insert(cur, r.end);
+            }
+        }
+        self.ranges = merged;
+        self.free = free;
+        Ok(())
+    }
+
     /// Frees the allocation that starts at `iova`; returns its length, or
     /// `None` (and changes nothing) if there is no such allocation.
     pub fn free(&mut self, iova: u64) -> Option<u64> {
@@ -288,6 +333,22 @@ mod tests {
         ));
         assert!(a.alloc(0, PAGE).is_err());
         assert!(a.alloc(PAGE, 3).is_err());
+    }
+
+    #[test]
+    fn restrict_narrows_and_keeps_live() {
+        let mut a = IovaAllocator::new(&[r(0, 0x10_0000)], PAGE).expect("ok");
+        let x = a.alloc(PAGE, PAGE).expect("alloc");
+        a.restrict(&[r(0, 0x8_0000)]).expect("narrow");
+        assert_eq!(a.ranges(), &[r(IovaAllocator::MIN_IOVA, 0x8_0000)]);
+        assert_eq!(a.free_bytes(), 0x8_0000 - IovaAllocator::MIN_IOVA - PAGE);
+        assert!(a.free(x).is_some());
+        let y = a.alloc(0x4_0000, PAGE).expect("alloc");
+        assert!(
+            a.restrict(&[r(0x20_0000, 0x30_0000)]).is_err(),
+            "live outside"
+        );
+        assert!(inside(&a, y, 0x4_0000));
     }
 
     #[derive(Debug, Clone)]

@@ -13,10 +13,9 @@
 //! [`RegisterAccess`] implementation; host memory the device uses only
 //! through [`DmaBuffer`].
 
-mod dma;
 mod iova;
 mod pci;
-mod sys;
+pub(crate) mod sys;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -31,14 +30,13 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
 
-pub use dma::{BASE_PAGE_SIZE, DmaBuffer, HUGE_PAGE_SIZE};
+pub use crate::dma::{BASE_PAGE_SIZE, DmaBuffer, DmaContext, HUGE_PAGE_SIZE};
 pub use iova::{IovaAllocator, IovaRange};
 pub use pci::PciAddress;
 
 use crate::error::{Error, Result};
 use crate::mmio::{RegisterAccess, max_doorbell_qid};
 use crate::regs::{self, Cap, Version};
-use dma::DmaContext;
 use pci::SysRoot;
 
 /// PCI configuration space: Command register offset.
@@ -175,10 +173,17 @@ pub struct VfioPci {
 }
 
 impl VfioPci {
-    /// Opens the controller at `addr` (`"0000:00:04.0"`). See
-    /// [`VfioPci::open_addr`].
+    /// Opens the controller at `addr` (`"0000:00:04.0"`) in a DMA context
+    /// of its own. See [`VfioPci::open_addr`].
     pub fn open(addr: &str) -> Result<VfioPci> {
         Self::open_addr(addr.parse()?)
+    }
+
+    /// Opens the controller at `addr` in the shared DMA context `ctx` (a
+    /// VFIO container from [`DmaContext::vfio`]): its IOMMU group joins the
+    /// container, and every buffer of `ctx` is valid on it.
+    pub fn open_in(ctx: &Arc<DmaContext>, addr: &str) -> Result<VfioPci> {
+        Self::open_at(&SysRoot::default(), ctx, addr.parse()?)
     }
 
     /// Opens the controller at `addr`: checks sysfs, opens the VFIO
@@ -192,16 +197,25 @@ impl VfioPci {
     /// [`Error::Bar0NotMappable`], [`Error::Bar0TooSmall`],
     /// [`Error::Vfio`] for anything else.
     pub fn open_addr(addr: PciAddress) -> Result<VfioPci> {
-        Self::open_in(&SysRoot::default(), addr)
+        let root = SysRoot::default();
+        // Probe sysfs first: a missing or mis-bound device is reported as
+        // such, not as a container error.
+        pci::probe(&root, addr)?;
+        let container = VfioContainer::new(None).map_err(|e| map_container_error(e, addr))?;
+        let ctx = DmaContext::with_container(Arc::new(container));
+        Self::open_at(&root, &ctx, addr)
     }
 
-    fn open_in(root: &SysRoot, addr: PciAddress) -> Result<VfioPci> {
+    fn open_at(root: &SysRoot, ctx: &Arc<DmaContext>, addr: PciAddress) -> Result<VfioPci> {
         let dev = pci::probe(root, addr)?;
         let group = dev.group;
         let target = addr.to_string();
 
-        let container = VfioContainer::new(None).map_err(|e| map_container_error(e, addr))?;
-        let container = Arc::new(container);
+        let Some(container) = ctx.container().cloned() else {
+            return Err(Error::InvalidArgument(
+                "a VFIO controller needs a VFIO DMA context (DmaContext::vfio)",
+            ));
+        };
         let device = VfioDevice::new(&dev.path, container.clone(), false)
             .map_err(|e| map_device_error(e, root, addr, group))?;
         let fd = device.as_raw_fd();
@@ -335,7 +349,7 @@ impl VfioPci {
                 vec![IovaAllocator::FALLBACK_RANGE]
             }
         };
-        let iova = IovaAllocator::new(&ranges, granule)?;
+        ctx.attach(&ranges, granule)?;
         tracing::info!(
             %addr,
             group,
@@ -343,14 +357,14 @@ impl VfioPci {
             version = %bar0.version(),
             bar0_len = len,
             max_qid,
-            iova_ranges = ?iova.ranges(),
+            iova_ranges = ?ctx.iova_ranges(),
             "opened NVMe controller through VFIO"
         );
 
         Ok(VfioPci {
             bar0,
             device,
-            dma: Arc::new(DmaContext::new(container, iova)),
+            dma: Arc::clone(ctx),
             addr,
             group,
             config_offset: config.offset,
@@ -393,12 +407,18 @@ impl VfioPci {
 
     /// The IOVA ranges DMA buffers are allocated in.
     pub fn iova_ranges(&self) -> Vec<IovaRange> {
-        self.dma.iova().ranges().to_vec()
+        self.dma.iova_ranges()
     }
 
-    /// Allocates a zeroed DMA buffer of `len` bytes mapped for this device.
+    /// Allocates a zeroed DMA buffer of `len` bytes mapped for this device
+    /// (and every other device of its context).
     pub fn dma_alloc(&self, len: usize) -> Result<DmaBuffer> {
-        DmaBuffer::new(&self.dma, len)
+        self.dma.alloc(len)
+    }
+
+    /// The DMA context the device is attached to.
+    pub fn dma_context(&self) -> &Arc<DmaContext> {
+        &self.dma
     }
 
     /// The PCI Command register.
@@ -432,7 +452,7 @@ impl Drop for VfioPci {
         // Runs before the fields drop: closing the device detaches its group,
         // and the kernel then drops every DMA mapping of the container, so
         // buffers that outlive us must not try to unmap.
-        self.dma.mark_detached();
+        self.dma.detach();
     }
 }
 
@@ -498,6 +518,32 @@ impl ConfigSpace {
 
     fn config_write_u16(&mut self, offset: u64, value: u16) -> Result<()> {
         self.config_write(offset, &value.to_le_bytes())
+    }
+}
+
+/// Container-creation errors when no device is named yet.
+pub(crate) fn map_container_error_public(e: VfioError) -> Error {
+    match e {
+        VfioError::OpenContainer(source) => {
+            let path = PathBuf::from("/dev/vfio/vfio");
+            match source.kind() {
+                io::ErrorKind::NotFound => Error::VfioUnavailable { path },
+                io::ErrorKind::PermissionDenied => Error::Permission { path, source },
+                _ => Error::Vfio {
+                    op: "open",
+                    target: path.display().to_string(),
+                    source,
+                },
+            }
+        }
+        VfioError::VfioExtension | VfioError::VfioType1V2 | VfioError::VfioInvalidType => {
+            Error::NoType1Iommu { source: None }
+        }
+        other => Error::Vfio {
+            op: "create container",
+            target: "/dev/vfio/vfio".to_owned(),
+            source: vfio_io_error(other),
+        },
     }
 }
 

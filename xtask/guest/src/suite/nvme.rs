@@ -23,7 +23,275 @@ pub(super) static TESTS: &[GuestTest] = &[
         timeout: Duration::from_secs(60),
         run: vfio_regs_match_nvme_show_regs,
     },
+    GuestTest {
+        name: "nvme_identify_matches_nvme_cli",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(120),
+        run: nvme_identify_matches_nvme_cli,
+    },
+    GuestTest {
+        name: "nvme_write_read_verify",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(600),
+        run: nvme_write_read_verify,
+    },
+    GuestTest {
+        name: "nvme_copy_multi_range_and_limits",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: nvme_copy_multi_range_and_limits,
+    },
+    GuestTest {
+        name: "nvme_lba_out_of_range",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(120),
+        run: nvme_lba_out_of_range,
+    },
+    GuestTest {
+        name: "nvme_two_queue_pairs_two_threads",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: nvme_two_queue_pairs_two_threads,
+    },
+    GuestTest {
+        name: "nvme_reset_with_commands_in_flight",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: nvme_reset_with_commands_in_flight,
+    },
+    GuestTest {
+        name: "nvme_shared_dma_context_two_controllers",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: nvme_shared_dma_context_two_controllers,
+    },
+    GuestTest {
+        name: "nvme_bench_ustor_vs_fio",
+        kind: Kind::Bench,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(600),
+        run: nvme_bench_ustor_vs_fio,
+    },
 ];
+
+type VfioController = nvme::Controller<nvme::vfio::VfioPci>;
+
+fn bring_up(ctrl: &NvmeDevice) -> Result<VfioController, String> {
+    let dev = open_vfio(ctrl)?;
+    nvme::Controller::new(dev, nvme::ControllerOptions::default())
+        .map_err(|e| format!("{}: bring-up: {e}", ctrl.pci_address))
+}
+
+/// Runs a conformance check on every namespace of every controller.
+fn each_namespace(
+    env: &GuestEnv,
+    check: impl Fn(&VfioController, u32) -> nvme::conformance::Check,
+) -> Result<(), String> {
+    for dev in &env.devices.nvme {
+        let ctrl = bring_up(dev)?;
+        for ns in ctrl.namespaces().to_vec() {
+            check(&ctrl, ns.nsid)
+                .map_err(|e| format!("{} ns {}: {e}", dev.pci_address, ns.nsid))?;
+            println!(
+                "ok {} ns {} ({} B blocks)",
+                dev.pci_address, ns.nsid, ns.block_size
+            );
+        }
+    }
+    Ok(())
+}
+
+fn json_file(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(&read_reference(dir, file)?)
+        .map_err(|e| format!("{}: {e}", dir.join(file).display()))
+}
+
+fn nvme_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
+    for dev in &env.devices.nvme {
+        let addr = &dev.pci_address;
+        let ctrl = bring_up(dev)?;
+        nvme::conformance::identify_consistent(&ctrl).map_err(|e| format!("{addr}: {e}"))?;
+        let j = json_file(&dev.reference_dir, "id-ctrl.json")?;
+        let id = ctrl.identify();
+        let num = |k: &str| j[k].as_u64();
+        let text = |k: &str| j[k].as_str().map(|s| s.trim_end().to_owned());
+        ensure_eq!(format!("{addr} vid"), Some(id.vid.get() as u64), num("vid"));
+        ensure_eq!(
+            format!("{addr} ssvid"),
+            Some(id.ssvid.get() as u64),
+            num("ssvid")
+        );
+        ensure_eq!(format!("{addr} sn"), Some(id.serial()), text("sn"));
+        ensure_eq!(format!("{addr} mn"), Some(id.model()), text("mn"));
+        ensure_eq!(format!("{addr} fr"), Some(id.firmware()), text("fr"));
+        ensure_eq!(format!("{addr} mdts"), Some(id.mdts as u64), num("mdts"));
+        ensure_eq!(format!("{addr} ver"), Some(id.ver.get() as u64), num("ver"));
+        ensure_eq!(
+            format!("{addr} oacs"),
+            Some(id.oacs.get() as u64),
+            num("oacs")
+        );
+        ensure_eq!(format!("{addr} sqes"), Some(id.sqes as u64), num("sqes"));
+        ensure_eq!(format!("{addr} cqes"), Some(id.cqes as u64), num("cqes"));
+        ensure_eq!(format!("{addr} nn"), Some(id.nn.get() as u64), num("nn"));
+        ensure_eq!(
+            format!("{addr} oncs"),
+            Some(id.oncs.get() as u64),
+            num("oncs")
+        );
+        ensure_eq!(format!("{addr} vwc"), Some(id.vwc as u64), num("vwc"));
+        ensure_eq!(
+            format!("{addr} ocfs"),
+            Some(id.ocfs.get() as u64),
+            num("ocfs")
+        );
+        ensure_eq!(
+            format!("{addr} subnqn"),
+            Some(nvme::spec::ascii_field(&id.subnqn)),
+            text("subnqn")
+        );
+        ensure_eq!(
+            format!("{addr} namespaces"),
+            ctrl.namespaces().len(),
+            dev.spec.namespaces.len()
+        );
+        for ns in ctrl.namespaces() {
+            let j = json_file(&dev.reference_dir, &format!("id-ns-{}.json", ns.nsid))?;
+            let raw = ctrl
+                .identify_namespace(ns.nsid)
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let what = |f: &str| format!("{addr} ns {} {f}", ns.nsid);
+            let num = |k: &str| j[k].as_u64();
+            ensure_eq!(what("nsze"), Some(raw.nsze.get()), num("nsze"));
+            ensure_eq!(what("ncap"), Some(raw.ncap.get()), num("ncap"));
+            ensure_eq!(what("flbas"), Some(raw.flbas as u64), num("flbas"));
+            ensure_eq!(what("nlbaf"), Some(raw.nlbaf as u64), num("nlbaf"));
+            ensure_eq!(what("dlfeat"), Some(raw.dlfeat as u64), num("dlfeat"));
+            ensure_eq!(what("mssrl"), Some(raw.mssrl.get() as u64), num("mssrl"));
+            ensure_eq!(what("mcl"), Some(raw.mcl.get() as u64), num("mcl"));
+            ensure_eq!(what("msrc"), Some(raw.msrc as u64), num("msrc"));
+            let f = raw.lba_format_index();
+            ensure_eq!(
+                what("lbaf ds"),
+                Some(raw.lbaf[f].lbads as u64),
+                j["lbafs"][f]["ds"].as_u64()
+            );
+            ensure_eq!(
+                what("block size"),
+                ns.block_size as u64,
+                1u64 << raw.lbaf[f].lbads
+            );
+        }
+    }
+    Ok(())
+}
+
+fn nvme_write_read_verify(env: &GuestEnv) -> Result<(), String> {
+    // QD 1, 32 and the deepest queue QEMU allows (MQES).
+    each_namespace(env, |c, ns| {
+        nvme::conformance::write_read_verify(c, ns, &[1, 32, u16::MAX], 0x5eed + ns as u64)
+    })
+}
+
+fn nvme_copy_multi_range_and_limits(env: &GuestEnv) -> Result<(), String> {
+    each_namespace(env, |c, ns| {
+        let quirks = nvme::conformance::Quirks::QEMU_7_2;
+        nvme::conformance::copy_multi_range(c, ns, 0xc0c0 + ns as u64)?;
+        nvme::conformance::copy_over_limits(c, ns, quirks)?;
+        nvme::conformance::copy_over_mcl(c, ns, quirks)
+    })
+}
+
+fn nvme_lba_out_of_range(env: &GuestEnv) -> Result<(), String> {
+    each_namespace(env, |c, ns| {
+        nvme::conformance::lba_out_of_range(c, ns, nvme::conformance::Quirks::QEMU_7_2)
+    })
+}
+
+fn nvme_two_queue_pairs_two_threads(env: &GuestEnv) -> Result<(), String> {
+    each_namespace(env, nvme::conformance::two_queue_pairs_two_threads)
+}
+
+fn nvme_reset_with_commands_in_flight(env: &GuestEnv) -> Result<(), String> {
+    each_namespace(env, nvme::conformance::reset_with_commands_in_flight)
+}
+
+/// Both controllers in one VFIO container: one DMA buffer is read into
+/// from a namespace of the first and written from to a namespace of the
+/// second, then read back through the second.
+fn nvme_shared_dma_context_two_controllers(env: &GuestEnv) -> Result<(), String> {
+    let [a, b] = env.devices.nvme.as_slice() else {
+        return Err(format!(
+            "topology has {} NVMe controllers; this test needs 2",
+            env.devices.nvme.len()
+        ));
+    };
+    let ctx = nvme::DmaContext::vfio().map_err(|e| format!("VFIO container: {e}"))?;
+    let open = |d: &NvmeDevice| -> Result<VfioController, String> {
+        let dev = nvme::vfio::VfioPci::open_in(&ctx, &d.pci_address)
+            .map_err(|e| format!("{}: open in shared context: {e}", d.pci_address))?;
+        nvme::Controller::new(dev, nvme::ControllerOptions::default())
+            .map_err(|e| format!("{}: bring-up: {e}", d.pci_address))
+    };
+    let ca = open(a)?;
+    let cb = open(b)?;
+    let na = ca.namespaces()[0];
+    let nb = cb.namespaces()[0];
+    let len = 64 * 1024;
+    let buf = ctx.alloc(len).map_err(|e| format!("shared buffer: {e}"))?;
+    let mut data = vec![0u8; len];
+    nvme::conformance::Rng::new(77).fill(&mut data);
+    let timeout = Duration::from_secs(30);
+    let mut qa = ca
+        .create_qpair(nvme::QueueOptions::default())
+        .map_err(|e| e.to_string())?;
+    let mut qb = cb
+        .create_qpair(nvme::QueueOptions::default())
+        .map_err(|e| e.to_string())?;
+    let run = |q: &mut nvme::QueuePair<nvme::vfio::VfioPci>, what: &str| -> Result<(), String> {
+        let done = q.drain(timeout).map_err(|e| format!("{what}: {e}"))?;
+        match done.as_slice() {
+            [c] if c.result.is_ok() => Ok(()),
+            other => Err(format!("{what}: {other:?}")),
+        }
+    };
+    // Seed namespace A with the data through A.
+    buf.write_bytes(0, &data).map_err(|e| e.to_string())?;
+    qa.write(&na, 0, &buf.as_slice(), 1)
+        .map_err(|e| e.to_string())?;
+    run(&mut qa, "write A")?;
+    // A reads it into the shared buffer; B writes the buffer out.
+    buf.fill(0);
+    qa.read(&na, 0, &buf.as_slice(), 2)
+        .map_err(|e| e.to_string())?;
+    run(&mut qa, "read A")?;
+    qb.write(&nb, 8, &buf.as_slice(), 3)
+        .map_err(|e| e.to_string())?;
+    run(&mut qb, "write B")?;
+    buf.fill(0);
+    qb.read(&nb, 8, &buf.as_slice(), 4)
+        .map_err(|e| e.to_string())?;
+    run(&mut qb, "read B")?;
+    let mut back = vec![0u8; len];
+    buf.read_bytes(0, &mut back).map_err(|e| e.to_string())?;
+    if back != data {
+        return Err("data moved A -> shared buffer -> B differs".into());
+    }
+    println!(
+        "ok one buffer at IOVA {:#x} used by {} and {}",
+        buf.iova(),
+        a.pci_address,
+        b.pci_address
+    );
+    Ok(())
+}
 
 fn open_vfio(ctrl: &NvmeDevice) -> Result<nvme::vfio::VfioPci, String> {
     nvme::vfio::VfioPci::open(&ctrl.pci_address)
@@ -140,5 +408,170 @@ fn vfio_regs_match_nvme_show_regs(env: &GuestEnv) -> Result<(), String> {
             reference.spec_version
         );
     }
+    Ok(())
+}
+
+/// Rounds of the kernel-vs-ustor comparison (alternated in one boot).
+const BENCH_ROUNDS: usize = 3;
+/// Seconds per measured run.
+const BENCH_SECONDS: u64 = 5;
+
+/// The block device of namespace 1 of the controller at `addr`, once the
+/// kernel nvme driver has bound it.
+fn kernel_namespace(addr: &str) -> Result<String, String> {
+    let dir = format!("/sys/bus/pci/devices/{addr}/nvme");
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let node = format!("/dev/{name}n1");
+                if Path::new(&node).exists() {
+                    return Ok(node);
+                }
+            }
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{addr}: no /dev/nvmeXn1 30 s after binding nvme"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn fio_iops(node: &str, qd: u16) -> Result<f64, String> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=randread",
+            &format!("--filename={node}"),
+            "--ioengine=io_uring",
+            "--hipri",
+            "--direct=1",
+            "--rw=randread",
+            "--bs=4k",
+            &format!("--iodepth={qd}"),
+            "--numjobs=1",
+            &format!("--runtime={BENCH_SECONDS}"),
+            "--time_based",
+            "--output-format=json",
+        ])
+        .output()
+        .map_err(|e| format!("running fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "fio failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before the JSON object.
+    let json = text.find('{').map(|i| &text[i..]).unwrap_or(&text);
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}: {text}"))?;
+    v["jobs"][0]["read"]["iops"]
+        .as_f64()
+        .ok_or_else(|| format!("fio JSON without jobs[0].read.iops: {text}"))
+}
+
+fn ustor_iops(addr: &str, qd: u16, shadow_doorbells: bool, batch: u16) -> Result<f64, String> {
+    let cfg = ustor::perf::PerfConfig {
+        target: ustor::perf::Target::Vfio {
+            addr: addr.to_owned(),
+            nsid: 1,
+        },
+        workload: ustor::perf::Workload::RandRead,
+        io_size: 4096,
+        queue_depth: qd,
+        duration: Duration::from_secs(BENCH_SECONDS),
+        threads: 1,
+        shadow_doorbells,
+        batch,
+    };
+    let r = ustor::perf::run(&cfg).map_err(|e| format!("ustor-perf on {addr}: {e}"))?;
+    if r.errors > 0 {
+        return Err(format!("ustor-perf on {addr}: {} I/O errors", r.errors));
+    }
+    println!("{r}");
+    Ok(r.iops)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// fio (kernel nvme driver, io_uring, polled) against ustor-perf (VFIO) on
+/// the same controller in one boot, 4 KiB random reads at QD 1 and 32,
+/// alternated; ends with the median ratios.
+fn nvme_bench_ustor_vs_fio(env: &GuestEnv) -> Result<(), String> {
+    let dev = env
+        .devices
+        .nvme
+        .first()
+        .ok_or("topology has no NVMe controller")?;
+    let addr = dev.pci_address.as_str();
+    let clock =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
+    let oacs = json_file(&dev.reference_dir, "id-ctrl.json")
+        .ok()
+        .and_then(|j| j["oacs"].as_u64())
+        .unwrap_or(0);
+    println!(
+        "guest clocksource {}; {addr} OACS {oacs:#x} (shadow doorbells {})",
+        clock.trim(),
+        if oacs & 0x100 != 0 {
+            "offered"
+        } else {
+            "not offered"
+        }
+    );
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let result = (|| -> Result<(), String> {
+        for round in 1..=BENCH_ROUNDS {
+            crate::setup::rebind(addr, "nvme")?;
+            let node = kernel_namespace(addr)?;
+            let fio: Vec<f64> = [1u16, 32]
+                .iter()
+                .map(|&qd| fio_iops(&node, qd))
+                .collect::<Result<_, _>>()?;
+            crate::setup::bind_vfio(addr)?;
+            let ours: Vec<f64> = [1u16, 32]
+                .iter()
+                .map(|&qd| ustor_iops(addr, qd, false, 1))
+                .collect::<Result<_, _>>()?;
+            // For information: QD 32 refilled in batches of 8 (fewer,
+            // larger doorbell batches; not the figure compared with fio).
+            let batched = ustor_iops(addr, 32, false, 8)?;
+            println!("round {round} qd32 batch 8: ustor {batched:.0} IOPS");
+            for (i, qd) in [1, 32].iter().enumerate() {
+                let r = ours[i] / fio[i];
+                ratios[i].push(r);
+                println!(
+                    "round {round} qd{qd}: fio {:.0} IOPS ({node}), ustor {:.0} IOPS ({addr}), ratio {r:.2}",
+                    fio[i], ours[i]
+                );
+            }
+        }
+        // For information: does depth beyond 32 still scale? (If not, the
+        // emulated controller, not the driver, is the limit.)
+        let deep = ustor_iops(addr, 128, false, 1)?;
+        println!("ustor qd128: {deep:.0} IOPS");
+        Ok(())
+    })();
+    // Leave the controller where the rig expects it, whatever happened.
+    let rebound = crate::setup::bind_vfio(addr);
+    result?;
+    rebound?;
+    let [q1, q32] = &mut ratios;
+    println!(
+        "ustor/fio iops ratio: qd1={:.2} qd32={:.2}",
+        median(q1),
+        median(q32)
+    );
     Ok(())
 }

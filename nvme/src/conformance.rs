@@ -1,0 +1,556 @@
+//! The conformance suite, shared by both test tiers: host tests run it on
+//! [`crate::emu`], the VM tests on QEMU's controller through VFIO. Each
+//! check is generic over the transport and returns `Err` with a reason.
+//!
+//! The checks write to the namespace they are given: use scratch devices.
+
+use std::time::Duration;
+
+use crate::dma::DmaBuffer;
+use crate::driver::{
+    Completion, Controller, IoError, Namespace, QueueOptions, QueuePair, SubmitError,
+};
+use crate::spec::{NvmeStatus, SubmissionEntry, nvm_opc};
+use crate::transport::Transport;
+
+/// A check's outcome.
+pub type Check = Result<(), String>;
+
+/// Known deviations of a controller from the specification, so that one
+/// suite states exactly what each implementation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quirks {
+    /// Whether Copy enforces MCL (QEMU 7.2 does not).
+    pub enforces_mcl: bool,
+    /// Whether errors Copy finds per source range (a range over MSSRL, a
+    /// range or the destination out of the namespace) come back as
+    /// Internal Error. QEMU 7.2 detects them while copying and then lets
+    /// `nvme_aio_err` overwrite the status with Internal Error; errors
+    /// found before the copy starts (MSRC) keep their status.
+    pub copy_range_errors_internal: bool,
+}
+
+impl Quirks {
+    /// A controller that follows the specification (the emulator).
+    pub const SPEC: Quirks = Quirks {
+        enforces_mcl: true,
+        copy_range_errors_internal: false,
+    };
+    /// QEMU 7.2's NVMe controller.
+    pub const QEMU_7_2: Quirks = Quirks {
+        enforces_mcl: false,
+        copy_range_errors_internal: true,
+    };
+
+    fn copy_range_status(self, spec: NvmeStatus) -> NvmeStatus {
+        if self.copy_range_errors_internal {
+            NvmeStatus::INTERNAL_ERROR
+        } else {
+            spec
+        }
+    }
+}
+
+const DRAIN: Duration = Duration::from_secs(60);
+
+/// Deterministic xorshift64* for test data.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator (a zero seed is replaced).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// Next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+fn ns_of<T: Transport>(ctrl: &Controller<T>, nsid: u32) -> Result<Namespace, String> {
+    ctrl.namespace(nsid)
+        .ok_or_else(|| format!("{}: no active namespace {nsid}", ctrl.name()))
+}
+
+fn alloc<T: Transport>(ctrl: &Controller<T>, len: usize) -> Result<DmaBuffer, String> {
+    ctrl.dma_alloc(len)
+        .map_err(|e| format!("allocating {len} bytes of DMA memory: {e}"))
+}
+
+fn qpair<T: Transport>(ctrl: &Controller<T>, entries: u16) -> Result<QueuePair<T>, String> {
+    ctrl.create_qpair(QueueOptions {
+        entries,
+        timeout: Some(Duration::from_secs(30)),
+    })
+    .map_err(|e| format!("creating a queue pair of {entries} entries: {e}"))
+}
+
+/// Submits with `submit`, polling while the queue is full.
+fn submit_retry<T: Transport>(
+    qp: &mut QueuePair<T>,
+    done: &mut Vec<Completion>,
+    mut submit: impl FnMut(&mut QueuePair<T>) -> Result<(), SubmitError>,
+) -> Check {
+    let start = std::time::Instant::now();
+    loop {
+        match submit(qp) {
+            Ok(()) => return Ok(()),
+            Err(SubmitError::QueueFull) => {
+                qp.poll(usize::MAX, |c| done.push(c))
+                    .map_err(|e| format!("poll: {e}"))?;
+                if start.elapsed() > DRAIN {
+                    return Err("queue stayed full for 60 s".into());
+                }
+            }
+            Err(e) => return Err(format!("submit: {e}")),
+        }
+    }
+}
+
+fn drain<T: Transport>(qp: &mut QueuePair<T>, done: &mut Vec<Completion>) -> Check {
+    let more = qp.drain(DRAIN).map_err(|e| format!("drain: {e}"))?;
+    done.extend(more);
+    Ok(())
+}
+
+fn all_ok(what: &str, done: &[Completion], expected: usize) -> Check {
+    if done.len() != expected {
+        return Err(format!(
+            "{what}: {} completions, expected {expected}",
+            done.len()
+        ));
+    }
+    if let Some(c) = done.iter().find(|c| c.result.is_err()) {
+        return Err(format!("{what}: request {} failed: {:?}", c.tag, c.result));
+    }
+    Ok(())
+}
+
+/// Identify data is consistent: namespaces with sane block sizes and Copy
+/// limits, MDTS-derived transfer size, granted queues.
+pub fn identify_consistent<T: Transport>(ctrl: &Controller<T>) -> Check {
+    let id = ctrl.identify();
+    if ctrl.namespaces().is_empty() {
+        return Err("no active namespaces".into());
+    }
+    if id.nn.get() < ctrl.namespaces().len() as u32 {
+        return Err(format!(
+            "NN {} below {} active namespaces",
+            id.nn.get(),
+            ctrl.namespaces().len()
+        ));
+    }
+    if id.sqes & 0xf > 6 || id.cqes & 0xf > 4 {
+        return Err(format!(
+            "SQES {:#x} / CQES {:#x} exclude 64/16-byte entries",
+            id.sqes, id.cqes
+        ));
+    }
+    for ns in ctrl.namespaces() {
+        if !matches!(ns.block_size, 512 | 4096) || ns.blocks == 0 {
+            return Err(format!(
+                "namespace {}: {} blocks of {} bytes",
+                ns.nsid, ns.blocks, ns.block_size
+            ));
+        }
+    }
+    if ctrl.max_transfer() < 4096 || ctrl.io_queues() == 0 {
+        return Err(format!(
+            "max transfer {} / {} I/O queues",
+            ctrl.max_transfer(),
+            ctrl.io_queues()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes random data then reads it back, at each queue depth in `depths`
+/// (capped by CAP.MQES) and each size from one block to beyond the maximum
+/// transfer (so requests are split), verifying every byte.
+pub fn write_read_verify<T: Transport>(
+    ctrl: &Controller<T>,
+    nsid: u32,
+    depths: &[u16],
+    seed: u64,
+) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let bs = ns.block_size as usize;
+    let mut rng = Rng::new(seed);
+    let sizes = [
+        bs,
+        2 * bs,
+        4096 + bs,
+        64 * 1024,
+        ctrl.max_transfer(),
+        2 * ctrl.max_transfer() + bs,
+    ];
+    let mqes = ctrl.cap().max_queue_entries().min(u16::MAX as u32) as u16;
+    for &qd in depths {
+        let qd = qd.clamp(1, mqes - 1);
+        // Room for qd requests, or for one request split in three.
+        let mut qp = qpair(ctrl, (qd + 1).max(4))?;
+        for &size in &sizes {
+            let size = size.div_ceil(bs) * bs;
+            let blocks = (size / bs) as u64;
+            if blocks > ns.blocks {
+                continue;
+            }
+            // As many requests as the depth, within 4 MiB and the namespace.
+            let n = (qd as usize)
+                .min((4 << 20) / size)
+                .min((ns.blocks / blocks) as usize)
+                .max(1);
+            let wbuf = alloc(ctrl, n * size)?;
+            let rbuf = alloc(ctrl, n * size)?;
+            let mut data = vec![0u8; n * size];
+            rng.fill(&mut data);
+            wbuf.write_bytes(0, &data).map_err(|e| e.to_string())?;
+            rbuf.fill(0xA5);
+            let span = ns.blocks / blocks; // slots of `blocks` each
+            let base = rng.next_u64() % (span - n as u64 + 1);
+            let lba = |i: usize| (base + i as u64) * blocks;
+            let mut done = Vec::new();
+            for i in 0..n {
+                let s = wbuf.slice(i * size, size).ok_or("slice")?;
+                submit_retry(&mut qp, &mut done, |q| q.write(&ns, lba(i), &s, i as u64))?;
+            }
+            drain(&mut qp, &mut done)?;
+            all_ok(&format!("qd {qd} write {n}×{size}"), &done, n)?;
+            done.clear();
+            for i in 0..n {
+                let s = rbuf.slice(i * size, size).ok_or("slice")?;
+                submit_retry(&mut qp, &mut done, |q| q.read(&ns, lba(i), &s, i as u64))?;
+            }
+            drain(&mut qp, &mut done)?;
+            all_ok(&format!("qd {qd} read {n}×{size}"), &done, n)?;
+            let mut back = vec![0u8; n * size];
+            rbuf.read_bytes(0, &mut back).map_err(|e| e.to_string())?;
+            if let Some(p) = back.iter().zip(&data).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "qd {qd}, {n} requests of {size} bytes: byte {p} (request {}, LBA {}) differs",
+                    p / size,
+                    lba(p / size)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_pattern<T: Transport>(
+    qp: &mut QueuePair<T>,
+    ctrl: &Controller<T>,
+    ns: &Namespace,
+    lba: u64,
+    data: &[u8],
+) -> Check {
+    let buf = alloc(ctrl, data.len())?;
+    buf.write_bytes(0, data).map_err(|e| e.to_string())?;
+    let mut done = Vec::new();
+    let bs = ns.block_size as usize;
+    let chunk = (ctrl.max_transfer() / bs) * bs;
+    for (i, off) in (0..data.len()).step_by(chunk).enumerate() {
+        let n = chunk.min(data.len() - off);
+        let s = buf.slice(off, n).ok_or("slice")?;
+        submit_retry(qp, &mut done, |q| {
+            q.write(ns, lba + (off / bs) as u64, &s, i as u64)
+        })?;
+    }
+    drain(qp, &mut done)?;
+    let expect = data.len().div_ceil(chunk);
+    all_ok("pattern write", &done, expect)
+}
+
+fn read_back<T: Transport>(
+    qp: &mut QueuePair<T>,
+    ctrl: &Controller<T>,
+    ns: &Namespace,
+    lba: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    let buf = alloc(ctrl, len)?;
+    let mut done = Vec::new();
+    let s = buf.as_slice();
+    submit_retry(qp, &mut done, |q| q.read(ns, lba, &s, 0))?;
+    drain(qp, &mut done)?;
+    all_ok("read back", &done, 1)?;
+    let mut out = vec![0u8; len];
+    buf.read_bytes(0, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Copy with several source ranges (one longer than MSSRL, more ranges
+/// than MSRC allows and more blocks than MCL in total, so the driver must
+/// split), verified by reading the destination back; plus one unsplit
+/// Copy within the limits.
+pub fn copy_multi_range<T: Transport>(ctrl: &Controller<T>, nsid: u32, seed: u64) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let bs = ns.block_size as u64;
+    let lim = ns.copy_limits();
+    if lim.mssrl == 0 || lim.mcl == 0 {
+        return Err(format!(
+            "namespace {nsid} reports MSSRL {} MCL {}: cannot copy",
+            lim.mssrl, lim.mcl
+        ));
+    }
+    let mut rng = Rng::new(seed);
+    let mut qp = qpair(ctrl, 64)?;
+    // Source area [0, src_blocks), destination area after it.
+    let n_ranges = lim.max_ranges + 3;
+    let mut ranges = Vec::new();
+    let mut at = 0u64;
+    for i in 0..n_ranges {
+        let len = if i == 1 {
+            lim.mssrl + 5
+        } else {
+            1 + rng.next_u64() % 8
+        };
+        ranges.push((at + 1, len)); // gaps of one block between ranges
+        at += len + 1;
+    }
+    let src_blocks = at;
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    if total <= lim.mcl {
+        // Make the total exceed MCL with one more long range.
+        let extra = lim.mcl - total + 1;
+        ranges.push((src_blocks + 1, extra));
+    }
+    let src_blocks = ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0) + 1;
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    let dest = src_blocks.div_ceil(8) * 8 + 8;
+    if dest + total > ns.blocks {
+        return Err(format!("namespace {nsid} too small for the copy test"));
+    }
+    let mut src = vec![0u8; (src_blocks * bs) as usize];
+    rng.fill(&mut src);
+    write_pattern(&mut qp, ctrl, &ns, 0, &src)?;
+    let mut done = Vec::new();
+    submit_retry(&mut qp, &mut done, |q| q.copy(&ns, &ranges, dest, 7))?;
+    drain(&mut qp, &mut done)?;
+    all_ok("split copy", &done, 1)?;
+    let got = read_back(&mut qp, ctrl, &ns, dest, (total * bs) as usize)?;
+    let mut expect = Vec::new();
+    for &(l, n) in &ranges {
+        expect.extend_from_slice(&src[(l * bs) as usize..((l + n) * bs) as usize]);
+    }
+    if let Some(p) = got.iter().zip(&expect).position(|(a, b)| a != b) {
+        return Err(format!("split copy: destination byte {p} differs"));
+    }
+    // One unsplit command, within every limit.
+    let small = [(ranges[0].0, 1u64), (ranges[2].0, 2), (ranges[3].0, 1)];
+    let dest2 = dest + total + 8;
+    done.clear();
+    submit_retry(&mut qp, &mut done, |q| q.copy_single(&ns, &small, dest2, 8))?;
+    drain(&mut qp, &mut done)?;
+    all_ok("single copy", &done, 1)?;
+    let got = read_back(&mut qp, ctrl, &ns, dest2, (4 * bs) as usize)?;
+    let mut expect = Vec::new();
+    for &(l, n) in &small {
+        expect.extend_from_slice(&src[(l * bs) as usize..((l + n) * bs) as usize]);
+    }
+    if got != expect {
+        return Err("single copy: destination differs".into());
+    }
+    Ok(())
+}
+
+fn single_status<T: Transport>(
+    qp: &mut QueuePair<T>,
+    submit: impl FnMut(&mut QueuePair<T>) -> Result<(), SubmitError>,
+) -> Result<Result<u32, IoError>, String> {
+    let mut done = Vec::new();
+    submit_retry(qp, &mut done, submit)?;
+    drain(qp, &mut done)?;
+    match done.as_slice() {
+        [c] => Ok(c.result),
+        other => Err(format!("{} completions for one request", other.len())),
+    }
+}
+
+fn expect_status(what: &str, got: Result<u32, IoError>, want: NvmeStatus) -> Check {
+    match got {
+        Err(IoError::Status(s)) if s.same_code(want) => Ok(()),
+        other => Err(format!("{what}: expected {want}, got {other:?}")),
+    }
+}
+
+/// One Copy command over MSRC (too many ranges) and one over MSSRL (a
+/// range too long) each fail with Command Size Limit Exceeded (the second
+/// with the status `quirks` predict), and nothing is written.
+pub fn copy_over_limits<T: Transport>(ctrl: &Controller<T>, nsid: u32, quirks: Quirks) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let mut qp = qpair(ctrl, 16)?;
+    let too_many: Vec<(u64, u64)> = (0..ns.msrc as u64 + 2).map(|i| (2 * i, 1)).collect();
+    let dest = 4 * too_many.len() as u64;
+    let r = single_status(&mut qp, |q| q.copy_single(&ns, &too_many, dest, 1))?;
+    expect_status("Copy with MSRC + 2 ranges", r, NvmeStatus::CMD_SIZE_LIMIT)?;
+    let long = [(0u64, ns.mssrl as u64 + 1)];
+    let r = single_status(&mut qp, |q| {
+        q.copy_single(&ns, &long, ns.mssrl as u64 + 8, 2)
+    })?;
+    expect_status(
+        "Copy of MSSRL + 1 blocks",
+        r,
+        quirks.copy_range_status(NvmeStatus::CMD_SIZE_LIMIT),
+    )?;
+    Ok(())
+}
+
+/// A Copy totalling more than MCL blocks fails with Command Size Limit
+/// Exceeded where `quirks.enforces_mcl`; elsewhere it must succeed.
+pub fn copy_over_mcl<T: Transport>(ctrl: &Controller<T>, nsid: u32, quirks: Quirks) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let mut qp = qpair(ctrl, 16)?;
+    let per = ns.mssrl as u64;
+    let n = (ns.mcl as u64 / per.max(1)) + 1;
+    if n > ns.msrc as u64 + 1 {
+        return Err("limits leave no way to exceed MCL alone".into());
+    }
+    let ranges: Vec<(u64, u64)> = (0..n).map(|i| (i * per, per)).collect();
+    let r = single_status(&mut qp, |q| q.copy_single(&ns, &ranges, n * per + 8, 1))?;
+    if quirks.enforces_mcl {
+        expect_status("Copy over MCL", r, NvmeStatus::CMD_SIZE_LIMIT)
+    } else {
+        r.map(|_| ())
+            .map_err(|e| format!("Copy over MCL on a controller that does not enforce it: {e}"))
+    }
+}
+
+/// A read past the end of the namespace (sent raw, bypassing the driver's
+/// own check) and a Copy whose destination is past the end both fail with
+/// LBA Out of Range; the driver refuses the same read before sending it.
+pub fn lba_out_of_range<T: Transport>(ctrl: &Controller<T>, nsid: u32, quirks: Quirks) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let mut qp = qpair(ctrl, 16)?;
+    let buf = alloc(ctrl, ns.block_size as usize * 2)?;
+    let s = buf.as_slice();
+    match qp.read(&ns, ns.blocks - 1, &s, 0) {
+        Err(SubmitError::Invalid(_)) => {}
+        other => return Err(format!("driver accepted a read past the end: {other:?}")),
+    }
+    let last = ns.blocks - 1;
+    let sqe = SubmissionEntry::new(nvm_opc::READ, ns.nsid).with_cdws(&[
+        last as u32,
+        (last >> 32) as u32,
+        1,
+    ]);
+    let r = single_status(&mut qp, |q| q.submit_raw(sqe, Some(&s), 1))?;
+    expect_status(
+        "read of 2 blocks at the last LBA",
+        r,
+        NvmeStatus::LBA_OUT_OF_RANGE,
+    )?;
+    let r = single_status(&mut qp, |q| q.copy_single(&ns, &[(0, 1)], ns.blocks, 2))?;
+    expect_status(
+        "Copy to LBA NSZE",
+        r,
+        quirks.copy_range_status(NvmeStatus::LBA_OUT_OF_RANGE),
+    )?;
+    let sqe = SubmissionEntry::new(nvm_opc::READ, 0xffff_fff0).with_cdws(&[0, 0, 0]);
+    let r = single_status(&mut qp, |q| q.submit_raw(sqe, Some(&s), 3))?;
+    expect_status(
+        "read of an inactive namespace",
+        r,
+        NvmeStatus::INVALID_NAMESPACE,
+    )
+}
+
+/// Two queue pairs driven from two threads at once, each writing and
+/// verifying its own area.
+pub fn two_queue_pairs_two_threads<T: Transport>(ctrl: &Controller<T>, nsid: u32) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let half = ns.blocks / 2;
+    let results: Vec<Check> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2u64)
+            .map(|t| {
+                let ctrl = ctrl.clone();
+                sc.spawn(move || -> Check {
+                    let mut qp = qpair(&ctrl, 64)?;
+                    let bs = ns.block_size as usize;
+                    let mut rng = Rng::new(0xfeed + t);
+                    for round in 0..8u64 {
+                        let blocks = 16u64;
+                        let lba = t * half + round * blocks;
+                        let mut data = vec![0u8; blocks as usize * bs];
+                        rng.fill(&mut data);
+                        write_pattern(&mut qp, &ctrl, &ns, lba, &data)?;
+                        let back = read_back(&mut qp, &ctrl, &ns, lba, data.len())?;
+                        if back != data {
+                            return Err(format!("thread {t} round {round}: data differs"));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Reset with commands in flight: every request is reported exactly once
+/// (done or aborted), and the queue pair works afterwards.
+pub fn reset_with_commands_in_flight<T: Transport>(ctrl: &Controller<T>, nsid: u32) -> Check {
+    let ns = ns_of(ctrl, nsid)?;
+    let mut qp = qpair(ctrl, 128)?;
+    let bs = ns.block_size as usize;
+    let n = 100usize;
+    let buf = alloc(ctrl, n * bs)?;
+    let mut done = Vec::new();
+    for i in 0..n {
+        let s = buf.slice(i * bs, bs).ok_or("slice")?;
+        submit_retry(&mut qp, &mut done, |q| q.read(&ns, i as u64, &s, i as u64))?;
+    }
+    qp.ring();
+    ctrl.reset().map_err(|e| format!("reset: {e}"))?;
+    drain(&mut qp, &mut done)?;
+    let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+    tags.sort();
+    tags.dedup();
+    if tags.len() != n || done.len() != n {
+        return Err(format!(
+            "{} completions for {n} requests ({} distinct)",
+            done.len(),
+            tags.len()
+        ));
+    }
+    if let Some(c) = done
+        .iter()
+        .find(|c| !matches!(c.result, Ok(_) | Err(IoError::Aborted)))
+    {
+        return Err(format!("request {}: {:?}", c.tag, c.result));
+    }
+    let aborted = done
+        .iter()
+        .filter(|c| c.result == Err(IoError::Aborted))
+        .count();
+    tracing::info!(
+        aborted,
+        completed = n - aborted,
+        "reset with commands in flight"
+    );
+    let mut data = vec![0u8; 8 * bs];
+    Rng::new(99).fill(&mut data);
+    write_pattern(&mut qp, ctrl, &ns, 1000, &data)?;
+    if read_back(&mut qp, ctrl, &ns, 1000, data.len())? != data {
+        return Err("after reset: data differs".into());
+    }
+    Ok(())
+}
