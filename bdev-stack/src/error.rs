@@ -57,6 +57,30 @@ pub enum IoErrorKind {
     /// A mirror had no leg able to take the I/O.
     #[error("no healthy leg")]
     NoHealthyLeg,
+    /// An NVMe command completed with this status (media errors, range
+    /// errors and invalid opcodes map to [`IoErrorKind::Medium`],
+    /// [`IoErrorKind::OutOfRange`] and [`IoErrorKind::Unsupported`]).
+    #[error("NVMe status sct {sct:#x} sc {sc:#04x} dnr {dnr}")]
+    Nvme {
+        /// Status code type.
+        sct: u8,
+        /// Status code.
+        sc: u8,
+        /// Do not retry.
+        dnr: bool,
+    },
+    /// The device did not complete the command within the driver's
+    /// per-command timeout.
+    #[error("command timed out")]
+    Timeout,
+    /// The command was outstanding when the controller was reset: not
+    /// known to have been executed.
+    #[error("aborted by a controller reset")]
+    Aborted,
+    /// The controller failed (fatal status) or the queue was lost: the
+    /// channel completes what it held with this and takes nothing more.
+    #[error("controller failed")]
+    DeviceFailed,
 }
 
 /// One failed I/O: which device, which operation, which blocks, and why.
@@ -161,6 +185,32 @@ pub enum BdevError {
         device: String,
         /// What is wrong.
         reason: String,
+    },
+    /// An NVMe driver call failed while opening a leaf or a channel.
+    #[error("{device}: {action}")]
+    Nvme {
+        /// The controller or namespace concerned.
+        device: String,
+        /// What was being done.
+        action: &'static str,
+        /// The driver's error (it says how to bind a device to vfio-pci,
+        /// which address is bad, ...).
+        #[source]
+        source: Box<nvme::Error>,
+    },
+    /// A SCSI call failed while opening a LUN leaf or a channel: the
+    /// typed error says which (no such device, no permission, not an sg
+    /// node, not a direct-access device, CHECK CONDITION with its sense).
+    #[error("{device}: {action}")]
+    Scsi {
+        /// The LUN concerned.
+        device: String,
+        /// What was being done.
+        action: &'static str,
+        /// The SCSI layer's error (boxed: it carries sense data and paths,
+        /// and `BdevError` travels in every `Result` off the I/O path).
+        #[source]
+        source: Box<scsi_sg::Error>,
     },
     /// A leaf kind reserved for a driver that is not registered.
     #[error("leaf kind `{kind}:` is not available yet (no factory registered)")]

@@ -19,8 +19,10 @@
 //!   EXTENDED COPY, WRITE USING TOKEN all fit its [`OffloadRequest`]);
 //!   [`MemDevice::with_copy_offload`] gives a memory leaf an NVMe-Copy-like
 //!   one, with fault injection, for host tests of the copy engine.
-//! - Leaves: [`MemDevice`], [`FileDevice`], and [`FaultyDevice`] for tests;
-//!   NVMe and SCSI leaves plug in through [`spec::LeafRegistry`].
+//! - Leaves: [`MemDevice`], [`FileDevice`], [`NvmeNamespace`] (a queue pair
+//!   per channel, over VFIO or the emulated controller; see [`nvme_leaf`]),
+//!   and [`FaultyDevice`] for tests; leaves plug in through
+//!   [`spec::LeafRegistry`].
 //! - Virtual devices: [`Concat`] and [`Stripe`] (one generic splitter,
 //!   [`SplitDevice`]) and [`Mirror`].
 //! - [`spec::build`] makes a stack from a spec string.
@@ -52,9 +54,11 @@ mod fault;
 mod file;
 mod mem;
 mod mirror;
+pub mod nvme_leaf;
 mod offload;
 mod owned;
 mod pool;
+mod scsi_leaf;
 pub mod spec;
 mod split;
 
@@ -73,9 +77,11 @@ pub use mirror::{
     DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
     ResyncReport, ResyncStep,
 };
+pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeNamespace};
 pub use offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, RodToken,
 };
 pub use owned::{OwnedChannel, Rejected};
+pub use scsi_leaf::{SG_MAX_TRANSFER_BYTES, ScsiLeaf, SgEmuFactory, SgFactory};
 pub use split::{Concat, ConcatLayout, Layout, SplitDevice, Stripe, StripeLayout};

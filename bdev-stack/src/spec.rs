@@ -12,10 +12,17 @@
 //! (with `copy=nvme`, an offload-capable memory leaf with NVMe Copy limits,
 //! by default those of the VM rig: MSRC 15, MSSRL 128, MCL 256),
 //! `file:PATH[,bs=512][,size=SIZE]`
-//! (with `size`, created or extended), and `nvme:`, `sg:`, `emu:`, which
-//! are reserved for the drivers' leaves and fail with
-//! [`SpecErrorKind::LeafNotAvailable`] until a [`LeafFactory`] is registered
-//! for them in a [`LeafRegistry`]. SIZE is bytes with an optional `k`, `m`,
+//! (with `size`, created or extended),
+//! `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N]` (an in-process
+//! emulated NVMe controller with one namespace; Copy limits default to the
+//! rig's, `mssrl=0` turns Copy off) and `nvme:DDDD:BB:DD.F/NSID` (a namespace
+//! of a controller bound to vfio-pci); see [`crate::nvme_leaf`];
+//! `sg:/dev/sgN` (a SCSI LUN through the sg driver's queued interface) and
+//! `sgemu:SIZE[,bs=512][,target=NAME][,xcopy=on|off][,rod]` (a LUN of an
+//! in-process emulated SCSI target; LUNs naming one `target` in one
+//! registry share it, and with it EXTENDED COPY and ROD tokens); see
+//! [`crate::ScsiLeaf`]. A reserved kind without a factory fails with
+//! [`SpecErrorKind::LeafNotAvailable`]. SIZE is bytes with an optional `k`, `m`,
 //! `g` or `t` suffix; for `chunk` and `region` a bare number is in blocks.
 //! A leaf's options follow its body; a virtual device's options come before
 //! its members. Errors carry the 1-based column they concern.
@@ -99,7 +106,8 @@ impl std::error::Error for SpecError {
     }
 }
 
-/// A `key=value` option of a leaf, with its column.
+/// A `key=value` option of a leaf, with its column. A bare word (a flag,
+/// like `null` in `emu:1g,null`) has an empty value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafOption<'a> {
     /// The key.
@@ -159,13 +167,18 @@ impl Default for LeafRegistry {
 }
 
 impl LeafRegistry {
-    /// A registry with the `mem` and `file` leaves.
+    /// A registry with the `mem`, `file`, `emu`, `nvme`, `sg` and `sgemu`
+    /// leaves.
     pub fn with_defaults() -> LeafRegistry {
         let mut registry = LeafRegistry {
             factories: HashMap::new(),
         };
         registry.register("mem", Arc::new(MemFactory));
         registry.register("file", Arc::new(FileFactory));
+        registry.register("emu", Arc::new(crate::nvme_leaf::EmuFactory));
+        registry.register("nvme", Arc::new(crate::nvme_leaf::NvmeFactory));
+        registry.register("sg", Arc::new(crate::scsi_leaf::SgFactory));
+        registry.register("sgemu", Arc::new(crate::scsi_leaf::SgEmuFactory::new()));
         registry
     }
 
@@ -198,7 +211,8 @@ impl LeafRegistry {
     }
 }
 
-/// Builds `spec` with the default leaves (`mem`, `file`).
+/// Builds `spec` with the default leaves (`mem`, `file`, `emu`, `nvme`,
+/// `sg`, `sgemu`).
 pub fn build(spec: &str) -> Result<Arc<dyn BlockDevice>, SpecError> {
     LeafRegistry::with_defaults().build(spec)
 }
@@ -213,12 +227,12 @@ struct Parser<'s, 'r> {
 }
 
 /// A size with its unit as written.
-enum Size {
+pub(crate) enum Size {
     Bytes(u64),
     Blocks(u64),
 }
 
-fn parse_size(value: &str) -> Result<Size, String> {
+pub(crate) fn parse_size(value: &str) -> Result<Size, String> {
     let (digits, multiplier) = match value.chars().last() {
         Some('k' | 'K') => (&value[..value.len() - 1], Some(1u64 << 10)),
         Some('m' | 'M') => (&value[..value.len() - 1], Some(1 << 20)),
@@ -249,7 +263,7 @@ fn parse_blocks(value: &str) -> Result<Size, String> {
     parse_size(value)
 }
 
-fn bytes_of(size: Size) -> u64 {
+pub(crate) fn bytes_of(size: Size) -> u64 {
     match size {
         Size::Bytes(n) | Size::Blocks(n) => n,
     }
@@ -297,6 +311,29 @@ impl<'s> Parser<'s, '_> {
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(rest.len());
         name_len > 0 && rest[name_len..].trim_start().starts_with('=')
+    }
+
+    /// A bare word that is not a device (no `(`, `:` or `=` after it), e.g.
+    /// `null` in `emu:1g,null`: a leaf flag, taken as an option with an
+    /// empty value.
+    fn flag_ahead(&mut self) -> Option<LeafOption<'s>> {
+        let save = self.pos;
+        self.skip_space();
+        let column = self.pos;
+        let key = self.ident();
+        let end = self.pos;
+        self.skip_space();
+        let next = self.peek();
+        if key.is_empty() || matches!(next, Some('(' | ':' | '=')) {
+            self.pos = save;
+            return None;
+        }
+        self.pos = end;
+        Some(LeafOption {
+            key,
+            value: "",
+            column,
+        })
     }
 
     /// `key=value`, value up to `,` `)` or whitespace.
@@ -365,6 +402,10 @@ impl<'s> Parser<'s, '_> {
                 self.pos += 1;
                 if self.option_ahead() {
                     options.push(self.option()?);
+                    continue;
+                }
+                if let Some(flag) = self.flag_ahead() {
+                    options.push(flag);
                     continue;
                 }
             }
@@ -513,7 +554,7 @@ impl<'s> Parser<'s, '_> {
     }
 }
 
-fn option_value<'a>(
+pub(crate) fn option_value<'a>(
     spec: &LeafSpec<'a>,
     allowed: &[&str],
     key: &str,
@@ -534,7 +575,11 @@ fn option_value<'a>(
         .map(|o| o.value))
 }
 
-fn size_option(spec: &LeafSpec<'_>, allowed: &[&str], key: &str) -> Result<Option<u64>, LeafError> {
+pub(crate) fn size_option(
+    spec: &LeafSpec<'_>,
+    allowed: &[&str],
+    key: &str,
+) -> Result<Option<u64>, LeafError> {
     option_value(spec, allowed, key)?
         .map(|v| {
             parse_size(v)

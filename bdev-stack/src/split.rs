@@ -82,12 +82,29 @@ pub struct StripeLayout {
 impl Layout for StripeLayout {
     const KIND: DeviceKind = DeviceKind::Stripe;
 
+    #[inline]
     fn locate(&self, lba: u64, blocks: u64) -> (usize, u64, u64) {
-        let chunk = lba / self.chunk_blocks;
-        let within = lba % self.chunk_blocks;
-        let member = (chunk % self.members) as usize;
-        let member_lba = (chunk / self.members) * self.chunk_blocks + within;
-        (member, member_lba, blocks.min(self.chunk_blocks - within))
+        // Every request goes through here: shifts and masks where the
+        // chunk and member count are powers of two (the common case), a
+        // 64-bit division costs tens of cycles.
+        let (chunk, within) = if self.chunk_blocks.is_power_of_two() {
+            let shift = self.chunk_blocks.trailing_zeros();
+            (lba >> shift, lba & (self.chunk_blocks - 1))
+        } else {
+            (lba / self.chunk_blocks, lba % self.chunk_blocks)
+        };
+        let (row, member) = if self.members.is_power_of_two() {
+            let shift = self.members.trailing_zeros();
+            (chunk >> shift, chunk & (self.members - 1))
+        } else {
+            (chunk / self.members, chunk % self.members)
+        };
+        let member_lba = row * self.chunk_blocks + within;
+        (
+            member as usize,
+            member_lba,
+            blocks.min(self.chunk_blocks - within),
+        )
     }
 
     fn block_count(&self) -> u64 {

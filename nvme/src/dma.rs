@@ -688,6 +688,17 @@ impl DmaBuffer {
         Ok(())
     }
 
+    /// One volatile load of a native-endian `u32` at a 4-aligned `offset`;
+    /// `None` out of bounds or misaligned (the hot path's form of
+    /// [`DmaBuffer::read_u32`], without an error to build and drop).
+    #[inline]
+    pub(crate) fn load_u32(&self, offset: usize) -> Option<u32> {
+        if offset.checked_add(4)? > self.len {
+            return None;
+        }
+        region_read_u32(&self.region, offset)
+    }
+
     /// Reads a native-endian `u32` at an aligned `offset`.
     pub fn read_u32(&self, offset: usize) -> Result<u32> {
         self.read(offset)

@@ -75,8 +75,9 @@ pub struct QueueOptions {
     /// Queue entries (capped by CAP.MQES + 1); at most `entries - 1`
     /// commands are outstanding.
     pub entries: u16,
-    /// Per-command timeout; `None` disables the check (and the clock read
-    /// per submission).
+    /// Per-command timeout, counted from the doorbell write that hands the
+    /// command to the controller (one clock read per doorbell batch);
+    /// `None` disables the check.
     pub timeout: Option<Duration>,
 }
 
@@ -167,6 +168,10 @@ pub struct Completion {
     pub tag: u64,
     /// Dword 0 of the (last) completion, or the error.
     pub result: std::result::Result<u32, IoError>,
+    /// Dword 0 of the (last) completion also when it failed (a failed Copy
+    /// reports there the first source range it did not copy); 0 when no
+    /// completion arrived (timeout, reset).
+    pub dw0: u32,
 }
 
 /// A submission/completion queue pair's ring state.
@@ -359,7 +364,7 @@ impl Ring {
     #[inline]
     fn peek(&self) -> Option<(u32, u16, u16, u16)> {
         let off = self.cq_head as usize * CQE;
-        let dw3 = self.cq.read_u32(off + 12).ok()?;
+        let dw3 = self.cq.load_u32(off + 12)?;
         let status = (dw3 >> 16) as u16;
         if (status & 1 != 0) != self.phase {
             return None;
@@ -367,8 +372,8 @@ impl Ring {
         // The phase tag is written last by the device; read the rest only
         // after seeing it.
         fence(Ordering::Acquire);
-        let dw0 = self.cq.read_u32(off).ok()?;
-        let dw2 = self.cq.read_u32(off + 8).ok()?;
+        let dw0 = self.cq.load_u32(off)?;
+        let dw2 = self.cq.load_u32(off + 8)?;
         Some((dw0, dw2 as u16, dw3 as u16, status))
     }
 
@@ -1002,6 +1007,9 @@ pub struct QueuePair<T: Transport> {
     aborted_pending: usize,
     idle_polls: u32,
     max_transfer: usize,
+    /// CIDs submitted since the last doorbell: their timeout starts when
+    /// it is rung.
+    unstamped: Vec<u16>,
 }
 
 impl<T: Transport> QueuePair<T> {
@@ -1076,6 +1084,7 @@ impl<T: Transport> QueuePair<T> {
             aborted_pending: 0,
             idle_polls: 0,
             max_transfer,
+            unstamped: Vec::with_capacity(depth),
             shared,
         })
     }
@@ -1127,6 +1136,7 @@ impl<T: Transport> QueuePair<T> {
             }
         }
         self.outstanding = 0;
+        self.unstamped.clear();
         self.ring.clear();
         self.generation = gen_now;
         self.shared.create_queues(&self.ring)
@@ -1178,11 +1188,33 @@ impl<T: Transport> QueuePair<T> {
         let slot = &mut self.slots[cid as usize];
         slot.state = SlotState::Busy;
         slot.req = req;
-        slot.submitted = self.timeout.map(|_| Instant::now());
+        // Stamped when the doorbell is rung (one clock read per batch).
+        slot.submitted = None;
+        if self.timeout.is_some() {
+            self.unstamped.push(cid);
+        }
         sqe.cid = cid.into();
         self.ring.push(&sqe);
         self.outstanding += 1;
         cid
+    }
+
+    /// Rings the SQ doorbell for staged commands and starts their
+    /// timeouts, with one clock read for the batch.
+    #[inline]
+    fn ring_and_stamp(&mut self) {
+        if !self.unstamped.is_empty() {
+            let now = Instant::now();
+            for &cid in &self.unstamped {
+                if let Some(slot) = self.slots.get_mut(cid as usize)
+                    && slot.state == SlotState::Busy
+                {
+                    slot.submitted = Some(now);
+                }
+            }
+            self.unstamped.clear();
+        }
+        self.ring.ring(self.shared.transport.regs());
     }
 
     #[inline]
@@ -1190,22 +1222,24 @@ impl<T: Transport> QueuePair<T> {
         self.pool.iova() + cid as u64 * PAGE_SIZE
     }
 
+    /// A read or write of `len` bytes at `iova`; `keep` holds the memory
+    /// alive while the device owns it, when the caller handed one over.
     fn rw(
         &mut self,
         opc: u8,
         ns: &Namespace,
         lba: u64,
-        buf: &DmaSlice,
+        (iova, len): (u64, usize),
+        keep: Option<&DmaSlice>,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        let len = buf.len();
         let shift = ns.shift();
         if len == 0 || len & (ns.block_size as usize - 1) != 0 {
             return Err(SubmitError::Invalid(
                 "length is not a multiple of the block size",
             ));
         }
-        if !buf.iova().is_multiple_of(4) {
+        if !iova.is_multiple_of(4) {
             return Err(SubmitError::Invalid("buffer is not dword aligned"));
         }
         let blocks = (len >> shift) as u64;
@@ -1217,11 +1251,12 @@ impl<T: Transport> QueuePair<T> {
         let chunk = (self.max_transfer >> shift << shift).max(ns.block_size as usize);
         let parts = len.div_ceil(chunk);
         self.check_submit(parts)?;
-        let req = self.alloc_req(tag, parts as u16, Some(buf.clone()));
+        let req = self.alloc_req(tag, parts as u16, keep.cloned());
+        let base_iova = iova;
         let mut off = 0usize;
         while off < len {
             let n = chunk.min(len - off);
-            let iova = buf.iova() + off as u64;
+            let iova = base_iova + off as u64;
             let cid_peek = *self.free_cids.last().unwrap_or(&0);
             let list = self.pool_iova(cid_peek);
             let pool = &self.pool;
@@ -1269,7 +1304,58 @@ impl<T: Transport> QueuePair<T> {
         buf: &DmaSlice,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        self.rw(nvm_opc::READ, ns, lba, buf, tag)
+        self.rw(
+            nvm_opc::READ,
+            ns,
+            lba,
+            (buf.iova(), buf.len()),
+            Some(buf),
+            tag,
+        )
+    }
+
+    /// Reads `len` bytes (a multiple of the block size) at `lba` into the
+    /// DMA memory at `iova`, which the caller keeps alive: for layers that
+    /// describe buffers by address (the block-device stack). Staged like
+    /// [`QueuePair::read`].
+    ///
+    /// # Safety
+    ///
+    /// `iova..iova + len` must be memory of this controller's
+    /// [`DmaContext`](crate::DmaContext) that stays allocated, and that
+    /// nobody else reads or writes, until this request's completion has
+    /// been reported by [`QueuePair::poll`] (or the queue pair dropped).
+    #[inline]
+    pub unsafe fn read_iova(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        iova: u64,
+        len: usize,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        self.rw(nvm_opc::READ, ns, lba, (iova, len), None, tag)
+    }
+
+    /// Writes `len` bytes at `iova` to `lba`. Staged like
+    /// [`QueuePair::read`].
+    ///
+    /// # Safety
+    ///
+    /// `iova..iova + len` must be memory of this controller's
+    /// [`DmaContext`](crate::DmaContext) that stays allocated, and that
+    /// nobody writes, until this request's completion has been reported by
+    /// [`QueuePair::poll`] (or the queue pair dropped).
+    #[inline]
+    pub unsafe fn write_iova(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        iova: u64,
+        len: usize,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        self.rw(nvm_opc::WRITE, ns, lba, (iova, len), None, tag)
     }
 
     /// Writes `buf` at `lba`. Staged like [`QueuePair::read`].
@@ -1281,7 +1367,14 @@ impl<T: Transport> QueuePair<T> {
         buf: &DmaSlice,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        self.rw(nvm_opc::WRITE, ns, lba, buf, tag)
+        self.rw(
+            nvm_opc::WRITE,
+            ns,
+            lba,
+            (buf.iova(), buf.len()),
+            Some(buf),
+            tag,
+        )
     }
 
     /// Flushes the namespace's volatile write cache.
@@ -1482,7 +1575,7 @@ impl<T: Transport> QueuePair<T> {
     #[inline]
     pub fn ring(&mut self) {
         if !self.stale() {
-            self.ring.ring(self.shared.transport.regs());
+            self.ring_and_stamp();
         }
     }
 
@@ -1514,11 +1607,12 @@ impl<T: Transport> QueuePair<T> {
                     on_done(Completion {
                         tag: req.tag,
                         result: Err(IoError::Aborted),
+                        dw0: 0,
                     });
                 }
             }
         }
-        self.ring.ring(self.shared.transport.regs());
+        self.ring_and_stamp();
         let mut consumed = 0;
         let mut bad: Option<String> = None;
         while reported < max {
@@ -1578,6 +1672,7 @@ impl<T: Transport> QueuePair<T> {
                         None => Ok(req.dw0),
                         Some(e) => Err(e),
                     },
+                    dw0: req.dw0,
                 });
             }
         }
@@ -1649,6 +1744,7 @@ impl<T: Transport> QueuePair<T> {
                 on_done(Completion {
                     tag: req.tag,
                     result: Err(IoError::Timeout),
+                    dw0: 0,
                 });
             }
         }

@@ -4,6 +4,7 @@
 //! ```text
 //! ustor-perf -w randread -o 4k -q 128 -t 5                   # emulated null namespace
 //! ustor-perf -w randread -q 32 --target vfio:0000:00:04.0/1  # a controller bound to vfio-pci
+//! ustor-perf -q 128 --target 'stripe(chunk=128k, emu:1g,null, emu:1g,null)'  # a stack
 //! ```
 
 use std::process::ExitCode;
@@ -43,8 +44,10 @@ struct Args {
     /// Threads, one I/O queue pair each.
     #[arg(short = 'j', long, default_value_t = 1)]
     threads: u16,
-    /// `emu[:mem][:thread]` (default: null namespace, inline) or
-    /// `vfio:DDDD:BB:DD.F[/nsid]`.
+    /// `emu[:mem][:thread]` (default: null namespace, inline),
+    /// `vfio:DDDD:BB:DD.F[/nsid]`, or a block-device stack spec, e.g.
+    /// `stripe(chunk=128k, emu:1g,null, emu:1g,null)` or
+    /// `nvme:0000:00:04.0/1` (driven through the stack's channels).
     #[arg(long, default_value = "emu")]
     target: String,
     /// Print the report as JSON.

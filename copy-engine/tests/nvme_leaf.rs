@@ -1,0 +1,224 @@
+//! The copy engine over NVMe namespace leaves on the emulated controller:
+//! pieces whose source and destination are one namespace go out as NVMe
+//! Copy commands through the leaf's queue pair, pieces across namespaces
+//! are bounced through DMA buffers, and Copy failures the device reports
+//! are bounced again; the bytes always equal the reference model.
+
+use std::sync::Arc;
+
+use bdev_stack::nvme_leaf::{EmuNamespace, emu_dma_allocator, emu_dma_context, open_emu_namespace};
+use bdev_stack::{
+    BlockDevice, LbaRange, NvmeDmaAllocator, NvmeDmaBuffer, OwnedChannel, Stripe, spec,
+};
+use copy_engine::{CopyEngine, CopyOptions, CopyReport, Method};
+use nvme::NvmeStatus;
+use nvme::emu::{Fault, FaultAction};
+use nvme::spec::nvm_opc;
+
+const BS: usize = 512;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Whole-device synchronous I/O with DMA buffers.
+fn io(device: &dyn BlockDevice, write: Option<&[u8]>) -> Vec<u8> {
+    let alloc = NvmeDmaAllocator::new(emu_dma_context());
+    let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(device, 2).expect("channel");
+    let total = device.info().block_count;
+    let step = device.info().max_transfer_blocks.min(256);
+    let mut out = Vec::new();
+    let mut lba = 0;
+    while lba < total {
+        let run = step.min(total - lba);
+        let range = lba as usize * BS..(lba + run) as usize * BS;
+        let buf = alloc.alloc(range.len()).expect("buffer");
+        match write {
+            Some(data) => {
+                buf.write_bytes(0, &data[range]).expect("fill");
+                ch.write(lba, run, buf, 0)
+                    .map_err(|r| r.error)
+                    .expect("submit");
+            }
+            None => ch
+                .read(lba, run, buf, 0)
+                .map_err(|r| r.error)
+                .expect("submit"),
+        }
+        let mut done = None;
+        while done.is_none() {
+            ch.poll(1, |_, r, b| done = Some((r, b)));
+        }
+        let (result, buf) = done.expect("completion");
+        result.expect("I/O");
+        if write.is_none() {
+            let mut bytes = vec![0u8; run as usize * BS];
+            buf.expect("buffer back")
+                .read_bytes(0, &mut bytes)
+                .expect("read back");
+            out.extend_from_slice(&bytes);
+        }
+        lba += run;
+    }
+    out
+}
+
+fn fill(device: &Arc<dyn BlockDevice>, seed: u64) -> Vec<u8> {
+    let data = pattern(seed, device.info().size_bytes() as usize);
+    io(device.as_ref(), Some(&data));
+    data
+}
+
+fn model_copy(reference: &mut [u8], src: &[LbaRange], dst: &[LbaRange]) {
+    let mut data = Vec::new();
+    for r in src {
+        data.extend_from_slice(&reference[r.lba as usize * BS..(r.lba + r.blocks) as usize * BS]);
+    }
+    let mut at = 0;
+    for r in dst {
+        let len = r.blocks as usize * BS;
+        reference[r.lba as usize * BS..][..len].copy_from_slice(&data[at..at + len]);
+        at += len;
+    }
+}
+
+fn engine() -> CopyEngine {
+    CopyEngine::new(CopyOptions {
+        allocator: emu_dma_allocator(),
+        ..CopyOptions::default()
+    })
+    .expect("engine")
+}
+
+fn r(lba: u64, blocks: u64) -> LbaRange {
+    LbaRange { lba, blocks }
+}
+
+/// Copies within `dev`, checks the bytes against the model, returns the
+/// report.
+fn copy_checked(
+    dev: &Arc<dyn BlockDevice>,
+    reference: &mut [u8],
+    src: &[LbaRange],
+    dst: &[LbaRange],
+) -> CopyReport {
+    let report = engine().copy(dev, src, dev, dst).expect("copy");
+    assert!(report.is_complete(), "{report}");
+    model_copy(reference, src, dst);
+    assert!(
+        io(dev.as_ref(), None) == reference,
+        "bytes differ from the model\n{report}"
+    );
+    report
+}
+
+#[test]
+fn same_namespace_pieces_are_nvme_copies_and_the_rest_bounce() {
+    let dev = spec::build("stripe(chunk=64, emu:1m, emu:1m)").expect("stack");
+    let mut reference = fill(&dev, 1);
+    // Chunks 0 (leaf 0) and 1 (leaf 1) to chunks 4 (leaf 0) and 5 (leaf 1):
+    // each piece stays in its namespace.
+    let report = copy_checked(&dev, &mut reference, &[r(0, 128)], &[r(256, 128)]);
+    assert_eq!(
+        report.method(Method::NvmeCopy).bytes,
+        128 * BS as u64,
+        "{report}"
+    );
+    assert_eq!(report.method(Method::Bounce).bytes, 0, "{report}");
+    assert!(report.method(Method::NvmeCopy).commands >= 2);
+
+    // Half a chunk off: pieces alternate between staying and crossing.
+    // src 32..64 (l0) -> 256..288 (l0) copy; 64..96 (l1) -> 288..320 (l0)
+    // bounce; 96..128 (l1) -> 320..352 (l1) copy; 128..160 (l0) ->
+    // 352..384 (l1) bounce.
+    let report = copy_checked(&dev, &mut reference, &[r(32, 128)], &[r(256, 128)]);
+    assert_eq!(
+        report.method(Method::NvmeCopy).bytes,
+        64 * BS as u64,
+        "{report}"
+    );
+    assert_eq!(
+        report.method(Method::Bounce).bytes,
+        64 * BS as u64,
+        "{report}"
+    );
+
+    // A gather of extents bigger than MSSRL (128) and MCL (256): split into
+    // several commands, all offloaded.
+    let src = [r(512, 64), r(1024, 64), r(1536, 64), r(0, 64)];
+    let dst = [r(2560, 256)];
+    let report = copy_checked(&dev, &mut reference, &src, &dst);
+    // 2560.. is chunk 40 (leaf 0): sources in chunks 8, 16, 24, 0 (leaf 0)
+    // land in chunks 40 and 42 (leaf 0); the others cross.
+    assert_eq!(
+        report.method(Method::NvmeCopy).bytes + report.method(Method::Bounce).bytes,
+        256 * BS as u64
+    );
+    assert!(report.method(Method::NvmeCopy).bytes > 0, "{report}");
+}
+
+#[test]
+fn copies_between_namespaces_bounce() {
+    let a = spec::build("emu:1m").expect("emu");
+    let b = spec::build("emu:1m").expect("emu");
+    let data = fill(&a, 2);
+    let report = engine()
+        .copy(&a, &[r(10, 300)], &b, &[r(700, 300)])
+        .expect("copy");
+    assert!(report.is_complete(), "{report}");
+    assert_eq!(report.method(Method::NvmeCopy).bytes, 0, "{report}");
+    assert_eq!(
+        report.method(Method::Bounce).bytes,
+        300 * BS as u64,
+        "{report}"
+    );
+    let back = io(b.as_ref(), None);
+    assert!(back[700 * BS..1000 * BS] == data[10 * BS..310 * BS]);
+    assert!(back[..700 * BS].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn failed_nvme_copies_are_redone_by_bounce() {
+    let l0 = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu"));
+    let l1 = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu"));
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(Stripe::new(vec![l0.clone() as _, l1.clone() as _], 64).expect("stripe"));
+    let mut reference = fill(&dev, 3);
+    // A media error in the middle of a Copy on leaf 0 (destination
+    // unknown), and a size limit on leaf 1 (clean): both bounced.
+    l0.controller().transport().inject(Fault {
+        admin: false,
+        opcode: nvm_opc::COPY,
+        nth: 1,
+        action: FaultAction::Status(NvmeStatus::WRITE_FAULT),
+    });
+    l1.controller().transport().inject(Fault {
+        admin: false,
+        opcode: nvm_opc::COPY,
+        nth: 1,
+        action: FaultAction::Status(NvmeStatus::CMD_SIZE_LIMIT),
+    });
+    let report = copy_checked(&dev, &mut reference, &[r(0, 128)], &[r(512, 128)]);
+    assert_eq!(report.fallbacks, 2, "{report}");
+    assert_eq!(
+        report.method(Method::Bounce).bytes,
+        128 * BS as u64,
+        "{report}"
+    );
+    // With the faults used up, the same copy is offloaded.
+    let report = copy_checked(&dev, &mut reference, &[r(128, 128)], &[r(768, 128)]);
+    assert_eq!(report.fallbacks, 0, "{report}");
+    assert_eq!(
+        report.method(Method::NvmeCopy).bytes,
+        128 * BS as u64,
+        "{report}"
+    );
+}
