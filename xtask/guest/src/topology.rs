@@ -12,6 +12,9 @@ pub const DEFAULT: &str = "default";
 /// A controller left to the kernel driver with a namespace that fails reads
 /// at [`FAULT_SECTOR`] (QEMU blkdebug), to check the fault path end to end.
 pub const FAULTS: &str = "faults";
+/// Two controllers with one 512-byte namespace each, and two LIO LUNs:
+/// block sizes that let every leaf join one stack.
+pub const STACK: &str = "stack";
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -183,18 +186,33 @@ impl Topology {
         }
     }
 
+    /// Stacks across kinds and controllers: NVMe 0000:00:04.0 and
+    /// 0000:00:05.0 with one 64 MiB, 512-byte namespace each (Copy limits
+    /// as in the default), and the default's two LIO LUNs.
+    pub fn stack() -> Topology {
+        let mut topo = Topology::default_rig();
+        topo.name = STACK.to_string();
+        for ctrl in &mut topo.nvme {
+            ctrl.namespaces.truncate(1);
+            ctrl.namespaces[0].block_size = 512;
+        }
+        topo.virtio_disks.clear();
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
             DEFAULT => Some(Topology::default_rig()),
             FAULTS => Some(Topology::faults()),
+            STACK => Some(Topology::stack()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS]
+        &[DEFAULT, FAULTS, STACK]
     }
 }
 

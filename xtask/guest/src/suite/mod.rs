@@ -28,6 +28,7 @@ macro_rules! ensure_eq {
 mod nvme;
 mod rig;
 mod scsi;
+mod stack;
 
 /// What a guest test sees: the run configuration and the devices found.
 pub struct GuestEnv {
@@ -73,7 +74,11 @@ pub struct GuestTest {
 
 /// Every guest test and benchmark, in the order they run.
 pub fn all() -> impl Iterator<Item = &'static GuestTest> {
-    rig::TESTS.iter().chain(nvme::TESTS).chain(scsi::TESTS)
+    rig::TESTS
+        .iter()
+        .chain(nvme::TESTS)
+        .chain(scsi::TESTS)
+        .chain(stack::TESTS)
 }
 
 /// Looks a test up by name.

@@ -1,0 +1,452 @@
+//! Stacks over the real peers: a stripe across two QEMU NVMe controllers,
+//! a mirror of an NVMe namespace with a LIO LUN, and copies through the
+//! copy engine. After the stack lets go of the devices, the leaves are read
+//! back with the kernel's own paths (`dd` on the nvme block device, `sg_dd`
+//! on the LUN) and compared with what the stack wrote.
+
+use super::{GuestEnv, GuestTest, Kind};
+use crate::setup::{bind_vfio, rebind, tool_output};
+use crate::topology::STACK;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ustor::bdev_stack::nvme_leaf::vfio_dma_context;
+use ustor::bdev_stack::{
+    BlockDevice, LbaRange, NvmeDmaAllocator, NvmeDmaBuffer, OwnedChannel, SubmitError,
+};
+use ustor::copy_engine::{CopyEngine, CopyOptions, Method};
+
+/// The tests of this module.
+pub(super) static TESTS: &[GuestTest] = &[
+    GuestTest {
+        name: "stack_stripe_over_two_nvme_controllers_matches_dd",
+        kind: Kind::Test,
+        topology: STACK,
+        timeout: Duration::from_secs(120),
+        run: stack_stripe_over_two_nvme_controllers_matches_dd,
+    },
+    GuestTest {
+        name: "stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd",
+        kind: Kind::Test,
+        topology: STACK,
+        timeout: Duration::from_secs(120),
+        run: stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd,
+    },
+    GuestTest {
+        name: "stack_copy_offloads_within_a_namespace_and_bounces_across",
+        kind: Kind::Test,
+        topology: STACK,
+        timeout: Duration::from_secs(120),
+        run: stack_copy_offloads_within_a_namespace_and_bounces_across,
+    },
+    GuestTest {
+        name: "stack_copy_nvme_to_lio_bounces",
+        kind: Kind::Test,
+        topology: STACK,
+        timeout: Duration::from_secs(120),
+        run: stack_copy_nvme_to_lio_bounces,
+    },
+];
+
+const BS: u64 = 512;
+/// Blocks per request and requests in flight for the helpers below.
+const REQ_BLOCKS: u64 = 128;
+const DEPTH: usize = 16;
+
+fn nvme_addrs(env: &GuestEnv) -> Result<(String, String), String> {
+    let [a, b, ..] = env.devices.nvme.as_slice() else {
+        return Err("the stack topology needs two NVMe controllers".into());
+    };
+    Ok((a.pci_address.clone(), b.pci_address.clone()))
+}
+
+fn allocator() -> Result<NvmeDmaAllocator, String> {
+    Ok(NvmeDmaAllocator::new(
+        vfio_dma_context().map_err(|e| e.to_string())?,
+    ))
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(11, |d| d.as_nanos() as u64)
+}
+
+/// Drains completions until none is outstanding, collecting failures.
+fn drain(
+    ch: &mut OwnedChannel<NvmeDmaBuffer>,
+    in_flight: &mut usize,
+    mut each: impl FnMut(u64, Option<NvmeDmaBuffer>),
+    failures: &mut Vec<String>,
+    all: bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        *in_flight -= ch.poll(DEPTH, |ctx, r, buf| match r {
+            Ok(()) => each(ctx, buf),
+            Err(e) => failures.push(format!("request at {ctx}: {e}")),
+        });
+        if !all || *in_flight == 0 || Instant::now() > deadline {
+            return;
+        }
+    }
+}
+
+/// Writes `data` at `lba` of `dev`, DEPTH requests in flight.
+fn write_all(
+    dev: &dyn BlockDevice,
+    alloc: &NvmeDmaAllocator,
+    lba: u64,
+    data: &[u8],
+) -> Result<(), String> {
+    let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(dev, DEPTH).map_err(|e| e.to_string())?;
+    let (mut in_flight, mut failures) = (0usize, Vec::new());
+    for (i, chunk) in data.chunks((REQ_BLOCKS * BS) as usize).enumerate() {
+        let buf = alloc.alloc(chunk.len()).map_err(|e| e.to_string())?;
+        buf.write_bytes(0, chunk).map_err(|e| e.to_string())?;
+        let at = lba + i as u64 * REQ_BLOCKS;
+        let mut pending = Some(buf);
+        while let Some(buf) = pending.take() {
+            match ch.write(at, chunk.len() as u64 / BS, buf, at) {
+                Ok(()) => in_flight += 1,
+                Err(r) if r.error == SubmitError::Busy => {
+                    pending = r.buf;
+                    drain(&mut ch, &mut in_flight, |_, _| {}, &mut failures, false);
+                }
+                Err(r) => return Err(format!("write at {at}: {}", r.error)),
+            }
+        }
+    }
+    drain(&mut ch, &mut in_flight, |_, _| {}, &mut failures, true);
+    match (failures.is_empty(), in_flight) {
+        (true, 0) => Ok(()),
+        (true, n) => Err(format!("{n} writes never completed")),
+        (false, _) => Err(failures.join("; ")),
+    }
+}
+
+/// Reads `blocks` at `lba` of `dev`.
+fn read_all(
+    dev: &dyn BlockDevice,
+    alloc: &NvmeDmaAllocator,
+    lba: u64,
+    blocks: u64,
+) -> Result<Vec<u8>, String> {
+    let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(dev, DEPTH).map_err(|e| e.to_string())?;
+    let mut out = vec![0u8; (blocks * BS) as usize];
+    let (mut in_flight, mut failures) = (0usize, Vec::new());
+    let copy_out =
+        |ctx: u64, buf: Option<NvmeDmaBuffer>, out: &mut Vec<u8>, failures: &mut Vec<String>| {
+            let Some(buf) = buf else { return };
+            let off = ((ctx - lba) * BS) as usize;
+            let len = buf.len().min(out.len() - off);
+            if let Err(e) = buf.read_bytes(0, &mut out[off..off + len]) {
+                failures.push(e.to_string());
+            }
+        };
+    let mut at = lba;
+    while at < lba + blocks {
+        let n = REQ_BLOCKS.min(lba + blocks - at);
+        let mut pending = Some(alloc.alloc((n * BS) as usize).map_err(|e| e.to_string())?);
+        while let Some(buf) = pending.take() {
+            match ch.read(at, n, buf, at) {
+                Ok(()) => in_flight += 1,
+                Err(r) if r.error == SubmitError::Busy => {
+                    pending = r.buf;
+                    let mut done = Vec::new();
+                    drain(
+                        &mut ch,
+                        &mut in_flight,
+                        |ctx, b| done.push((ctx, b)),
+                        &mut failures,
+                        false,
+                    );
+                    for (ctx, b) in done {
+                        copy_out(ctx, b, &mut out, &mut failures);
+                    }
+                }
+                Err(r) => return Err(format!("read at {at}: {}", r.error)),
+            }
+        }
+        at += n;
+    }
+    let mut done = Vec::new();
+    drain(
+        &mut ch,
+        &mut in_flight,
+        |ctx, b| done.push((ctx, b)),
+        &mut failures,
+        true,
+    );
+    for (ctx, b) in done {
+        copy_out(ctx, b, &mut out, &mut failures);
+    }
+    if !failures.is_empty() || in_flight != 0 {
+        return Err(format!(
+            "reads failed ({in_flight} outstanding): {}",
+            failures.join("; ")
+        ));
+    }
+    Ok(out)
+}
+
+/// Hands `addr` back to the kernel's nvme driver and returns the block
+/// node of its namespace 1 once it appears.
+fn kernel_namespace(addr: &str) -> Result<String, String> {
+    rebind(addr, "nvme")?;
+    let dir = format!("/sys/bus/pci/devices/{addr}/nvme");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ctrls) = std::fs::read_dir(&dir) {
+            for c in ctrls.flatten() {
+                let name = c.file_name().to_string_lossy().into_owned();
+                let node = format!("/dev/{name}n1");
+                if Path::new(&node).exists() {
+                    return Ok(node);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{addr}: no namespace block device after rebinding to nvme"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads `count` 512-byte blocks at `skip` of `input` with the reference
+/// tool `tool` (`dd` with O_DIRECT on a block device, `sg_dd` on sg).
+fn reference_read(tool: &str, input: &str, skip: u64, count: u64) -> Result<Vec<u8>, String> {
+    let out = format!("/run/ustor/ref-read-{}-{skip}.bin", std::process::id());
+    let mut args = vec![
+        format!("if={input}"),
+        format!("of={out}"),
+        "bs=512".to_string(),
+        format!("skip={skip}"),
+        format!("count={count}"),
+    ];
+    if tool == "dd" {
+        args.push("iflag=direct".to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tool_output(tool, &args)?;
+    let bytes = std::fs::read(&out).map_err(|e| format!("reading {out}: {e}"))?;
+    std::fs::remove_file(&out).map_err(|e| format!("removing {out}: {e}"))?;
+    Ok(bytes)
+}
+
+/// Leaves the controllers with vfio-pci for the tests after this one.
+fn back_to_vfio(addrs: &[&str]) -> Result<(), String> {
+    addrs.iter().try_for_each(|a| bind_vfio(a))
+}
+
+fn stack_stripe_over_two_nvme_controllers_matches_dd(env: &GuestEnv) -> Result<(), String> {
+    let (a, b) = nvme_addrs(env)?;
+    back_to_vfio(&[&a, &b])?;
+    // 128 blocks a chunk; start off a chunk boundary so both ends are cut.
+    let chunk = 128u64;
+    let (lba, blocks) = (1000u64, 8192u64);
+    let data = pattern(seed(), (blocks * BS) as usize);
+    {
+        let dev =
+            ustor::bdev_stack::spec::build(&format!("stripe(chunk=64k, nvme:{a}/1, nvme:{b}/1)"))
+                .map_err(|e| e.to_string())?;
+        let alloc = allocator()?;
+        write_all(dev.as_ref(), &alloc, lba, &data)?;
+        let back = read_all(dev.as_ref(), &alloc, lba, blocks)?;
+        if back != data {
+            return Err("the stripe read back differs from what was written".into());
+        }
+        println!("ok {blocks} blocks at {lba} through stripe(nvme:{a}/1, nvme:{b}/1) read back");
+    }
+    // The stack has let go; ask the kernel driver what landed where.
+    let nodes = [kernel_namespace(&a)?, kernel_namespace(&b)?];
+    let result = (|| {
+        for (leg, node) in nodes.iter().enumerate() {
+            let mut checked = 0;
+            let mut logical = lba;
+            while logical < lba + blocks {
+                let stripe_index = logical / chunk;
+                let end = ((stripe_index + 1) * chunk).min(lba + blocks);
+                if stripe_index % 2 == leg as u64 {
+                    let leaf_lba = (stripe_index / 2) * chunk + logical % chunk;
+                    let got = reference_read("dd", node, leaf_lba, end - logical)?;
+                    let at = ((logical - lba) * BS) as usize;
+                    if got != data[at..at + got.len()] {
+                        return Err(format!(
+                            "{node} blocks {leaf_lba}..{} differ from stripe blocks {logical}..{end}",
+                            leaf_lba + end - logical
+                        ));
+                    }
+                    checked += end - logical;
+                }
+                logical = end;
+            }
+            println!("ok {node}: {checked} blocks equal what the stripe put there (dd)");
+        }
+        Ok(())
+    })();
+    back_to_vfio(&[&a, &b])?;
+    result
+}
+
+fn stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd(env: &GuestEnv) -> Result<(), String> {
+    let (a, _) = nvme_addrs(env)?;
+    let lun = env
+        .devices
+        .lio
+        .first()
+        .ok_or("the stack topology needs a LIO LUN")?
+        .sg_path
+        .display()
+        .to_string();
+    back_to_vfio(&[&a])?;
+    let (lba, blocks) = (4096u64 + 3, 3000u64);
+    let data = pattern(seed(), (blocks * BS) as usize);
+    {
+        let dev = ustor::bdev_stack::spec::build(&format!("mirror(nvme:{a}/1, sg:{lun})"))
+            .map_err(|e| e.to_string())?;
+        let alloc = allocator()?;
+        write_all(dev.as_ref(), &alloc, lba, &data)?;
+        if read_all(dev.as_ref(), &alloc, lba, blocks)? != data {
+            return Err("the mirror read back differs from what was written".into());
+        }
+        println!("ok {blocks} blocks at {lba} through mirror(nvme:{a}/1, sg:{lun}) read back");
+    }
+    let lio = reference_read("sg_dd", &lun, lba, blocks)?;
+    let node = kernel_namespace(&a)?;
+    let nvme = reference_read("dd", &node, lba, blocks);
+    back_to_vfio(&[&a])?;
+    let nvme = nvme?;
+    if lio != data {
+        return Err(format!("{lun} (sg_dd) differs from what the mirror wrote"));
+    }
+    println!("ok {lun}: the mirror's blocks, by sg_dd");
+    if nvme != data {
+        return Err(format!("{node} (dd) differs from what the mirror wrote"));
+    }
+    println!("ok {node}: the mirror's blocks, by dd");
+    Ok(())
+}
+
+fn stack_copy_offloads_within_a_namespace_and_bounces_across(env: &GuestEnv) -> Result<(), String> {
+    let (a, b) = nvme_addrs(env)?;
+    back_to_vfio(&[&a, &b])?;
+    let dev: Arc<dyn BlockDevice> =
+        ustor::bdev_stack::spec::build(&format!("concat(nvme:{a}/1, nvme:{b}/1)"))
+            .map_err(|e| e.to_string())?;
+    let boundary = dev
+        .members()
+        .first()
+        .map(|m| m.info().block_count)
+        .ok_or("concat without members")?;
+    let alloc = allocator()?;
+    // Source: 2048 blocks on the first namespace; destination: 1024 blocks
+    // on the same namespace, then 1024 on the other controller's.
+    let blocks = 2048u64;
+    let src_lba = 10_000u64;
+    let dst_lba = boundary - blocks / 2;
+    let data = pattern(seed(), (blocks * BS) as usize);
+    write_all(dev.as_ref(), &alloc, src_lba, &data)?;
+    let options = CopyOptions {
+        allocator: Arc::new(allocator()?),
+        ..CopyOptions::default()
+    };
+    let mut engine = CopyEngine::new(options).map_err(|e| e.to_string())?;
+    let report = engine
+        .copy(
+            &dev,
+            &[LbaRange {
+                lba: src_lba,
+                blocks,
+            }],
+            &dev,
+            &[LbaRange {
+                lba: dst_lba,
+                blocks,
+            }],
+        )
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    if !report.is_complete() {
+        return Err(format!("copy incomplete: {report}"));
+    }
+    let half = blocks / 2 * BS;
+    let offloaded = report.method(Method::NvmeCopy).bytes;
+    let bounced = report.method(Method::Bounce).bytes;
+    if offloaded != half || bounced != half {
+        return Err(format!(
+            "expected {half} bytes by NVMe Copy (same namespace) and {half} bounced \
+             (across controllers), got {offloaded} and {bounced}"
+        ));
+    }
+    if read_all(dev.as_ref(), &alloc, dst_lba, blocks)? != data {
+        return Err("the destination does not hold the source's bytes".into());
+    }
+    println!("ok {blocks} blocks copied: half by NVMe Copy, half bounced, read back equal");
+    Ok(())
+}
+
+fn stack_copy_nvme_to_lio_bounces(env: &GuestEnv) -> Result<(), String> {
+    let (a, _) = nvme_addrs(env)?;
+    let lun = env
+        .devices
+        .lio
+        .get(1)
+        .ok_or("the stack topology needs two LIO LUNs")?
+        .sg_path
+        .display()
+        .to_string();
+    back_to_vfio(&[&a])?;
+    let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
+    let src = registry
+        .build(&format!("nvme:{a}/1"))
+        .map_err(|e| e.to_string())?;
+    let dst = registry
+        .build(&format!("sg:{lun}"))
+        .map_err(|e| e.to_string())?;
+    let alloc = allocator()?;
+    let (from, to, blocks) = (30_000u64, 50_000u64, 3000u64);
+    let data = pattern(seed(), (blocks * BS) as usize);
+    write_all(src.as_ref(), &alloc, from, &data)?;
+    let options = CopyOptions {
+        allocator: Arc::new(allocator()?),
+        ..CopyOptions::default()
+    };
+    let mut engine = CopyEngine::new(options).map_err(|e| e.to_string())?;
+    let report = engine
+        .copy(
+            &src,
+            &[LbaRange { lba: from, blocks }],
+            &dst,
+            &[LbaRange { lba: to, blocks }],
+        )
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    let bounced = report.method(Method::Bounce).bytes;
+    if !report.is_complete() || bounced != blocks * BS {
+        return Err(format!(
+            "expected all {} bytes bounced (NVMe and SCSI share no copy path): {report}",
+            blocks * BS
+        ));
+    }
+    drop((src, dst));
+    if reference_read("sg_dd", &lun, to, blocks)? != data {
+        return Err(format!("{lun} (sg_dd) does not hold the namespace's bytes"));
+    }
+    println!("ok {blocks} blocks nvme:{a}/1@{from} -> {lun}@{to} bounced, sg_dd agrees");
+    Ok(())
+}
