@@ -10,5 +10,6 @@
 pub use bdev_stack;
 pub use copy_engine;
 pub use nvme;
+pub mod copybench;
 pub mod perf;
 pub use scsi_sg;

@@ -25,6 +25,7 @@ macro_rules! ensure_eq {
     }};
 }
 
+mod copybench;
 mod nvme;
 mod rig;
 mod scsi;
@@ -79,6 +80,7 @@ pub fn all() -> impl Iterator<Item = &'static GuestTest> {
         .chain(nvme::TESTS)
         .chain(scsi::TESTS)
         .chain(stack::TESTS)
+        .chain(copybench::TESTS)
 }
 
 /// Looks a test up by name.
