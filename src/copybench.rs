@@ -565,6 +565,7 @@ impl Bench {
             offload,
             offload_depth: self.workload.offload_depth,
             allocator: Arc::clone(&self.allocator),
+            ..CopyOptions::default()
         })?;
         debug!(offload, round, "copy starts");
         let cpu0 = cpu_time(CpuOf::Process)?;

@@ -44,6 +44,64 @@ pub struct CopyOptions {
     /// Where bounce buffers come from: a driver's DMA allocator when leaves
     /// need DMA-mapped memory.
     pub allocator: Arc<dyn DmaAllocator>,
+    /// How to wait while only offload commands are in flight.
+    pub offload_wait: OffloadWait,
+}
+
+/// How the engine waits for offload commands. An offloaded copy keeps the
+/// device busy for far longer than a read or write, and the point of
+/// offloading is to give the host its CPU back, so by default the engine
+/// backs off instead of spinning while nothing completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffloadWait {
+    /// Poll without pause: the lowest latency, a whole core while waiting.
+    Spin,
+    /// Poll; after a poll that completed nothing, sleep, doubling the pause
+    /// from 16 µs up to `max`, back to the start on any completion.
+    Backoff {
+        /// The longest pause.
+        max: std::time::Duration,
+    },
+}
+
+impl Default for OffloadWait {
+    fn default() -> OffloadWait {
+        // Well under one QEMU or drive Copy command of a few hundred KiB, so
+        // with several commands queued the device never waits for us.
+        OffloadWait::Backoff {
+            max: std::time::Duration::from_millis(2),
+        }
+    }
+}
+
+/// The waiting state of [`OffloadWait::Backoff`].
+struct Backoff {
+    wait: OffloadWait,
+    pause: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_micros(16);
+
+    fn new(wait: OffloadWait) -> Backoff {
+        Backoff {
+            wait,
+            pause: Backoff::FIRST,
+        }
+    }
+
+    /// Called after each poll with the number of completions it gave.
+    fn after_poll(&mut self, completed: usize) {
+        let OffloadWait::Backoff { max } = self.wait else {
+            return;
+        };
+        if completed > 0 {
+            self.pause = Backoff::FIRST;
+            return;
+        }
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(max.max(Backoff::FIRST));
+    }
 }
 
 impl Default for CopyOptions {
@@ -54,6 +112,7 @@ impl Default for CopyOptions {
             offload: true,
             offload_depth: 16,
             allocator: Arc::new(HostAllocator),
+            offload_wait: OffloadWait::default(),
         }
     }
 }
@@ -65,6 +124,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("buffer_bytes", &self.buffer_bytes)
             .field("offload", &self.offload)
             .field("offload_depth", &self.offload_depth)
+            .field("offload_wait", &self.offload_wait)
             .finish_non_exhaustive()
     }
 }
@@ -766,6 +826,7 @@ impl CopyEngine {
             };
         let src_block_size = src_info.block_size;
         let mut next = 0;
+        let mut backoff = Backoff::new(self.options.offload_wait);
         self.offload_done.clear();
         self.offload_done.reserve(depth);
         while next < self.commands.len() || channel.outstanding() > 0 {
@@ -813,7 +874,8 @@ impl CopyEngine {
                 }
             }
             self.offload_done.clear();
-            channel.poll(&mut self.offload_done, depth);
+            let completed = channel.poll(&mut self.offload_done, depth);
+            backoff.after_poll(completed);
             let done = std::mem::take(&mut self.offload_done);
             for c in &done {
                 let Some(cmd) = usize::try_from(c.ctx)

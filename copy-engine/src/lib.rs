@@ -51,7 +51,8 @@ mod report;
 mod token;
 
 pub use engine::{
-    CopyEngine, CopyOptions, DEFAULT_BOUNCE_BYTES, DEFAULT_BUFFER_BYTES, copy, copy_out,
+    CopyEngine, CopyOptions, DEFAULT_BOUNCE_BYTES, DEFAULT_BUFFER_BYTES, OffloadWait, copy,
+    copy_out,
 };
 pub use error::CopyError;
 pub use report::{CopyFailure, CopyReport, Method, MethodStats, NotCopied};

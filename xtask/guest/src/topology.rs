@@ -15,6 +15,10 @@ pub const FAULTS: &str = "faults";
 /// Two controllers with one 512-byte namespace each, and two LIO LUNs:
 /// block sizes that let every leaf join one stack.
 pub const STACK: &str = "stack";
+/// The `stack` topology with Copy limits large enough for 1 MiB commands
+/// (16 ranges of up to 1 MiB, 16 MiB a command), as a drive would offer:
+/// copy benchmarks measure the offload, not the rig's small limits.
+pub const COPY: &str = "copy";
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -200,19 +204,32 @@ impl Topology {
         topo
     }
 
+    /// [`Topology::stack`] with large Copy limits (see [`COPY`]).
+    pub fn copy() -> Topology {
+        let mut topo = Topology::stack();
+        topo.name = COPY.to_string();
+        for ns in topo.nvme.iter_mut().flat_map(|c| c.namespaces.iter_mut()) {
+            ns.mssrl = 2048;
+            ns.mcl = 32768;
+            ns.msrc = 15;
+        }
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
             DEFAULT => Some(Topology::default_rig()),
             FAULTS => Some(Topology::faults()),
             STACK => Some(Topology::stack()),
+            COPY => Some(Topology::copy()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK]
+        &[DEFAULT, FAULTS, STACK, COPY]
     }
 }
 

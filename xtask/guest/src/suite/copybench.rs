@@ -13,7 +13,7 @@
 
 use super::{GuestEnv, GuestTest, Kind};
 use crate::setup::{bind_vfio, rebind};
-use crate::topology::STACK;
+use crate::topology::COPY;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use ustor::copybench::{Bench, CpuOf, Workload, cpu_time, median};
 pub(super) static TESTS: &[GuestTest] = &[GuestTest {
     name: "copy_bench_offload_bounce_dd",
     kind: Kind::Bench,
-    topology: STACK,
+    topology: COPY,
     timeout: Duration::from_secs(300),
     run: copy_bench_offload_bounce_dd,
 }];
