@@ -10,6 +10,15 @@
 //! overflow) and resumes at its cursor on the next poll. The parent
 //! completes when its cursor is at the end and no child is outstanding,
 //! with the first error any child reported.
+//!
+//! Most requests fit one member whole (inside one chunk, within the
+//! member's largest transfer): those take the direct path. They still hold
+//! a slot (so the channel's depth bounds them), but only the caller's
+//! context is kept; the child's context is the slot tagged [`DIRECT`], and
+//! its completion is rewritten in place in the caller's array. A direct
+//! request the member does not take (busy, refused) falls back to the split
+//! path. `poll` harvests only members with children outstanding, straight
+//! into the caller's array, starting from a rotating member.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -255,20 +264,24 @@ impl<L: Layout> BlockDevice for SplitDevice<L> {
         // the rest.
         let member_depth = depth.saturating_mul(4);
         let mut members = Vec::with_capacity(self.members.len());
-        let mut member_max = Vec::with_capacity(self.members.len());
         for member in &self.members {
-            members.push(member.open_channel(member_depth)?);
-            member_max.push(member.info().max_transfer_blocks.max(1));
+            members.push(Member {
+                channel: member.open_channel(member_depth)?,
+                max_blocks: member.info().max_transfer_blocks.max(1),
+                outstanding: 0,
+            });
         }
         Ok(Box::new(SplitChannel {
             info: self.info.clone(),
             layout: Arc::clone(&self.layout),
             members,
-            member_max,
+            next_member: 0,
             parents: Slab::new(depth),
+            direct: vec![Direct::default(); depth],
             stalled: VecDeque::with_capacity(depth),
             done: VecDeque::with_capacity(depth),
             scratch: vec![Completion::EMPTY; member_depth.min(256)],
+            quick: QuickCheck::new(&self.info),
             _not_sync: NotSync::default(),
         }))
     }
@@ -316,18 +329,103 @@ struct Parent {
     error: Option<IoError>,
 }
 
+/// A member's channel, with what the split path needs of it at hand.
+struct Member {
+    channel: Box<dyn Channel>,
+    /// The member's largest transfer, in blocks (at least 1).
+    max_blocks: u64,
+    /// Children submitted to the member and not yet harvested from it:
+    /// members with none are not polled.
+    outstanding: u32,
+}
+
+/// A request that went to one member whole (the direct path): all the
+/// channel keeps of it is the caller's context.
+#[derive(Debug, Clone, Copy, Default)]
+struct Direct {
+    ctx: u64,
+    busy: bool,
+}
+
+/// Marks a child context as a direct request's slot; split children carry
+/// their parent's slot (a `u32`) as it is.
+const DIRECT: u64 = 1 << 63;
+
 struct SplitChannel<L: Layout> {
     info: DeviceInfo,
     layout: Arc<L>,
-    members: Vec<Box<dyn Channel>>,
-    member_max: Vec<u64>,
+    members: Vec<Member>,
+    /// The member `poll` harvests first, rotated so that a caller with a
+    /// small completion array starves none.
+    next_member: usize,
+    /// Per-request slots: every accepted request holds one (so `depth`
+    /// bounds requests in flight), split or direct. A split request keeps
+    /// its state here.
     parents: Slab<Parent>,
+    /// The direct-path state of each slot.
+    direct: Vec<Direct>,
     /// Parents whose cursor stopped on a busy member.
     stalled: VecDeque<u32>,
     /// Parents finished and not yet returned by poll.
     done: VecDeque<u32>,
+    /// Where members' completions go when the caller's array is full.
     scratch: Vec<Completion>,
+    quick: QuickCheck,
     _not_sync: NotSync,
+}
+
+/// What [`DeviceInfo::validate`] checks of a read or write, precomputed
+/// for the submit path: a request that passes is one `validate` accepts;
+/// any other goes to `validate` for the verdict and the error.
+#[derive(Debug, Clone, Copy)]
+struct QuickCheck {
+    read: bool,
+    write: bool,
+    block_count: u64,
+    block_size: u64,
+    max_transfer_blocks: u64,
+    /// `buf_align - 1` (reads and writes are off when the alignment is not
+    /// a power of two).
+    align_mask: usize,
+    needs_iova: bool,
+}
+
+impl QuickCheck {
+    fn new(info: &DeviceInfo) -> QuickCheck {
+        let pow2 = info.buf_align.is_power_of_two();
+        QuickCheck {
+            read: pow2 && info.ops.contains(SupportedOps::READ),
+            write: pow2 && info.ops.contains(SupportedOps::WRITE),
+            block_count: info.block_count,
+            block_size: u64::from(info.block_size),
+            max_transfer_blocks: info.max_transfer_blocks,
+            align_mask: info.buf_align.wrapping_sub(1),
+            needs_iova: info.needs_iova,
+        }
+    }
+
+    /// True when `req` is a read or write `validate` accepts; false says
+    /// nothing.
+    #[inline]
+    fn passes(&self, req: &IoRequest) -> bool {
+        let op = match req.op {
+            IoOp::Read => self.read,
+            IoOp::Write => self.write,
+            _ => false,
+        };
+        op && req.blocks != 0
+            && req
+                .lba
+                .checked_add(req.blocks)
+                .is_some_and(|end| end <= self.block_count)
+            && req.blocks <= self.max_transfer_blocks
+            && req
+                .blocks
+                .checked_mul(self.block_size)
+                .is_some_and(|bytes| bytes == req.buf.len() as u64)
+            && (req.buf.host_ptr() as usize) & self.align_mask == 0
+            && (!self.needs_iova || req.buf.iova().is_some())
+    }
 }
 
 impl<L: Layout> SplitChannel<L> {
@@ -348,7 +446,7 @@ impl<L: Layout> SplitChannel<L> {
                 let here = parent.lba + parent.cursor;
                 let (member, member_lba, run) =
                     self.layout.locate(here, parent.blocks - parent.cursor);
-                let run = run.min(self.member_max[member]);
+                let run = run.min(self.members[member].max_blocks);
                 let buf = match parent.buf {
                     Some(buf) => buf
                         .sub((parent.cursor * bs) as usize, (run * bs) as usize)
@@ -368,8 +466,9 @@ impl<L: Layout> SplitChannel<L> {
             // SAFETY: the child's buffer is a sub-run of the parent's, which
             // our caller's submit contract keeps valid until the parent
             // completes, and the parent outlives its children.
-            match unsafe { self.members[member].submit(child) } {
+            match unsafe { self.members[member].channel.submit(child) } {
                 Ok(()) => {
+                    self.members[member].outstanding += 1;
                     let parent = self.parents.at(slot);
                     parent.outstanding += 1;
                     parent.cursor += advance;
@@ -414,6 +513,131 @@ impl<L: Layout> SplitChannel<L> {
         // Indices from get_mut fit u32: they came from our slab.
         self.finish_if_done(completion.ctx as u32);
     }
+
+    /// Tries to hand `req` (validated, not a flush) to one member whole,
+    /// under `slot`. False when it spans members, chunks or the member's
+    /// largest transfer, or the member did not take it: the caller splits.
+    #[inline]
+    fn submit_direct(&mut self, req: &IoRequest, slot: u32) -> bool {
+        let (member, member_lba, run) = self.layout.locate(req.lba, req.blocks);
+        let m = &mut self.members[member];
+        if run != req.blocks || run > m.max_blocks {
+            return false;
+        }
+        let child = IoRequest {
+            op: req.op,
+            lba: member_lba,
+            blocks: run,
+            buf: if req.op.moves_data() {
+                req.buf
+            } else {
+                DmaSlice::EMPTY
+            },
+            ctx: u64::from(slot) | DIRECT,
+        };
+        // SAFETY: the child is the caller's request moved onto the member,
+        // with the caller's buffer, whose submit contract holds until the
+        // completion is returned by our poll, which comes after the
+        // member's.
+        if unsafe { m.channel.submit(child) }.is_err() {
+            // Busy or refused: the split path retries, stalls on Busy and
+            // fails the request on a refusal, as for any child.
+            return false;
+        }
+        m.outstanding += 1;
+        self.direct[slot as usize] = Direct {
+            ctx: req.ctx,
+            busy: true,
+        };
+        true
+    }
+
+    /// Ends the direct request whose child context is `ctx`, returning the
+    /// caller's context; `None` (logged) for a context that names no
+    /// direct request in flight.
+    #[inline]
+    fn direct_done(&mut self, ctx: u64) -> Option<(u32, u64)> {
+        let slot = ctx & !DIRECT;
+        match usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.direct.get_mut(i))
+        {
+            Some(direct) if direct.busy => {
+                direct.busy = false;
+                // Slots fit u32: `direct` has one entry per slab slot.
+                Some((slot as u32, direct.ctx))
+            }
+            _ => {
+                debug!(ctx, "completion for an unknown direct request");
+                None
+            }
+        }
+    }
+
+    /// Returns finished parents into `out` from `n` on; the new count.
+    fn emit_done(&mut self, out: &mut [Completion], mut n: usize) -> usize {
+        while n < out.len() {
+            let Some(slot) = self.done.pop_front() else {
+                break;
+            };
+            let parent = self.parents.at(slot);
+            out[n] = Completion {
+                ctx: parent.ctx,
+                result: parent.error.map_or(Ok(()), Err),
+            };
+            parent.op = None;
+            self.parents.put(slot);
+            n += 1;
+        }
+        n
+    }
+
+    /// Harvests member `index` into `out` from `n` on: direct completions
+    /// are rewritten in place to the caller's context, split children are
+    /// taken out and counted against their parents. The new count.
+    fn harvest_into(&mut self, index: usize, out: &mut [Completion], n: usize) -> usize {
+        let m = &mut self.members[index];
+        let got = m.channel.poll(&mut out[n..]);
+        m.outstanding = m.outstanding.saturating_sub(got as u32);
+        let mut kept = n;
+        for i in n..n + got {
+            let ctx = out[i].ctx;
+            if ctx & DIRECT != 0 {
+                if let Some((slot, caller_ctx)) = self.direct_done(ctx) {
+                    self.parents.put(slot);
+                    if kept != i {
+                        out[kept] = out[i];
+                    }
+                    out[kept].ctx = caller_ctx;
+                    kept += 1;
+                }
+            } else {
+                self.child_done(out[i]);
+            }
+        }
+        kept
+    }
+
+    /// Harvests member `index` into the scratch array (the caller's is
+    /// full): direct completions wait in `done` like finished parents.
+    fn harvest_to_scratch(&mut self, index: usize) {
+        let m = &mut self.members[index];
+        let got = m.channel.poll(&mut self.scratch);
+        m.outstanding = m.outstanding.saturating_sub(got as u32);
+        for i in 0..got {
+            let completion = self.scratch[i];
+            if completion.ctx & DIRECT != 0 {
+                if let Some((slot, ctx)) = self.direct_done(completion.ctx) {
+                    let parent = self.parents.at(slot);
+                    parent.ctx = ctx;
+                    parent.error = completion.result.err();
+                    self.done.push_back(slot);
+                }
+            } else {
+                self.child_done(completion);
+            }
+        }
+    }
 }
 
 impl<L: Layout> Channel for SplitChannel<L> {
@@ -422,8 +646,15 @@ impl<L: Layout> Channel for SplitChannel<L> {
     }
 
     unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
-        self.info.validate(&req).map_err(SubmitError::Invalid)?;
+        if self.quick.passes(&req) {
+            debug_assert!(self.info.validate(&req).is_ok(), "{req:?}");
+        } else {
+            self.info.validate(&req).map_err(SubmitError::Invalid)?;
+        }
         let slot = self.parents.take().ok_or(SubmitError::Busy)?;
+        if req.op != IoOp::Flush && self.submit_direct(&req, slot) {
+            return Ok(());
+        }
         let end = if req.op == IoOp::Flush {
             self.members.len() as u64
         } else {
@@ -450,31 +681,257 @@ impl<L: Layout> Channel for SplitChannel<L> {
                 self.dispatch(slot);
             }
         }
-        for member in 0..self.members.len() {
-            let n = self.members[member].poll(&mut self.scratch);
-            for i in 0..n {
-                let completion = self.scratch[i];
-                self.child_done(completion);
+        let mut n = self.emit_done(out, 0);
+        let count = self.members.len();
+        let first = self.next_member;
+        self.next_member = if first + 1 >= count { 0 } else { first + 1 };
+        for k in 0..count {
+            let index = if first + k >= count {
+                first + k - count
+            } else {
+                first + k
+            };
+            if self.members[index].outstanding == 0 {
+                continue;
+            }
+            if n < out.len() {
+                n = self.harvest_into(index, out, n);
+            } else {
+                // Still poll (it rings the member's doorbell and moves its
+                // queue along); what it returns waits in `done`.
+                self.harvest_to_scratch(index);
             }
         }
-        let mut n = 0;
-        while n < out.len() {
-            let Some(slot) = self.done.pop_front() else {
-                break;
-            };
-            let parent = self.parents.at(slot);
-            out[n] = Completion {
-                ctx: parent.ctx,
-                result: parent.error.map_or(Ok(()), Err),
-            };
-            parent.op = None;
-            self.parents.put(slot);
-            n += 1;
-        }
-        n
+        self.emit_done(out, n)
     }
 
     fn outstanding(&self) -> usize {
         self.parents.in_use()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{DmaMemory, HostBuffer};
+    use crate::error::IoErrorKind;
+
+    /// A member that holds at most `cap` requests (then Busy), completes
+    /// them on the next poll, and fails those that start at `fail_lba`.
+    struct Toy {
+        info: DeviceInfo,
+        cap: usize,
+        fail_lba: u64,
+    }
+
+    struct ToyChannel {
+        id: DeviceId,
+        cap: usize,
+        fail_lba: u64,
+        held: VecDeque<Completion>,
+    }
+
+    impl Toy {
+        fn device(blocks: u64, cap: usize, fail_lba: u64) -> Arc<dyn BlockDevice> {
+            Arc::new(Toy {
+                info: DeviceInfo {
+                    id: DeviceId::fresh(),
+                    name: "toy".into(),
+                    kind: DeviceKind::Memory,
+                    block_size: 512,
+                    block_count: blocks,
+                    max_transfer_blocks: 64,
+                    buf_align: 1,
+                    needs_iova: false,
+                    optimal_boundary_blocks: 0,
+                    ops: SupportedOps::all(),
+                    copy_offloads: Vec::new(),
+                },
+                cap,
+                fail_lba,
+            })
+        }
+    }
+
+    impl BlockDevice for Toy {
+        fn info(&self) -> &DeviceInfo {
+            &self.info
+        }
+        fn open_channel(&self, _depth: usize) -> Result<Box<dyn Channel>, BdevError> {
+            Ok(Box::new(ToyChannel {
+                id: self.info.id,
+                cap: self.cap,
+                fail_lba: self.fail_lba,
+                held: VecDeque::new(),
+            }))
+        }
+        fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
+            Vec::new()
+        }
+        fn map(&self, _: u64, _: u64, _: Access, _: &mut Vec<LeafFragment>) -> Result<(), IoError> {
+            Ok(())
+        }
+    }
+
+    impl Channel for ToyChannel {
+        fn device(&self) -> DeviceId {
+            self.id
+        }
+        unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+            if self.held.len() >= self.cap {
+                return Err(SubmitError::Busy);
+            }
+            let result = if req.lba == self.fail_lba {
+                Err(IoError {
+                    device: self.id,
+                    op: req.op,
+                    lba: req.lba,
+                    blocks: req.blocks,
+                    kind: IoErrorKind::Medium,
+                })
+            } else {
+                Ok(())
+            };
+            self.held.push_back(Completion {
+                ctx: req.ctx,
+                result,
+            });
+            Ok(())
+        }
+        fn poll(&mut self, out: &mut [Completion]) -> usize {
+            let mut n = 0;
+            while n < out.len() {
+                let Some(c) = self.held.pop_front() else {
+                    break;
+                };
+                out[n] = c;
+                n += 1;
+            }
+            n
+        }
+        fn outstanding(&self) -> usize {
+            self.held.len()
+        }
+    }
+
+    /// Submits reads of `(lba, blocks)` with ctx = index + 100, then polls
+    /// with arrays of `sizes` (cycled) until all are back; returns the
+    /// results by index.
+    fn run(
+        stripe: &Stripe,
+        depth: usize,
+        reads: &[(u64, u64)],
+        sizes: &[usize],
+    ) -> Vec<Result<(), IoError>> {
+        let mut ch = stripe.open_channel(depth).expect("channel");
+        let mut bufs: Vec<HostBuffer> = reads
+            .iter()
+            .map(|&(_, blocks)| HostBuffer::new(blocks as usize * 512).expect("buffer"))
+            .collect();
+        for (i, &(lba, blocks)) in reads.iter().enumerate() {
+            let req = IoRequest::read(lba, blocks, bufs[i].dma_slice(), i as u64 + 100);
+            // SAFETY: `bufs` outlives the channel's use: we poll until
+            // every request is back before dropping them.
+            unsafe { ch.submit(req) }.expect("accepted");
+        }
+        assert_eq!(ch.outstanding(), reads.len());
+        let mut results = vec![None; reads.len()];
+        let mut out = [Completion::EMPTY; 8];
+        let mut round = 0;
+        while ch.outstanding() > 0 {
+            let size = sizes[round % sizes.len()];
+            round += 1;
+            assert!(round < 10_000, "requests never completed");
+            let n = ch.poll(&mut out[..size]);
+            for c in &out[..n] {
+                let i = (c.ctx - 100) as usize;
+                assert!(results[i].is_none(), "ctx {} completed twice", c.ctx);
+                results[i] = Some(c.result);
+            }
+        }
+        drop(bufs.drain(..));
+        results.into_iter().map(|r| r.expect("completed")).collect()
+    }
+
+    fn stripe(cap: usize, fail_lba: u64) -> Stripe {
+        // Two members, chunks of 8 blocks.
+        Stripe::new(
+            vec![
+                Toy::device(1024, cap, fail_lba),
+                Toy::device(1024, cap, fail_lba),
+            ],
+            8,
+        )
+        .expect("stripe")
+    }
+
+    #[test]
+    fn direct_and_split_requests_complete_once_through_small_arrays() {
+        let s = stripe(64, u64::MAX);
+        // Inside one chunk (direct), across chunks, larger than the
+        // members' 64-block transfer.
+        let reads = [(0, 1), (8, 8), (3, 9), (17, 2), (40, 1), (0, 200), (9, 1)];
+        for sizes in [&[1][..], &[0, 1, 0, 2], &[8]] {
+            let results = run(&s, 8, &reads, sizes);
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+        }
+    }
+
+    #[test]
+    fn a_busy_member_stalls_a_direct_request_until_polled() {
+        // Members take one request at a time: the second and third read
+        // on member 0 find it busy and wait in the split path.
+        let s = stripe(1, u64::MAX);
+        let results = run(&s, 4, &[(0, 1), (1, 1), (2, 4), (8, 1)], &[1, 0, 4]);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+
+    #[test]
+    fn member_errors_reach_the_caller_with_its_context() {
+        // Requests at member lba 8 fail: stripe lba 16 (member 0) and 24
+        // (member 1), and the second child of a read of 12..20.
+        let s = stripe(64, 8);
+        let reads = [(16, 1), (17, 1), (12, 8), (24, 1), (25, 1), (4, 8)];
+        let results = run(&s, 8, &reads, &[1, 8]);
+        for i in [1, 4, 5] {
+            assert!(results[i].is_ok(), "{i}: {results:?}");
+        }
+        for i in [0, 2, 3] {
+            let e = results[i].expect_err("fails");
+            assert_eq!((e.kind, e.lba), (IoErrorKind::Medium, 8), "{i}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_quick_check_passes_only_what_validate_accepts() {
+        let mut info = stripe(64, u64::MAX).info().clone();
+        let mut buf = HostBuffer::new(64 * 512 + 8).expect("buffer");
+        let whole = buf.dma_slice();
+        let mut passed = 0;
+        for align in [1, 4, 8, 3] {
+            info.buf_align = align;
+            let quick = QuickCheck::new(&info);
+            for op in [IoOp::Read, IoOp::Write, IoOp::Flush, IoOp::WriteZeroes] {
+                for lba in [0, 5, 2040, 2047, 2048, u64::MAX] {
+                    for blocks in [0, 1, 8, 64] {
+                        for (offset, len) in [(0, 512), (0, 4096), (1, 4096), (4, 512), (8, 0)] {
+                            let buf = whole.sub(offset, len).expect("sub");
+                            let req = IoRequest {
+                                op,
+                                lba,
+                                blocks,
+                                buf,
+                                ctx: 0,
+                            };
+                            if quick.passes(&req) {
+                                assert!(info.validate(&req).is_ok(), "{align} {req:?}");
+                                passed += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(passed > 0);
     }
 }
