@@ -3,51 +3,12 @@
 //! member, region and max-transfer boundaries run through a mirror of a
 //! stripe and a concat.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bdev_stack::{HostBuffer, IoOp, OwnedChannel, spec};
 
-struct CountingAllocator;
+#[path = "support/counting.rs"]
+mod counting;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note_allocation() {
-    if COUNTING.with(Cell::get) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+use counting::{CountingAllocator, counted};
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -110,14 +71,11 @@ fn splitting_path_allocates_nothing_per_io_at_steady_state() {
     // allocated their chunks, and sizes everything lazily sized.
     run(&mut ch, &mut buffers, blocks, blocks / IO_BLOCKS + 64);
 
-    COUNTING.with(|c| c.set(true));
-    let completed = run(&mut ch, &mut buffers, blocks, 200);
-    COUNTING.with(|c| c.set(false));
+    let (completed, allocations) = counted(|| run(&mut ch, &mut buffers, blocks, 200));
 
     assert_eq!(completed, 200 * DEPTH as u64);
     assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed),
-        0,
+        allocations, 0,
         "allocations during {completed} I/Os at steady state"
     );
 }

@@ -7,10 +7,7 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bdev_stack::nvme_leaf::{EmuNamespace, emu_dma_allocator, emu_dma_context, open_emu_namespace};
 use bdev_stack::spec::{self, SpecErrorKind};
@@ -26,46 +23,10 @@ use nvme::spec::nvm_opc;
 use nvme::{Controller, ControllerOptions};
 use proptest::prelude::*;
 
-/// Counts allocations made by a thread while it has counting on.
-struct CountingAllocator;
+#[path = "support/counting.rs"]
+mod counting;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note_allocation() {
-    if COUNTING.with(Cell::get) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+use counting::{CountingAllocator, counted};
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -731,14 +692,7 @@ fn the_nvme_path_allocates_nothing_per_io() {
         .collect();
     let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(dev.as_ref(), 8).expect("channel");
     steady_rounds(&mut ch, &mut buffers, blocks, 4);
-    ALLOCATIONS.store(0, Ordering::Relaxed);
-    COUNTING.with(|c| c.set(true));
-    let ios = steady_rounds(&mut ch, &mut buffers, blocks, 50);
-    COUNTING.with(|c| c.set(false));
+    let (ios, allocations) = counted(|| steady_rounds(&mut ch, &mut buffers, blocks, 50));
     assert_eq!(ios, 400);
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed),
-        0,
-        "allocations on the NVMe leaf path"
-    );
+    assert_eq!(allocations, 0, "allocations on the NVMe leaf path");
 }
