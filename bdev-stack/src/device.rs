@@ -524,3 +524,28 @@ impl fmt::Debug for dyn BlockDevice {
             .finish()
     }
 }
+
+/// Moves completions from `queue` into `out`, oldest first, until either
+/// runs out; returns how many moved. The leaves that complete from a queue
+/// share it.
+pub(crate) fn drain_completions<T>(
+    queue: &mut std::collections::VecDeque<T>,
+    out: &mut [T],
+) -> usize {
+    let n = queue.len().min(out.len());
+    for (slot, c) in out.iter_mut().zip(queue.drain(..n)) {
+        *slot = c;
+    }
+    n
+}
+
+/// [`drain_completions`] into a vector, at most `max`.
+pub(crate) fn drain_completions_into<T>(
+    queue: &mut std::collections::VecDeque<T>,
+    out: &mut Vec<T>,
+    max: usize,
+) -> usize {
+    let n = queue.len().min(max);
+    out.extend(queue.drain(..n));
+    n
+}

@@ -205,14 +205,7 @@ impl Channel for FaultyChannel {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(completion) = self.failed.pop_front() else {
-                break;
-            };
-            out[n] = completion;
-            n += 1;
-        }
+        let n = crate::device::drain_completions(&mut self.failed, out);
         n + self.inner.poll(&mut out[n..])
     }
 

@@ -392,15 +392,7 @@ impl Channel for MemChannel {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(completion) = self.done.pop_front() else {
-                break;
-            };
-            out[n] = completion;
-            n += 1;
-        }
-        n
+        crate::device::drain_completions(&mut self.done, out)
     }
 
     fn outstanding(&self) -> usize {
@@ -636,15 +628,7 @@ impl CopyChannel for MemCopyChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<OffloadCompletion>, max: usize) -> usize {
-        let mut n = 0;
-        while n < max {
-            let Some(completion) = self.done.pop_front() else {
-                break;
-            };
-            out.push(completion);
-            n += 1;
-        }
-        n
+        crate::device::drain_completions_into(&mut self.done, out, max)
     }
 
     fn outstanding(&self) -> usize {

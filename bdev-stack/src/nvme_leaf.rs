@@ -459,14 +459,7 @@ impl<T: Transport> Channel for NvmeChannel<T> {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(c) = self.failed.pop_front() else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
+        let mut n = crate::device::drain_completions(&mut self.failed, out);
         if n == out.len() || self.dead {
             return n;
         }
@@ -502,13 +495,7 @@ impl<T: Transport> Channel for NvmeChannel<T> {
             Err(e) => {
                 tracing::error!(device = %self.info.name, error = %e, "NVMe queue pair failed; failing outstanding I/O");
                 self.fail_all();
-                while n < out.len() {
-                    let Some(c) = self.failed.pop_front() else {
-                        break;
-                    };
-                    out[n] = c;
-                    n += 1;
-                }
+                n += crate::device::drain_completions(&mut self.failed, &mut out[n..]);
             }
         }
         n
@@ -734,14 +721,7 @@ impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
     }
 
     fn poll(&mut self, out: &mut Vec<OffloadCompletion>, max: usize) -> usize {
-        let mut n = 0;
-        while n < max {
-            let Some(c) = self.ready.pop_front() else {
-                break;
-            };
-            out.push(c);
-            n += 1;
-        }
+        let mut n = crate::device::drain_completions_into(&mut self.ready, out, max);
         if n == max {
             return n;
         }

@@ -510,15 +510,7 @@ impl Channel for EmuChannel {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(c) = self.done.pop_front() else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
-        n
+        crate::device::drain_completions(&mut self.done, out)
     }
 
     fn outstanding(&self) -> usize {
@@ -823,15 +815,7 @@ impl Channel for SgChannel {
                 }
             }
         }
-        let mut n = 0;
-        while n < out.len() {
-            let Some(c) = self.done.pop_front() else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
-        n
+        crate::device::drain_completions(&mut self.done, out)
     }
 
     fn outstanding(&self) -> usize {

@@ -799,15 +799,7 @@ mod tests {
             Ok(())
         }
         fn poll(&mut self, out: &mut [Completion]) -> usize {
-            let mut n = 0;
-            while n < out.len() {
-                let Some(c) = self.held.pop_front() else {
-                    break;
-                };
-                out[n] = c;
-                n += 1;
-            }
-            n
+            crate::device::drain_completions(&mut self.held, out)
         }
         fn outstanding(&self) -> usize {
             self.held.len()
