@@ -530,6 +530,48 @@ impl Rng {
     }
 }
 
+/// Picks each I/O's block and direction for a workload: one generator for
+/// every target, so runs on a queue pair and on a stack are comparable.
+struct Picker {
+    rng: Rng,
+    seq: u64,
+    slots: u64,
+    blocks_per_io: u64,
+    workload: Workload,
+}
+
+impl Picker {
+    /// `block_count` blocks of which each I/O covers `blocks_per_io`;
+    /// sequential workloads start each thread at its share of the device.
+    fn new(cfg: &PerfConfig, thread: u16, block_count: u64, blocks_per_io: u64) -> Picker {
+        let slots = (block_count / blocks_per_io.max(1)).max(1);
+        Picker {
+            rng: Rng(0x9E37_79B9_7F4A_7C15 ^ ((u64::from(thread) + 1) * 0x1234_5678_9abc)),
+            seq: (u64::from(thread) * slots / cfg.threads.max(1) as u64) % slots,
+            slots,
+            blocks_per_io,
+            workload: cfg.workload,
+        }
+    }
+
+    /// The next I/O: its first block, and whether it reads.
+    #[inline]
+    fn next(&mut self) -> (u64, bool) {
+        let slot = if self.workload.random() {
+            self.rng.next() % self.slots
+        } else {
+            self.seq = (self.seq + 1) % self.slots;
+            self.seq
+        };
+        let read = match self.workload {
+            Workload::Read | Workload::RandRead => true,
+            Workload::Write | Workload::RandWrite => false,
+            Workload::Mix { read_pct } => (self.rng.next() % 100) < u64::from(read_pct),
+        };
+        (slot * self.blocks_per_io, read)
+    }
+}
+
 fn worker<T: Transport>(
     ctrl: &Controller<T>,
     ns: nvme::Namespace,
@@ -558,9 +600,7 @@ fn worker<T: Transport>(
     let mut started = vec![0u64; qd];
     let mut hist = new_histogram()?;
     let blocks_per_io = (cfg.io_size / ns.block_size as usize) as u64;
-    let slots = (ns.blocks / blocks_per_io).max(1);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((thread as u64 + 1) * 0x1234_5678_9abc));
-    let mut seq = (thread as u64 * slots / cfg.threads.max(1) as u64) % slots;
+    let mut picker = Picker::new(cfg, thread, ns.blocks, blocks_per_io);
     let (mut ios, mut errors) = (0u64, 0u64);
     let start = Instant::now();
     let start_ticks = ticks::now(base);
@@ -573,19 +613,8 @@ fn worker<T: Transport>(
     loop {
         if free.len() >= refill_at {
             while let Some(&slot) = free.last() {
-                let slot_lba = if cfg.workload.random() {
-                    rng.next() % slots
-                } else {
-                    seq = (seq + 1) % slots;
-                    seq
-                };
-                let read = match cfg.workload {
-                    Workload::Read | Workload::RandRead => true,
-                    Workload::Write | Workload::RandWrite => false,
-                    Workload::Mix { read_pct } => (rng.next() % 100) < read_pct as u64,
-                };
+                let (lba, read) = picker.next();
                 let s = &slices[slot as usize];
-                let lba = slot_lba * blocks_per_io;
                 let r = if read {
                     qp.read(&ns, lba, s, slot as u64)
                 } else {
@@ -664,9 +693,7 @@ fn stack_worker(
     let mut started = vec![0u64; qd];
     let mut hist = new_histogram()?;
     let blocks_per_io = (cfg.io_size / info.block_size as usize) as u64;
-    let slots = (info.block_count / blocks_per_io).max(1);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((thread as u64 + 1) * 0x1234_5678_9abc));
-    let mut seq = (thread as u64 * slots / cfg.threads.max(1) as u64) % slots;
+    let mut picker = Picker::new(cfg, thread, info.block_count, blocks_per_io);
     let (mut ios, mut errors) = (0u64, 0u64);
     let start = Instant::now();
     let start_ticks = ticks::now(base);
@@ -676,18 +703,7 @@ fn stack_worker(
     loop {
         if free.len() >= refill_at {
             while let Some(&slot) = free.last() {
-                let slot_lba = if cfg.workload.random() {
-                    rng.next() % slots
-                } else {
-                    seq = (seq + 1) % slots;
-                    seq
-                };
-                let read = match cfg.workload {
-                    Workload::Read | Workload::RandRead => true,
-                    Workload::Write | Workload::RandWrite => false,
-                    Workload::Mix { read_pct } => (rng.next() % 100) < read_pct as u64,
-                };
-                let lba = slot_lba * blocks_per_io;
+                let (lba, read) = picker.next();
                 let buf = slices[slot as usize];
                 let req = if read {
                     IoRequest::read(lba, blocks_per_io, buf, slot as u64)
