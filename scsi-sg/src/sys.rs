@@ -244,6 +244,38 @@ pub struct SgIoHdr {
     pub info: c_uint,
 }
 
+impl SgIoHdr {
+    /// A v3 header with no command, no buffers, and every field the driver
+    /// fills in zeroed; callers set what their call needs with struct update
+    /// syntax.
+    pub const fn empty() -> SgIoHdr {
+        SgIoHdr {
+            interface_id: SG_INTERFACE_ID_ORIG,
+            dxfer_direction: SG_DXFER_NONE,
+            cmd_len: 0,
+            mx_sb_len: 0,
+            iovec_count: 0,
+            dxfer_len: 0,
+            dxferp: ptr::null_mut(),
+            cmdp: ptr::null(),
+            sbp: ptr::null_mut(),
+            timeout: 0,
+            flags: 0,
+            pack_id: 0,
+            usr_ptr: ptr::null_mut(),
+            status: 0,
+            masked_status: 0,
+            msg_status: 0,
+            sb_len_wr: 0,
+            host_status: 0,
+            driver_status: 0,
+            resid: 0,
+            duration: 0,
+            info: 0,
+        }
+    }
+}
+
 // Layout of `sg_io_hdr` on 64-bit Linux (x86_64, aarch64, ...): the pointers
 // are 8-byte aligned, so there is padding after `dxfer_len`/`pack_id` and at
 // the end. `pahole` on x86_64 shows exactly these offsets and size 88.
@@ -380,28 +412,15 @@ pub fn sg_io(
     let mx_sb_len = u8::try_from(sense.len()).unwrap_or(u8::MAX);
 
     let mut hdr = SgIoHdr {
-        interface_id: SG_INTERFACE_ID_ORIG,
         dxfer_direction,
         cmd_len,
         mx_sb_len,
-        iovec_count: 0,
         dxfer_len,
         dxferp,
         cmdp: cdb.as_ptr(),
         sbp: sense.as_mut_ptr(),
         timeout: timeout_ms,
-        flags: 0,
-        pack_id: 0,
-        usr_ptr: ptr::null_mut(),
-        status: 0,
-        masked_status: 0,
-        msg_status: 0,
-        sb_len_wr: 0,
-        host_status: 0,
-        driver_status: 0,
-        resid: 0,
-        duration: 0,
-        info: 0,
+        ..SgIoHdr::empty()
     };
 
     // SAFETY: `fd` is live for the call. 0x22xx request codes are reserved to

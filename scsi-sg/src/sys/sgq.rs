@@ -17,8 +17,7 @@ use std::ptr;
 
 use super::aligned::AlignedBuf;
 use super::{
-    SENSE_BUFFER_LEN, SG_DXFER_FROM_DEV, SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_INTERFACE_ID_ORIG,
-    SgIoHdr, SgIoOutput,
+    SENSE_BUFFER_LEN, SG_DXFER_FROM_DEV, SG_DXFER_NONE, SG_DXFER_TO_DEV, SgIoHdr, SgIoOutput,
 };
 
 /// Commands the sg driver queues per open file (`SG_MAX_QUEUE`).
@@ -171,11 +170,9 @@ impl SgAsyncFd {
         };
         slot.cdb[..cdb.len()].copy_from_slice(cdb);
         let hdr = SgIoHdr {
-            interface_id: SG_INTERFACE_ID_ORIG,
             dxfer_direction: direction,
             cmd_len,
             mx_sb_len: u8::try_from(SENSE_BUFFER_LEN).unwrap_or(u8::MAX),
-            iovec_count: 0,
             dxfer_len,
             dxferp,
             cmdp: slot.cdb.as_ptr(),
@@ -187,16 +184,7 @@ impl SgAsyncFd {
                 0
             },
             pack_id: c_int::try_from(index).unwrap_or(0),
-            usr_ptr: ptr::null_mut(),
-            status: 0,
-            masked_status: 0,
-            msg_status: 0,
-            sb_len_wr: 0,
-            host_status: 0,
-            driver_status: 0,
-            resid: 0,
-            duration: 0,
-            info: 0,
+            ..SgIoHdr::empty()
         };
         // SAFETY: write(2) reads size_of::<SgIoHdr>() bytes from `hdr`, a
         // live local. The sg driver copies the CDB (`cmdp`, cmd_len <= 32
@@ -234,30 +222,9 @@ impl SgAsyncFd {
             return Ok(None);
         }
         let mut hdr = SgIoHdr {
-            interface_id: SG_INTERFACE_ID_ORIG,
-            // Negative: tells sg this is a v3 header (the old header's
-            // reply_len field).
-            dxfer_direction: SG_DXFER_NONE,
-            cmd_len: 0,
-            mx_sb_len: 0,
-            iovec_count: 0,
-            dxfer_len: 0,
-            dxferp: ptr::null_mut(),
-            cmdp: ptr::null(),
-            sbp: ptr::null_mut(),
-            timeout: 0,
-            flags: 0,
+            // -1: take whichever command completed first.
             pack_id: -1,
-            usr_ptr: ptr::null_mut(),
-            status: 0,
-            masked_status: 0,
-            msg_status: 0,
-            sb_len_wr: 0,
-            host_status: 0,
-            driver_status: 0,
-            resid: 0,
-            duration: 0,
-            info: 0,
+            ..SgIoHdr::empty()
         };
         // SAFETY: read(2) writes at most size_of::<SgIoHdr>() bytes into
         // `hdr`, a live, writable local of that size. While completing the
