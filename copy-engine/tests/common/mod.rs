@@ -5,70 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bdev_stack::{Access, BlockDevice, HostBuffer, IoError, LbaRange, OwnedChannel, find_device};
+use bdev_stack::{Access, BlockDevice, IoError, LbaRange, find_device};
 
 pub mod scsi;
 
-/// Synchronous I/O on a device.
-pub struct SyncIo {
-    ch: OwnedChannel<HostBuffer>,
-    bs: usize,
-    max_blocks: u64,
-}
-
-impl SyncIo {
-    pub fn open(device: &dyn BlockDevice) -> SyncIo {
-        SyncIo {
-            ch: OwnedChannel::open(device, 4).expect("open channel"),
-            bs: device.info().block_size as usize,
-            max_blocks: device.info().max_transfer_blocks.min(256),
-        }
-    }
-
-    fn wait(&mut self) -> (Result<(), IoError>, Option<HostBuffer>) {
-        let mut result = None;
-        while result.is_none() {
-            self.ch.poll(1, |_, r, buf| result = Some((r, buf)));
-        }
-        result.expect("loop ends with a result")
-    }
-
-    pub fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
-        let blocks = (data.len() / self.bs) as u64;
-        let mut done = 0;
-        while done < blocks {
-            let run = (blocks - done).min(self.max_blocks);
-            let bytes = &data[done as usize * self.bs..][..run as usize * self.bs];
-            let mut buf = HostBuffer::new(bytes.len()).expect("buffer");
-            buf.as_mut_slice().copy_from_slice(bytes);
-            self.ch
-                .write(lba + done, run, buf, 0)
-                .map_err(|r| r.error)
-                .expect("submit");
-            self.wait().0?;
-            done += run;
-        }
-        Ok(())
-    }
-
-    pub fn read(&mut self, lba: u64, blocks: u64) -> Result<Vec<u8>, IoError> {
-        let mut out = Vec::with_capacity(blocks as usize * self.bs);
-        let mut done = 0;
-        while done < blocks {
-            let run = (blocks - done).min(self.max_blocks);
-            let buf = HostBuffer::new(run as usize * self.bs).expect("buffer");
-            self.ch
-                .read(lba + done, run, buf, 0)
-                .map_err(|r| r.error)
-                .expect("submit");
-            let (result, buf) = self.wait();
-            result?;
-            out.extend_from_slice(buf.expect("buffer back").as_slice());
-            done += run;
-        }
-        Ok(out)
-    }
-}
+#[path = "../../../bdev-stack/tests/support/sync_io.rs"]
+mod sync_io;
+pub use sync_io::SyncIo;
 
 /// A deterministic byte pattern.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
