@@ -102,6 +102,43 @@ impl DmaSlice {
 pub unsafe trait DmaMemory: Send {
     /// Describes the whole buffer.
     fn dma_slice(&mut self) -> DmaSlice;
+
+    /// Copies `src` into the buffer at byte `offset`.
+    ///
+    /// Errors: [`BdevError::InvalidParameter`] when it does not fit.
+    fn fill_from(&mut self, offset: usize, src: &[u8]) -> Result<(), BdevError> {
+        let slice = self.dma_slice();
+        let dst = slice
+            .sub(offset, src.len())
+            .ok_or_else(|| out_of_buffer(offset, src.len(), slice.len()))?;
+        // SAFETY: the implementor owns `slice`'s memory for as long as it
+        // lives; `&mut self` means no request holds it (a channel owns a
+        // buffer while the device does), and `dst` lies inside it.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.host_ptr(), src.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes of the buffer from `offset` into `dst`.
+    ///
+    /// Errors: [`BdevError::InvalidParameter`] when it does not fit.
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), BdevError> {
+        let slice = self.dma_slice();
+        let src = slice
+            .sub(offset, dst.len())
+            .ok_or_else(|| out_of_buffer(offset, dst.len(), slice.len()))?;
+        // SAFETY: as in `fill_from`: owned memory no device is using, and
+        // `src` lies inside it.
+        unsafe { std::ptr::copy_nonoverlapping(src.host_ptr(), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+fn out_of_buffer(offset: usize, len: usize, buffer: usize) -> BdevError {
+    BdevError::InvalidParameter {
+        device: "I/O buffer".into(),
+        parameter: "range",
+        reason: format!("{len} bytes at offset {offset} do not fit a {buffer}-byte buffer"),
+    }
 }
 
 /// Page-aligned, zero-initialised host memory, without a device mapping.

@@ -19,7 +19,7 @@
 //!   send one Copy command per [`OffloadRequest`].
 //!
 //! Spec leaves (registered in [`crate::spec::LeafRegistry::with_defaults`]):
-//! `emu:SIZE[,bs=512|4096][,null][,msrc=N,mssrl=N,mcl=N]` opens an
+//! `emu:SIZE[,bs=512|4096][,null][,msrc=N,mssrl=N,mcl=N][,file=PATH][,thread]` opens an
 //! in-process emulated controller with one namespace; `nvme:DDDD:BB:DD.F/NSID`
 //! opens a namespace of a controller bound to vfio-pci. All `emu:` leaves of
 //! a process share one host DMA context ([`emu_dma_context`]) and all
@@ -29,10 +29,11 @@
 //! no buffer both accept.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
-use nvme::emu::{EmuConfig, EmuController, NamespaceConfig};
+use nvme::emu::{Backing, EmuConfig, EmuController, EmuMode, NamespaceConfig};
 use nvme::spec::{ONCS_COPY, ONCS_DSM, ONCS_WRITE_ZEROES, ascii_field};
 use nvme::vfio::{PciAddress, VfioPci};
 use nvme::{
@@ -982,7 +983,7 @@ pub fn open_vfio_namespace(addr: &str, nsid: u32) -> Result<NvmeNamespace<VfioPc
 }
 
 /// An emulated namespace for [`open_emu_namespace`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmuNamespace {
     /// Size in bytes (a multiple of the block size).
     pub size: u64,
@@ -994,6 +995,13 @@ pub struct EmuNamespace {
     /// MSRC (0's based), MSSRL, MCL: Copy limits; zero MSSRL or MCL turns
     /// Copy off.
     pub copy: (u8, u16, u32),
+    /// Keep the blocks in this file (created if missing, extended to the
+    /// size) instead of sparse memory, so they outlive the controller: a
+    /// store can be closed, or lose power, and be opened again.
+    pub file: Option<PathBuf>,
+    /// Run the controller on a thread of its own, as a drive works beside
+    /// the host, instead of inside the doorbell write.
+    pub threaded: bool,
 }
 
 impl EmuNamespace {
@@ -1005,6 +1013,8 @@ impl EmuNamespace {
             block_size,
             null: false,
             copy: (15, 128, 256),
+            file: None,
+            threaded: false,
         }
     }
 }
@@ -1035,10 +1045,18 @@ pub fn open_emu_namespace(cfg: EmuNamespace) -> Result<NvmeNamespace<EmuControll
         ));
     }
     let blocks = cfg.size / bs;
-    let mut ns = if cfg.null {
-        NamespaceConfig::null(cfg.block_size, blocks)
-    } else {
-        NamespaceConfig::memory(cfg.block_size, blocks)
+    let mut ns = match (&cfg.file, cfg.null) {
+        (Some(_), true) => {
+            return Err(invalid(
+                "backing",
+                "a null namespace keeps no data, so it takes no file".into(),
+            ));
+        }
+        (None, true) => NamespaceConfig::null(cfg.block_size, blocks),
+        (file, false) => NamespaceConfig {
+            backing: file.clone().map_or(Backing::Memory, Backing::File),
+            ..NamespaceConfig::memory(cfg.block_size, blocks)
+        },
     };
     (ns.msrc, ns.mssrl, ns.mcl) = cfg.copy;
     let ctx = emu_dma_context();
@@ -1049,6 +1067,11 @@ pub fn open_emu_namespace(cfg: EmuNamespace) -> Result<NvmeNamespace<EmuControll
             serial: format!("EMU{:05}", id.0),
             mqes: 4095,
             namespaces: vec![ns],
+            mode: if cfg.threaded {
+                EmuMode::Thread
+            } else {
+                EmuMode::Inline
+            },
             ..EmuConfig::default()
         },
     )
@@ -1067,12 +1090,13 @@ pub fn open_emu_namespace(cfg: EmuNamespace) -> Result<NvmeNamespace<EmuControll
     Ok(NvmeNamespace::new(Arc::new(ctrl), 1)?.with_kind(DeviceKind::Emulated))
 }
 
-/// Opens `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N]` leaves.
+/// Opens `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N][,file=PATH][,thread]`
+/// leaves.
 pub(crate) struct EmuFactory;
 
 impl LeafFactory for EmuFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
-        const ALLOWED: &[&str] = &["bs", "null", "msrc", "mssrl", "mcl"];
+        const ALLOWED: &[&str] = &["bs", "null", "msrc", "mssrl", "mcl", "file", "thread"];
         let size = parse_size(spec.body)
             .map(bytes_of)
             .map_err(LeafError::BadBody)?;
@@ -1086,15 +1110,25 @@ impl LeafFactory for EmuFactory {
                 });
             }
         };
-        let null = match option_value(spec, ALLOWED, "null")? {
-            None => false,
-            Some("") => true,
-            Some(v) => {
+        let flag = |key: &str| match option_value(spec, ALLOWED, key)? {
+            None => Ok(false),
+            Some("") => Ok(true),
+            Some(v) => Err(LeafError::BadOption {
+                key: key.to_string(),
+                reason: format!("`{key}` is a flag and takes no value (got `{v}`)"),
+            }),
+        };
+        let null = flag("null")?;
+        let threaded = flag("thread")?;
+        let file = match option_value(spec, ALLOWED, "file")? {
+            None => None,
+            Some("") => {
                 return Err(LeafError::BadOption {
-                    key: "null".into(),
-                    reason: format!("`null` is a flag and takes no value (got `{v}`)"),
+                    key: "file".into(),
+                    reason: "needs a path: file=PATH".into(),
                 });
             }
+            Some(path) => Some(PathBuf::from(path)),
         };
         let number = |key: &str, max: u64| -> Result<Option<u64>, LeafError> {
             option_value(spec, ALLOWED, key)?
@@ -1118,6 +1152,8 @@ impl LeafFactory for EmuFactory {
             block_size,
             null,
             copy,
+            file,
+            threaded,
         })?;
         Ok(Arc::new(ns))
     }

@@ -348,6 +348,9 @@ struct Core {
     vwc: bool,
     faults: Vec<(Fault, u64)>,
     fatal: bool,
+    /// I/O commands left to execute before the power fails
+    /// ([`EmuController::power_cut_after`]).
+    power_left: Option<u64>,
     /// Shadow doorbell and EventIdx pages (Doorbell Buffer Config).
     dbbuf: Option<DbBuf>,
     errors: Vec<ErrorLogEntry>,
@@ -472,6 +475,7 @@ impl EmuController {
                 vwc: false,
                 faults: Vec::new(),
                 fatal: false,
+                power_left: None,
                 dbbuf: None,
                 errors: Vec::new(),
                 error_count: 0,
@@ -518,6 +522,16 @@ impl EmuController {
         } else {
             shared.csts.fetch_and(!Csts::CFS.bits(), Ordering::SeqCst);
         }
+    }
+
+    /// Cuts the power after `commands` more I/O commands: those execute
+    /// and complete, the next one and every later one are never executed,
+    /// and the controller reports fatal status (CSTS.CFS) from then on, as
+    /// a drive that lost power mid-run (what the host had in flight is
+    /// lost; what completed is in the backing store). A reset does not
+    /// bring it back: open a new controller over the same backing file.
+    pub fn power_cut_after(&self, commands: u64) {
+        self.shared().lock().power_left = Some(commands);
     }
 
     /// MMIO doorbell writes received so far (shadow doorbell updates are
@@ -870,6 +884,20 @@ impl Shared {
             if (cq.tail + 1) % cq.q.size == cq.head {
                 return; // CQ full: resume when the host frees entries.
             }
+            if qid != 0 {
+                match core.power_left {
+                    Some(0) => {
+                        self.fatal(core, "power cut");
+                        core.power_left = Some(0);
+                        return;
+                    }
+                    Some(n) => core.power_left = Some(n - 1),
+                    None => {}
+                }
+            }
+            let Some(sq) = core.sqs[qid].as_mut() else {
+                return;
+            };
             let mut raw = [0u8; SQE_SIZE];
             let off = sq.q.offset + sq.head as usize * SQE_SIZE;
             if !dma::region_read(&sq.q.region, off, &mut raw) {

@@ -1,0 +1,306 @@
+//! Synchronous, pipelined block I/O for the store: whole runs written or
+//! read in transfers of up to the device's limit, several in flight,
+//! through a fixed pool of DMA buffers allocated once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev_stack::{BlockDevice, DmaAllocator, DmaMemory, IoError, IoOp, OwnedChannel, SubmitError};
+
+use crate::gc::GcError;
+
+/// Requests in flight.
+const DEPTH: usize = 16;
+/// Largest transfer, whatever the device allows (keeps the pool small).
+const MAX_TRANSFER_BYTES: u64 = 256 << 10;
+/// A request that has not completed by then is reported, not waited for.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+type Buffer = Box<dyn DmaMemory>;
+
+/// An unused request context.
+const FREE: (usize, usize) = (usize::MAX, 0);
+
+/// The caller's side of a transfer.
+enum Data<'a> {
+    Write(&'a [u8]),
+    Read(&'a mut [u8]),
+    None,
+}
+
+impl Data<'_> {
+    fn op(&self) -> IoOp {
+        match self {
+            Data::Write(_) => IoOp::Write,
+            Data::Read(_) => IoOp::Read,
+            Data::None => IoOp::Flush,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Data::Write(d) => d.len(),
+            Data::Read(d) => d.len(),
+            Data::None => 0,
+        }
+    }
+}
+
+/// One channel to the store's device and its buffers.
+pub struct BlockIo {
+    device: String,
+    block_size: u64,
+    max_blocks: u64,
+    ch: OwnedChannel<Buffer>,
+    free: Vec<Buffer>,
+    /// Per request context: byte offset in the caller's slice and length
+    /// while in flight, [`FREE`] otherwise.
+    spans: Vec<(usize, usize)>,
+    /// The first failure of the requests in flight.
+    failure: Option<GcError>,
+}
+
+/// One part of a scattered transfer: `blocks` at `lba` to or from `offset`
+/// bytes into the caller's slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// First block on the device.
+    pub lba: u64,
+    /// Blocks.
+    pub blocks: u64,
+    /// Byte offset in the caller's slice.
+    pub offset: usize,
+}
+
+impl BlockIo {
+    /// Opens a channel to `dev` with buffers from `allocator`.
+    pub fn open(
+        dev: &Arc<dyn BlockDevice>,
+        allocator: &Arc<dyn DmaAllocator>,
+    ) -> Result<BlockIo, GcError> {
+        let info = dev.info();
+        let block_size = u64::from(info.block_size);
+        let max_blocks = (MAX_TRANSFER_BYTES / block_size)
+            .min(info.max_transfer_blocks)
+            .max(1);
+        let device_error = |action: &'static str, source| GcError::Device {
+            device: info.name.clone(),
+            action,
+            source,
+        };
+        let ch = OwnedChannel::open(dev.as_ref(), DEPTH)
+            .map_err(|e| device_error("opening a channel", e))?;
+        let mut free = Vec::with_capacity(DEPTH);
+        for _ in 0..DEPTH {
+            free.push(
+                allocator
+                    .allocate((max_blocks * block_size) as usize)
+                    .map_err(|e| device_error("allocating I/O buffers", e))?,
+            );
+        }
+        Ok(BlockIo {
+            device: info.name.clone(),
+            block_size,
+            max_blocks,
+            ch,
+            free,
+            spans: vec![FREE; DEPTH],
+            failure: None,
+        })
+    }
+
+    /// Writes `data` (whole blocks) at `lba`.
+    pub fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), GcError> {
+        let blocks = self.whole_blocks(data.len())?;
+        self.transfer(
+            &[Span {
+                lba,
+                blocks,
+                offset: 0,
+            }],
+            Data::Write(data),
+        )
+    }
+
+    /// Reads whole blocks at `lba` into `out`.
+    pub fn read(&mut self, lba: u64, out: &mut [u8]) -> Result<(), GcError> {
+        let blocks = self.whole_blocks(out.len())?;
+        self.transfer(
+            &[Span {
+                lba,
+                blocks,
+                offset: 0,
+            }],
+            Data::Read(out),
+        )
+    }
+
+    /// Reads each span into its place in `out`.
+    pub fn read_spans(&mut self, spans: &[Span], out: &mut [u8]) -> Result<(), GcError> {
+        self.transfer(spans, Data::Read(out))
+    }
+
+    /// Writes each span from its place in `data`.
+    pub fn write_spans(&mut self, spans: &[Span], data: &[u8]) -> Result<(), GcError> {
+        self.transfer(spans, Data::Write(data))
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&mut self) -> Result<(), GcError> {
+        let mut none = Data::None;
+        let slot = self.claim_slot(0, 0, &mut none)?;
+        loop {
+            match self.ch.submit(IoOp::Flush, 0, 0, None, slot) {
+                Ok(()) => break,
+                Err(r) => match r.error {
+                    SubmitError::Busy => self.reap(&mut none)?,
+                    SubmitError::Invalid(e) => {
+                        self.spans[slot as usize] = FREE;
+                        return Err(self.io_error(e));
+                    }
+                },
+            }
+        }
+        self.drain(&mut none)?;
+        self.take_failure()
+    }
+
+    fn whole_blocks(&self, len: usize) -> Result<u64, GcError> {
+        if len == 0 || !(len as u64).is_multiple_of(self.block_size) {
+            return Err(GcError::Config(format!(
+                "{len} bytes is not a whole number of {}-byte blocks",
+                self.block_size
+            )));
+        }
+        Ok(len as u64 / self.block_size)
+    }
+
+    fn transfer(&mut self, spans: &[Span], mut data: Data<'_>) -> Result<(), GcError> {
+        let bs = self.block_size;
+        let op = data.op();
+        for s in spans {
+            let end = s.offset as u64 + s.blocks * bs;
+            if end > data.len() as u64 {
+                return Err(GcError::Config(format!(
+                    "{} blocks at byte {} pass the end of a {}-byte buffer",
+                    s.blocks,
+                    s.offset,
+                    data.len()
+                )));
+            }
+            let mut done = 0;
+            while done < s.blocks {
+                let n = self.max_blocks.min(s.blocks - done);
+                let at = s.offset + (done * bs) as usize;
+                let len = (n * bs) as usize;
+                let mut buf = loop {
+                    if let Some(b) = self.free.pop() {
+                        break b;
+                    }
+                    self.reap(&mut data)?;
+                };
+                if let Data::Write(src) = &data {
+                    buf.fill_from(0, &src[at..at + len])
+                        .map_err(|source| GcError::Device {
+                            device: self.device.clone(),
+                            action: "filling an I/O buffer",
+                            source,
+                        })?;
+                }
+                let slot = self.claim_slot(at, len, &mut data)?;
+                let mut pending = Some(buf);
+                while let Some(b) = pending.take() {
+                    if let Err(r) = self.ch.submit(op, s.lba + done, n, Some(b), slot) {
+                        match r.error {
+                            SubmitError::Busy => {
+                                pending = r.buf;
+                                self.reap(&mut data)?;
+                            }
+                            SubmitError::Invalid(e) => {
+                                self.spans[slot as usize] = FREE;
+                                self.free.extend(r.buf);
+                                self.drain(&mut data)?;
+                                return Err(self.io_error(e));
+                            }
+                        }
+                    }
+                }
+                done += n;
+            }
+        }
+        self.drain(&mut data)?;
+        self.take_failure()
+    }
+
+    /// A free request context, recording where its data goes.
+    fn claim_slot(&mut self, at: usize, len: usize, data: &mut Data<'_>) -> Result<u64, GcError> {
+        loop {
+            if let Some(i) = self.spans.iter().position(|s| *s == FREE) {
+                self.spans[i] = (at, len);
+                return Ok(i as u64);
+            }
+            self.reap(data)?;
+        }
+    }
+
+    /// Waits for every request in flight.
+    fn drain(&mut self, data: &mut Data<'_>) -> Result<(), GcError> {
+        while self.spans.iter().any(|s| *s != FREE) {
+            self.reap(data)?;
+        }
+        Ok(())
+    }
+
+    /// Harvests at least one completion, or times out.
+    fn reap(&mut self, data: &mut Data<'_>) -> Result<(), GcError> {
+        let start = Instant::now();
+        loop {
+            let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
+            let device = &self.device;
+            let n = self.ch.poll(DEPTH, |ctx, result, buf| {
+                let (at, len) = spans
+                    .get_mut(ctx as usize)
+                    .map(|s| std::mem::replace(s, FREE))
+                    .unwrap_or(FREE);
+                let Some(mut b) = buf else { return };
+                if let Err(source) = result {
+                    failure.get_or_insert(GcError::Io {
+                        device: device.clone(),
+                        source,
+                    });
+                } else if let Data::Read(out) = data
+                    && let Some(out) = out.get_mut(at..at + len)
+                    && let Err(source) = b.copy_to(0, out)
+                {
+                    failure.get_or_insert(GcError::Device {
+                        device: device.clone(),
+                        action: "copying out of an I/O buffer",
+                        source,
+                    });
+                }
+                free.push(b);
+            });
+            if n > 0 {
+                return Ok(());
+            }
+            if start.elapsed() > DEADLINE {
+                return Err(GcError::Timeout {
+                    device: self.device.clone(),
+                    outstanding: self.ch.outstanding(),
+                });
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn take_failure(&mut self) -> Result<(), GcError> {
+        self.failure.take().map_or(Ok(()), Err)
+    }
+
+    fn io_error(&self, source: IoError) -> GcError {
+        GcError::Io {
+            device: self.device.clone(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,878 @@
+//! The store: segments, the map, the writer and the cleaner.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev_stack::nvme_leaf::dma_allocator_for;
+use bdev_stack::{BlockDevice, DmaAllocator, LbaRange};
+use copy_engine::{CopyEngine, CopyOptions, Method};
+use tracing::{debug, info};
+
+use crate::gc::io::{BlockIo, Span};
+use crate::gc::layout::{Entry, Geometry, Summary, Superblock};
+use crate::gc::{GcError, Policy};
+
+/// A map entry for a logical block never written.
+const UNMAPPED: u64 = u64::MAX;
+/// Victims one cleaning round takes at most.
+const MAX_VICTIMS: usize = 64;
+
+/// How a store is laid out (at format) and run.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Segment size in bytes (format only).
+    pub segment_bytes: u64,
+    /// Logical size as a fraction of the data slots (format only).
+    pub fill: f64,
+    /// How the cleaner picks victims.
+    pub policy: Policy,
+    /// Relocate with device copy offload where the device can; off: every
+    /// block through host memory.
+    pub offload: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            segment_bytes: 1 << 20,
+            fill: 0.8,
+            policy: Policy::Greedy,
+            offload: true,
+        }
+    }
+}
+
+/// What the writer and the cleaner have done since the store was opened.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct CleanStats {
+    /// Blocks the user wrote.
+    pub user_blocks: u64,
+    /// Cleaning rounds (one gather copy each).
+    pub rounds: u64,
+    /// Segments cleaned and freed.
+    pub segments_cleaned: u64,
+    /// Live blocks relocated.
+    pub blocks_relocated: u64,
+    /// Relocated bytes the device copied.
+    pub bytes_offloaded: u64,
+    /// Relocated bytes that went through host memory.
+    pub bytes_bounced: u64,
+    /// Copy commands sent (offload) or I/Os (bounce) for relocation.
+    pub copy_commands: u64,
+    /// Wall time of relocation: copy, flush, summaries, flush.
+    pub relocation_wall: Duration,
+    /// CPU time of the cleaning thread over the same spans.
+    pub relocation_cpu: Duration,
+    /// Segment commits (summary writes).
+    pub commits: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    /// Taking appends: the user head or the relocation head.
+    Open,
+    Sealed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    state: State,
+    /// Slots filled.
+    used: u32,
+    /// Slots named by the last durable summary.
+    committed: u32,
+    /// Slots the map points at.
+    live: u32,
+    /// The summary area the next commit writes.
+    next_area: u8,
+    /// Newest stamp in the segment: its age for cost-benefit.
+    newest: u64,
+}
+
+impl Segment {
+    const FREE: Segment = Segment {
+        state: State::Free,
+        used: 0,
+        committed: 0,
+        live: 0,
+        next_area: 0,
+        newest: 0,
+    };
+}
+
+/// One live slot to relocate.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    from: u64,
+    entry: Entry,
+}
+
+/// A log-structured block store on a block device. Not thread-safe: one
+/// thread drives it.
+///
+/// Writes are durable once committed ([`LogStore::sync`], or their segment
+/// filling up); dropping the store without [`LogStore::sync`] is a crash:
+/// what was not committed is lost, what was is found again by
+/// [`LogStore::open`].
+pub struct LogStore {
+    name: String,
+    dev: Arc<dyn BlockDevice>,
+    geo: Geometry,
+    store_id: u64,
+    io: BlockIo,
+    engine: CopyEngine,
+    policy: Policy,
+    segments: Vec<Segment>,
+    /// Per data slot (segment * data_slots + slot): what it holds.
+    entries: Vec<Entry>,
+    /// Per logical block: its slot, or [`UNMAPPED`].
+    map: Vec<u64>,
+    free: Vec<u32>,
+    user_head: Option<u32>,
+    /// The user head's data slots, written at commit.
+    user_buf: Vec<u8>,
+    gc_head: Option<u32>,
+    next_stamp: u64,
+    next_seq: u64,
+    /// Free segments below which the cleaner runs.
+    reserve: u32,
+    /// Every user write with a smaller stamp is durable.
+    durable_stamp: u64,
+    stats: CleanStats,
+    area: Vec<u8>,
+    candidates: Vec<(f64, u32)>,
+    moves: Vec<Move>,
+    src_ranges: Vec<LbaRange>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("device", &self.name)
+            .field("geometry", &self.geo)
+            .field("free", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Free segments kept for the cleaner: it needs one for its destination
+/// and frees its victims only after that fills.
+fn reserve_for(segments: u32) -> u32 {
+    (segments / 25).max(3)
+}
+
+impl LogStore {
+    /// The layout [`LogStore::format`] would give `dev` with `opts`.
+    pub fn plan(dev: &Arc<dyn BlockDevice>, opts: &StoreOptions) -> Result<Geometry, GcError> {
+        let info = dev.info();
+        let bs = u64::from(info.block_size);
+        if opts.segment_bytes == 0 || !opts.segment_bytes.is_multiple_of(bs) {
+            return Err(GcError::Config(format!(
+                "segment size {} is not a multiple of {}'s {bs}-byte blocks",
+                opts.segment_bytes, info.name
+            )));
+        }
+        if !(opts.fill > 0.0 && opts.fill < 1.0) {
+            return Err(GcError::Config(format!(
+                "fill {} is not between 0 and 1",
+                opts.fill
+            )));
+        }
+        let probe = Geometry::new(
+            info.block_size,
+            info.block_count,
+            opts.segment_bytes / bs,
+            0,
+        )?;
+        let reserve = reserve_for(probe.segments);
+        // The cleaner's reserve and one head each for the user and the
+        // cleaner are never counted as capacity.
+        let usable =
+            u64::from(probe.segments.saturating_sub(reserve + 2)) * u64::from(probe.data_slots);
+        let logical_blocks = (opts.fill * probe.total_slots() as f64) as u64;
+        if logical_blocks == 0 || logical_blocks >= usable {
+            return Err(GcError::Config(format!(
+                "fill {} of {} segments of {} slots on {} is {logical_blocks} blocks; \
+                 the store can hold 1 to {} (it keeps {reserve} segments free for the cleaner \
+                 and two open)",
+                opts.fill,
+                probe.segments,
+                probe.data_slots,
+                info.name,
+                usable.saturating_sub(1)
+            )));
+        }
+        Ok(Geometry {
+            logical_blocks,
+            ..probe
+        })
+    }
+
+    /// Formats `dev` as an empty store and opens it.
+    pub fn format(dev: Arc<dyn BlockDevice>, opts: &StoreOptions) -> Result<LogStore, GcError> {
+        let geo = LogStore::plan(&dev, opts)?;
+        let info = dev.info();
+        let bs = u64::from(info.block_size);
+        let sb = Superblock {
+            geometry: geo,
+            store_id: fresh_store_id(),
+        };
+        let allocator = allocator_for(&dev)?;
+        let mut io = BlockIo::open(&dev, &allocator)?;
+        let mut raw = vec![0u8; (geo.super_blocks() * bs) as usize];
+        sb.encode(&mut raw);
+        io.write(0, &raw)?;
+        io.flush()?;
+        info!(device = %info.name, ?geo, "store formatted");
+        LogStore::assemble(dev, sb, io, allocator, opts, None)
+    }
+
+    /// Opens the store on `dev`, rebuilding the map from the summaries.
+    pub fn open(dev: Arc<dyn BlockDevice>, opts: &StoreOptions) -> Result<LogStore, GcError> {
+        let info = dev.info();
+        let allocator = allocator_for(&dev)?;
+        let mut io = BlockIo::open(&dev, &allocator)?;
+        let bs = u64::from(info.block_size);
+        let mut raw = vec![0u8; bs as usize];
+        io.read(0, &mut raw)?;
+        let sb = Superblock::decode(&raw, &info.name, info.block_size, info.block_count)?;
+        let g = sb.geometry;
+        let area_bytes = g.summary_bytes();
+        let mut areas = vec![0u8; g.segments as usize * 2 * area_bytes];
+        let spans: Vec<Span> = (0..g.segments)
+            .flat_map(|s| [0u8, 1].map(|a| (s, a)))
+            .enumerate()
+            .map(|(i, (s, a))| Span {
+                lba: g.summary_lba(s, a),
+                blocks: g.summary_blocks,
+                offset: i * area_bytes,
+            })
+            .collect();
+        io.read_spans(&spans, &mut areas)?;
+        let summaries: Vec<Option<Summary>> = (0..g.segments)
+            .map(|s| {
+                [0u8, 1]
+                    .into_iter()
+                    .filter_map(|a| {
+                        let at = (s as usize * 2 + a as usize) * area_bytes;
+                        Summary::decode(
+                            &areas[at..at + area_bytes],
+                            sb.store_id,
+                            s,
+                            a,
+                            g.data_slots,
+                        )
+                    })
+                    .max_by_key(|sum| sum.seq)
+            })
+            .collect();
+        LogStore::assemble(dev, sb, io, allocator, opts, Some(summaries))
+    }
+
+    fn assemble(
+        dev: Arc<dyn BlockDevice>,
+        sb: Superblock,
+        io: BlockIo,
+        allocator: Arc<dyn DmaAllocator>,
+        opts: &StoreOptions,
+        summaries: Option<Vec<Option<Summary>>>,
+    ) -> Result<LogStore, GcError> {
+        let g = sb.geometry;
+        let bs = g.block_size as usize;
+        let engine = CopyEngine::new(CopyOptions {
+            offload: opts.offload,
+            allocator,
+            ..CopyOptions::default()
+        })?;
+        let mut store = LogStore {
+            name: dev.info().name.clone(),
+            dev,
+            geo: g,
+            store_id: sb.store_id,
+            io,
+            engine,
+            policy: opts.policy,
+            segments: vec![Segment::FREE; g.segments as usize],
+            entries: vec![Entry { lbn: 0, stamp: 0 }; g.total_slots() as usize],
+            map: vec![UNMAPPED; g.logical_blocks as usize],
+            free: Vec::new(),
+            user_head: None,
+            user_buf: vec![0u8; g.data_slots as usize * bs],
+            gc_head: None,
+            next_stamp: 1,
+            next_seq: 1,
+            reserve: reserve_for(g.segments),
+            durable_stamp: 1,
+            stats: CleanStats::default(),
+            area: vec![0u8; g.summary_bytes()],
+            candidates: Vec::new(),
+            moves: Vec::new(),
+            src_ranges: Vec::new(),
+        };
+        if let Some(summaries) = summaries {
+            store.rebuild(summaries)?;
+        }
+        // Free list popped from the end: lowest segments first.
+        store.free = (0..g.segments)
+            .rev()
+            .filter(|&s| store.segments[s as usize].state == State::Free)
+            .collect();
+        Ok(store)
+    }
+
+    /// The map from the summaries: per logical block the copy with the
+    /// highest stamp, ties to the later summary.
+    fn rebuild(&mut self, summaries: Vec<Option<Summary>>) -> Result<(), GcError> {
+        let slots = u64::from(self.geo.data_slots);
+        // Per logical block: (stamp, seq) of the mapped copy.
+        let mut best: Vec<(u64, u64)> = vec![(0, 0); self.map.len()];
+        let mut found = 0u64;
+        for sum in summaries.iter().flatten() {
+            let seg = &mut self.segments[sum.segment as usize];
+            seg.used = sum.entries.len() as u32;
+            seg.committed = seg.used;
+            seg.next_area = sum.area ^ 1;
+            seg.state = if seg.used > 0 {
+                State::Sealed
+            } else {
+                State::Free
+            };
+            self.next_seq = self.next_seq.max(sum.seq + 1);
+            for (slot, e) in sum.entries.iter().enumerate() {
+                let Some(b) = best.get_mut(e.lbn as usize) else {
+                    return Err(GcError::BadSummary {
+                        device: self.name.clone(),
+                        segment: sum.segment,
+                        lbn: e.lbn,
+                        logical_blocks: self.geo.logical_blocks,
+                    });
+                };
+                let at = u64::from(sum.segment) * slots + slot as u64;
+                self.entries[at as usize] = *e;
+                seg.newest = seg.newest.max(e.stamp);
+                self.next_stamp = self.next_stamp.max(e.stamp + 1);
+                if (e.stamp, sum.seq) > *b {
+                    *b = (e.stamp, sum.seq);
+                    self.map[e.lbn as usize] = at;
+                }
+                found += 1;
+            }
+        }
+        for &at in self.map.iter().filter(|&&at| at != UNMAPPED) {
+            self.segments[(at / slots) as usize].live += 1;
+        }
+        let mut sealed = 0;
+        for seg in &mut self.segments {
+            if seg.state == State::Sealed && seg.live == 0 {
+                *seg = Segment {
+                    next_area: seg.next_area,
+                    ..Segment::FREE
+                };
+            } else if seg.state == State::Sealed {
+                sealed += 1;
+            }
+        }
+        self.durable_stamp = self.next_stamp;
+        info!(
+            device = %self.name,
+            sealed,
+            slots_found = found,
+            mapped = self.map.iter().filter(|&&m| m != UNMAPPED).count(),
+            "store opened"
+        );
+        Ok(())
+    }
+
+    /// The layout.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Logical blocks.
+    pub fn logical_blocks(&self) -> u64 {
+        self.geo.logical_blocks
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> usize {
+        self.geo.block_size as usize
+    }
+
+    /// What the writer and the cleaner have done since open.
+    pub fn stats(&self) -> &CleanStats {
+        &self.stats
+    }
+
+    /// Free segments.
+    pub fn free_segments(&self) -> u32 {
+        self.free.len() as u32
+    }
+
+    /// Every user write with a smaller stamp is durable.
+    pub fn durable_stamp(&self) -> u64 {
+        self.durable_stamp
+    }
+
+    /// Appends a new version of logical block `lbn`; returns its stamp.
+    /// Durable once committed (see [`LogStore::durable_stamp`]).
+    pub fn write(&mut self, lbn: u64, data: &[u8]) -> Result<u64, GcError> {
+        self.check_lbn(lbn)?;
+        let bs = self.block_size();
+        if data.len() != bs {
+            return Err(GcError::Config(format!(
+                "a block is {bs} bytes, not {}",
+                data.len()
+            )));
+        }
+        let head = match self.user_head {
+            Some(h) => h,
+            None => {
+                let h = self.take_free()?;
+                self.user_head = Some(h);
+                h
+            }
+        };
+        let seg = self.segments[head as usize];
+        let slot = seg.used;
+        self.user_buf[slot as usize * bs..(slot as usize + 1) * bs].copy_from_slice(data);
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let at = self.slot_index(head, slot);
+        self.entries[at as usize] = Entry { lbn, stamp };
+        self.remap(lbn, at);
+        let seg = &mut self.segments[head as usize];
+        seg.used += 1;
+        seg.newest = stamp;
+        self.stats.user_blocks += 1;
+        if seg.used == self.geo.data_slots {
+            self.commit_user()?;
+            self.segments[head as usize].state = State::Sealed;
+            self.user_head = None;
+            // Every block superseded so far is superseded durably: the
+            // cleaner may treat it as dead.
+            if self.free_segments() <= self.reserve {
+                self.clean(self.reserve + 2)?;
+            }
+        }
+        Ok(stamp)
+    }
+
+    /// Reads the current version of `lbn` into `out`; `false` (and zeros)
+    /// for a block never written.
+    pub fn read(&mut self, lbn: u64, out: &mut [u8]) -> Result<bool, GcError> {
+        self.check_lbn(lbn)?;
+        let bs = self.block_size();
+        if out.len() != bs {
+            return Err(GcError::Config(format!(
+                "a block is {bs} bytes, not {}",
+                out.len()
+            )));
+        }
+        let at = self.map[lbn as usize];
+        if at == UNMAPPED {
+            out.fill(0);
+            return Ok(false);
+        }
+        let (seg, slot) = self.split_index(at);
+        if Some(seg) == self.user_head && slot >= self.segments[seg as usize].committed {
+            out.copy_from_slice(&self.user_buf[slot as usize * bs..(slot as usize + 1) * bs]);
+            return Ok(true);
+        }
+        let lba = self.geo.slot_lba(seg, slot);
+        self.io.read(lba, out)?;
+        Ok(true)
+    }
+
+    /// Reads logical blocks `lbns` into consecutive blocks of `out`;
+    /// returns which were ever written (unwritten ones read as zeros).
+    pub fn read_many(&mut self, lbns: &[u64], out: &mut [u8]) -> Result<Vec<bool>, GcError> {
+        let bs = self.block_size();
+        if out.len() != lbns.len() * bs {
+            return Err(GcError::Config(format!(
+                "{} blocks need {} bytes, the buffer has {}",
+                lbns.len(),
+                lbns.len() * bs,
+                out.len()
+            )));
+        }
+        let mut written = Vec::with_capacity(lbns.len());
+        let mut spans = Vec::with_capacity(lbns.len());
+        for (i, &lbn) in lbns.iter().enumerate() {
+            self.check_lbn(lbn)?;
+            let at = self.map[lbn as usize];
+            let block = &mut out[i * bs..(i + 1) * bs];
+            if at == UNMAPPED {
+                block.fill(0);
+                written.push(false);
+                continue;
+            }
+            written.push(true);
+            let (seg, slot) = self.split_index(at);
+            if Some(seg) == self.user_head && slot >= self.segments[seg as usize].committed {
+                block.copy_from_slice(&self.user_buf[slot as usize * bs..(slot as usize + 1) * bs]);
+            } else {
+                spans.push(Span {
+                    lba: self.geo.slot_lba(seg, slot),
+                    blocks: 1,
+                    offset: i * bs,
+                });
+            }
+        }
+        self.io.read_spans(&spans, out)?;
+        Ok(written)
+    }
+
+    /// Commits every write so far: durable when this returns.
+    pub fn sync(&mut self) -> Result<(), GcError> {
+        if let Some(h) = self.user_head
+            && self.segments[h as usize].committed < self.segments[h as usize].used
+        {
+            self.commit_user()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the user head's new slots, flushes, commits its summary.
+    fn commit_user(&mut self) -> Result<(), GcError> {
+        let Some(head) = self.user_head else {
+            return Ok(());
+        };
+        let seg = self.segments[head as usize];
+        let bs = self.block_size();
+        let (from, to) = (seg.committed as usize, seg.used as usize);
+        if to > from {
+            let lba = self.geo.slot_lba(head, from as u32);
+            self.io.write(lba, &self.user_buf[from * bs..to * bs])?;
+        }
+        self.io.flush()?;
+        self.write_summary(head)?;
+        self.io.flush()?;
+        self.durable_stamp = self.next_stamp;
+        Ok(())
+    }
+
+    /// Writes `segment`'s summary (all its used slots) to its next area.
+    fn write_summary(&mut self, segment: u32) -> Result<(), GcError> {
+        let seg = self.segments[segment as usize];
+        let first = self.slot_index(segment, 0) as usize;
+        let summary = Summary {
+            segment,
+            area: seg.next_area,
+            seq: self.next_seq,
+            entries: self.entries[first..first + seg.used as usize].to_vec(),
+        };
+        summary.encode(self.store_id, &mut self.area)?;
+        self.io
+            .write(self.geo.summary_lba(segment, seg.next_area), &self.area)?;
+        self.next_seq += 1;
+        let seg = &mut self.segments[segment as usize];
+        seg.next_area ^= 1;
+        seg.committed = seg.used;
+        self.stats.commits += 1;
+        Ok(())
+    }
+
+    /// Commits the user head, then cleans until `target` segments are free.
+    pub fn clean(&mut self, target: u32) -> Result<(), GcError> {
+        // What the cleaner counts as dead must be superseded durably.
+        self.sync()?;
+        let mut stalled = 0;
+        while self.free_segments() < target {
+            let before = self.free_segments();
+            self.clean_round()?;
+            // A round can consume as many segments as it frees while it
+            // fills the relocation head; more than a pass over the store
+            // without gaining one means there is nothing to gain.
+            if self.free_segments() > before {
+                stalled = 0;
+            } else {
+                stalled += 1;
+                if stalled > self.geo.segments {
+                    return Err(GcError::NoSpace {
+                        free: self.free_segments(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One round: pick victims, relocate their live slots in one gather,
+    /// flush, commit the destinations, free the victims.
+    fn clean_round(&mut self) -> Result<(), GcError> {
+        let t0 = Instant::now();
+        let cpu0 = thread_cpu_time();
+        let slots = self.geo.data_slots;
+        let room = self
+            .gc_head
+            .map_or(0, |h| slots - self.segments[h as usize].used);
+
+        // Victims: by policy, as many as fill the head and at most one
+        // fresh segment.
+        self.candidates.clear();
+        for (i, seg) in self.segments.iter().enumerate() {
+            let i = i as u32;
+            if seg.state == State::Sealed && seg.live < slots {
+                let age = self.next_stamp.saturating_sub(seg.newest);
+                self.candidates
+                    .push((self.policy.score(seg.live, slots, age), i));
+            }
+        }
+        if self.candidates.is_empty() {
+            return Err(GcError::NoSpace {
+                free: self.free_segments(),
+            });
+        }
+        self.candidates
+            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut victims: Vec<u32> = Vec::new();
+        let mut total = 0u32;
+        for &(_, s) in &self.candidates {
+            let live = self.segments[s as usize].live;
+            if total + live <= room + slots {
+                victims.push(s);
+                total += live;
+            }
+            if victims.len() == MAX_VICTIMS || total >= room + slots {
+                break;
+            }
+        }
+
+        // The live slots, in victim and slot order, and their sources.
+        self.moves.clear();
+        self.src_ranges.clear();
+        for &v in &victims {
+            let used = self.segments[v as usize].used;
+            for slot in 0..used {
+                let at = self.slot_index(v, slot);
+                let entry = self.entries[at as usize];
+                if self.map.get(entry.lbn as usize) != Some(&at) {
+                    continue;
+                }
+                self.moves.push(Move { from: at, entry });
+                let lba = self.geo.slot_lba(v, slot);
+                match self.src_ranges.last_mut() {
+                    Some(r) if r.lba + r.blocks == lba => r.blocks += 1,
+                    _ => self.src_ranges.push(LbaRange { lba, blocks: 1 }),
+                }
+            }
+        }
+        let moved = self.moves.len() as u32;
+
+        // Destinations: the head's room, then a fresh segment.
+        let mut dests: Vec<(u32, u32, u32)> = Vec::new(); // (segment, first slot, count)
+        let mut left = moved;
+        if let Some(h) = self.gc_head {
+            let n = left.min(room);
+            if n > 0 {
+                dests.push((h, self.segments[h as usize].used, n));
+                left -= n;
+            }
+        }
+        let mut fresh = None;
+        if left > 0 {
+            let s = self.take_free()?;
+            fresh = Some(s);
+            dests.push((s, 0, left));
+        }
+        let dst_ranges: Vec<LbaRange> = dests
+            .iter()
+            .map(|&(s, first, n)| LbaRange {
+                lba: self.geo.slot_lba(s, first),
+                blocks: u64::from(n),
+            })
+            .collect();
+
+        if moved > 0 {
+            let report = match self
+                .engine
+                .copy(&self.dev, &self.src_ranges, &self.dev, &dst_ranges)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    self.give_back(fresh);
+                    return Err(e.into());
+                }
+            };
+            if !report.is_complete() {
+                self.give_back(fresh);
+                return Err(GcError::Relocation {
+                    count: report.not_copied.len(),
+                    report: report.to_string(),
+                });
+            }
+            self.stats.bytes_offloaded += report.offloaded_bytes();
+            self.stats.bytes_bounced += report.host_bytes();
+            self.stats.copy_commands += Method::ALL
+                .iter()
+                .map(|&m| report.method(m).commands)
+                .sum::<u64>();
+            // The copies must be durable before a summary names them.
+            self.io.flush()?;
+        }
+
+        // Name the moved slots in the destinations' summaries.
+        let mut next = 0usize;
+        for &(s, first, n) in &dests {
+            for k in 0..n {
+                let mv = self.moves[next];
+                next += 1;
+                let at = self.slot_index(s, first + k);
+                self.entries[at as usize] = mv.entry;
+                let seg = &mut self.segments[s as usize];
+                seg.newest = seg.newest.max(mv.entry.stamp);
+            }
+            let seg = &mut self.segments[s as usize];
+            seg.used = first + n;
+            seg.state = State::Open;
+            self.write_summary(s)?;
+        }
+        if !dests.is_empty() {
+            self.io.flush()?;
+        }
+
+        // Durable: point the map at the copies, free the victims.
+        let mut next = 0usize;
+        for &(s, first, n) in &dests {
+            for k in 0..n {
+                let mv = self.moves[next];
+                next += 1;
+                let at = self.slot_index(s, first + k);
+                debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
+                self.remap(mv.entry.lbn, at);
+            }
+        }
+        for &v in &victims {
+            let seg = &mut self.segments[v as usize];
+            debug_assert_eq!(seg.live, 0, "victim {v} still live");
+            *seg = Segment {
+                next_area: seg.next_area,
+                ..Segment::FREE
+            };
+            self.free.push(v);
+        }
+        // The head moves on when full.
+        if let Some(h) = self.gc_head
+            && self.segments[h as usize].used == slots
+        {
+            self.segments[h as usize].state = State::Sealed;
+            self.gc_head = None;
+        }
+        if let Some(s) = fresh {
+            if self.segments[s as usize].used == slots {
+                self.segments[s as usize].state = State::Sealed;
+            } else {
+                if let Some(h) = self.gc_head {
+                    self.segments[h as usize].state = State::Sealed;
+                }
+                self.gc_head = Some(s);
+            }
+        }
+        self.stats.rounds += 1;
+        self.stats.segments_cleaned += victims.len() as u64;
+        self.stats.blocks_relocated += u64::from(moved);
+        self.stats.relocation_wall += t0.elapsed();
+        self.stats.relocation_cpu += thread_cpu_time().saturating_sub(cpu0);
+        debug!(
+            victims = victims.len(),
+            moved,
+            free = self.free_segments(),
+            "cleaning round"
+        );
+        Ok(())
+    }
+
+    /// Returns an unused fresh segment after a failed round.
+    fn give_back(&mut self, fresh: Option<u32>) {
+        if let Some(s) = fresh {
+            self.segments[s as usize].state = State::Free;
+            self.free.push(s);
+        }
+    }
+
+    fn take_free(&mut self) -> Result<u32, GcError> {
+        let s = self.free.pop().ok_or(GcError::NoSpace { free: 0 })?;
+        let seg = &mut self.segments[s as usize];
+        *seg = Segment {
+            state: State::Open,
+            next_area: seg.next_area,
+            ..Segment::FREE
+        };
+        Ok(s)
+    }
+
+    /// Points `lbn` at slot `at`, moving the live count.
+    fn remap(&mut self, lbn: u64, at: u64) {
+        let slots = u64::from(self.geo.data_slots);
+        let old = std::mem::replace(&mut self.map[lbn as usize], at);
+        if old != UNMAPPED {
+            self.segments[(old / slots) as usize].live -= 1;
+        }
+        self.segments[(at / slots) as usize].live += 1;
+    }
+
+    fn check_lbn(&self, lbn: u64) -> Result<(), GcError> {
+        if lbn >= self.geo.logical_blocks {
+            return Err(GcError::OutOfRange {
+                lbn,
+                logical_blocks: self.geo.logical_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    fn slot_index(&self, segment: u32, slot: u32) -> u64 {
+        u64::from(segment) * u64::from(self.geo.data_slots) + u64::from(slot)
+    }
+
+    fn split_index(&self, at: u64) -> (u32, u32) {
+        let slots = u64::from(self.geo.data_slots);
+        ((at / slots) as u32, (at % slots) as u32)
+    }
+}
+
+/// The buffers the device's leaves accept.
+fn allocator_for(dev: &Arc<dyn BlockDevice>) -> Result<Arc<dyn DmaAllocator>, GcError> {
+    dma_allocator_for(dev).map_err(|source| GcError::Device {
+        device: dev.info().name.clone(),
+        action: "choosing a buffer allocator",
+        source,
+    })
+}
+
+/// A store id no earlier format on the device is likely to share.
+fn fresh_store_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// CPU time of the calling thread (the scheduler's exact runtime, not
+/// ticks).
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a timespec we own; clock_gettime writes one.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0).min(999_999_999),
+    )
+}
