@@ -15,6 +15,11 @@ const DEPTH: usize = 16;
 const MAX_TRANSFER_BYTES: u64 = 256 << 10;
 /// A request that has not completed by then is reported, not waited for.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// Empty polls before a wait starts sleeping.
+const SPIN_POLLS: u32 = 256;
+/// The first and longest sleep of a wait.
+const FIRST_PAUSE: Duration = Duration::from_micros(16);
+const MAX_PAUSE: Duration = Duration::from_millis(1);
 
 type Buffer = Box<dyn DmaMemory>;
 
@@ -254,6 +259,8 @@ impl BlockIo {
     /// Harvests at least one completion, or times out.
     fn reap(&mut self, data: &mut Data<'_>) -> Result<(), GcError> {
         let start = Instant::now();
+        let mut idle = 0u32;
+        let mut pause = FIRST_PAUSE;
         loop {
             let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
             let device = &self.device;
@@ -289,7 +296,16 @@ impl BlockIo {
                     outstanding: self.ch.outstanding(),
                 });
             }
-            std::hint::spin_loop();
+            // Spin through the first few microseconds a read or write
+            // takes, then give the CPU back while waiting longer (a flush,
+            // a busy device): the store is a background writer.
+            idle += 1;
+            if idle > SPIN_POLLS {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_PAUSE);
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 

@@ -16,6 +16,8 @@ use crate::gc::{GcError, Policy};
 const UNMAPPED: u64 = u64::MAX;
 /// Victims one cleaning round takes at most.
 const MAX_VICTIMS: usize = 64;
+/// Fresh destination segments one cleaning round fills at most.
+const MAX_FRESH: u32 = 4;
 
 /// How a store is laid out (at format) and run.
 #[derive(Debug, Clone)]
@@ -156,10 +158,10 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
-/// Free segments kept for the cleaner: it needs one for its destination
-/// and frees its victims only after that fills.
+/// Free segments kept for the cleaner: it needs fresh destinations before
+/// it frees its victims (one at least, up to [`MAX_FRESH`] to batch).
 fn reserve_for(segments: u32) -> u32 {
-    (segments / 25).max(3)
+    (segments / 16).max(4)
 }
 
 impl LogStore {
@@ -613,8 +615,11 @@ impl LogStore {
             .gc_head
             .map_or(0, |h| slots - self.segments[h as usize].used);
 
-        // Victims: by policy, as many as fill the head and at most one
-        // fresh segment.
+        // Victims: by policy, as many as fill the head and up to four
+        // fresh segments (fewer when free segments are scarce): one
+        // larger gather per round amortises the copy's fixed costs.
+        let fresh_max = self.free_segments().saturating_sub(1).clamp(1, MAX_FRESH);
+        let budget = room + fresh_max * slots;
         self.candidates.clear();
         for (i, seg) in self.segments.iter().enumerate() {
             let i = i as u32;
@@ -635,11 +640,11 @@ impl LogStore {
         let mut total = 0u32;
         for &(_, s) in &self.candidates {
             let live = self.segments[s as usize].live;
-            if total + live <= room + slots {
+            if total + live <= budget {
                 victims.push(s);
                 total += live;
             }
-            if victims.len() == MAX_VICTIMS || total >= room + slots {
+            if victims.len() == MAX_VICTIMS || total >= budget {
                 break;
             }
         }
@@ -665,7 +670,7 @@ impl LogStore {
         }
         let moved = self.moves.len() as u32;
 
-        // Destinations: the head's room, then a fresh segment.
+        // Destinations: the head's room, then fresh segments.
         let mut dests: Vec<(u32, u32, u32)> = Vec::new(); // (segment, first slot, count)
         let mut left = moved;
         if let Some(h) = self.gc_head {
@@ -675,11 +680,19 @@ impl LogStore {
                 left -= n;
             }
         }
-        let mut fresh = None;
-        if left > 0 {
-            let s = self.take_free()?;
-            fresh = Some(s);
-            dests.push((s, 0, left));
+        let mut fresh: Vec<u32> = Vec::new();
+        while left > 0 {
+            let s = match self.take_free() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.give_back(&fresh);
+                    return Err(e);
+                }
+            };
+            fresh.push(s);
+            let n = left.min(slots);
+            dests.push((s, 0, n));
+            left -= n;
         }
         let dst_ranges: Vec<LbaRange> = dests
             .iter()
@@ -696,12 +709,12 @@ impl LogStore {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    self.give_back(fresh);
+                    self.give_back(&fresh);
                     return Err(e.into());
                 }
             };
             if !report.is_complete() {
-                self.give_back(fresh);
+                self.give_back(&fresh);
                 return Err(GcError::Relocation {
                     count: report.not_copied.len(),
                     report: report.to_string(),
@@ -764,13 +777,12 @@ impl LogStore {
             self.segments[h as usize].state = State::Sealed;
             self.gc_head = None;
         }
-        if let Some(s) = fresh {
+        for &s in &fresh {
             if self.segments[s as usize].used == slots {
                 self.segments[s as usize].state = State::Sealed;
             } else {
-                if let Some(h) = self.gc_head {
-                    self.segments[h as usize].state = State::Sealed;
-                }
+                // Only the last can be partly filled, and the head before
+                // it is full by then.
                 self.gc_head = Some(s);
             }
         }
@@ -788,9 +800,9 @@ impl LogStore {
         Ok(())
     }
 
-    /// Returns an unused fresh segment after a failed round.
-    fn give_back(&mut self, fresh: Option<u32>) {
-        if let Some(s) = fresh {
+    /// Returns unused fresh segments after a failed round.
+    fn give_back(&mut self, fresh: &[u32]) {
+        for &s in fresh.iter().rev() {
             self.segments[s as usize].state = State::Free;
             self.free.push(s);
         }

@@ -26,6 +26,7 @@ macro_rules! ensure_eq {
 }
 
 mod copybench;
+mod gc;
 mod nvme;
 mod rig;
 mod scsi;
@@ -81,6 +82,7 @@ pub fn all() -> impl Iterator<Item = &'static GuestTest> {
         .chain(scsi::TESTS)
         .chain(stack::TESTS)
         .chain(copybench::TESTS)
+        .chain(gc::TESTS)
 }
 
 /// Looks a test up by name.

@@ -1,0 +1,131 @@
+//! The garbage-collector benchmark of issue 7 in one boot: the log-structured
+//! store of `examples/gc` on a QEMU NVMe namespace through VFIO, its cleaner
+//! relocating with NVMe Copy (offload) and through host memory (bounce),
+//! the same workload alternated, medians compared.
+
+use super::{GuestEnv, GuestTest, Kind};
+use crate::setup::bind_vfio;
+use crate::topology::DEFAULT;
+use std::sync::Arc;
+use std::time::Duration;
+use ustor::bdev_stack::{BlockDevice, spec};
+use ustor::copybench::median;
+use ustor::gc::{LogStore, Policy, RunOptions, RunReport, StoreOptions, Workload, run};
+
+/// The tests of this module.
+pub(super) static TESTS: &[GuestTest] = &[GuestTest {
+    name: "gc_bench_offload_bounce",
+    kind: Kind::Bench,
+    topology: DEFAULT,
+    timeout: Duration::from_secs(900),
+    run: gc_bench_offload_bounce,
+}];
+
+const ROUNDS: usize = 3;
+
+fn gc_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
+    // The default rig's second controller: one 64 MiB, 4 KiB namespace
+    // with the rig's Copy limits.
+    let ctrl = env
+        .devices
+        .nvme
+        .iter()
+        .find(|c| {
+            c.spec
+                .namespaces
+                .first()
+                .is_some_and(|n| n.block_size == 4096)
+        })
+        .ok_or("the default topology has no controller with a 4 KiB namespace")?;
+    let addr = ctrl.pci_address.clone();
+    bind_vfio(&addr)?;
+    let dev: Arc<dyn BlockDevice> =
+        spec::build(&format!("nvme:{addr}/1")).map_err(|e| e.to_string())?;
+    let store = StoreOptions {
+        segment_bytes: 1 << 20,
+        fill: 0.8,
+        policy: Policy::Greedy,
+        offload: true,
+    };
+    let logical = LogStore::plan(&dev, &store)
+        .map_err(|e| e.to_string())?
+        .logical_blocks;
+    let opts = RunOptions {
+        store,
+        workload: Workload {
+            overwrites: 2 * logical,
+            hot_cold: false,
+            seed: 7,
+        },
+        verify: false,
+    };
+    println!(
+        "workload: store on {} ({addr}, vfio-pci), 1 MiB segments, fill 0.8 = {logical} blocks \
+         of 4 KiB, {} uniform overwrites, greedy cleaner; {ROUNDS} rounds of offload and bounce \
+         alternated (first round verified by reopening the store and reading every block back)",
+        dev.info().name,
+        opts.workload.overwrites
+    );
+    let mut tput: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let mut last: [Option<RunReport>; 2] = Default::default();
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for offload in order {
+            let mut o = opts.clone();
+            o.store.offload = offload;
+            o.verify = round == 0;
+            let r = run(&dev, &o).map_err(|e| format!("gc run (offload {offload}): {e}"))?;
+            if r.verified_blocks.is_some() {
+                println!(
+                    "round {round} {}: every block verified after reopening",
+                    r.mode
+                );
+            }
+            let i = usize::from(!offload);
+            println!(
+                "round {round} {:<7} relocated {:>7} blocks in {:>4} rounds, {:>8.1} MiB/s, \
+                 CPU {:.4} s/GiB, WA {:.2}, offloaded {} MiB, bounced {} MiB, wall {:.2} s",
+                r.mode,
+                r.stats.blocks_relocated,
+                r.stats.rounds,
+                r.relocation_mib_s,
+                r.relocation_cpu_s_per_gib,
+                r.write_amplification,
+                r.stats.bytes_offloaded >> 20,
+                r.stats.bytes_bounced >> 20,
+                r.wall.as_secs_f64()
+            );
+            tput[i].push(r.relocation_mib_s);
+            cpu[i].push(r.relocation_cpu_s_per_gib);
+            last[i] = Some(r);
+        }
+    }
+    if let [Some(o), Some(b)] = &last
+        && (o.stats.bytes_offloaded == 0 || b.stats.bytes_offloaded != 0)
+    {
+        return Err(format!(
+            "offload run offloaded {} bytes, bounce run {}: the modes did not hold",
+            o.stats.bytes_offloaded, b.stats.bytes_offloaded
+        ));
+    }
+    println!(
+        "medians: offload {:.1} MiB/s {:.4} s/GiB, bounce {:.1} MiB/s {:.4} s/GiB",
+        median(&tput[0]),
+        median(&cpu[0]),
+        median(&tput[1]),
+        median(&cpu[1])
+    );
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    println!(
+        "gc offload/bounce: throughput={:.2} cpu={:.3}",
+        median(&ratio(&tput[0], &tput[1])),
+        median(&ratio(&cpu[0], &cpu[1]))
+    );
+    Ok(())
+}
