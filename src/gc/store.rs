@@ -730,17 +730,20 @@ impl LogStore {
             self.io.flush()?;
         }
 
-        // Name the moved slots in the destinations' summaries.
-        let mut next = 0usize;
+        // Name the moved slots in the destinations' summaries: move i
+        // lands in targets[i].
+        let targets: Vec<u64> = dests
+            .iter()
+            .flat_map(|&(s, first, n)| {
+                (first..first + n).map(move |k| u64::from(s) * u64::from(slots) + u64::from(k))
+            })
+            .collect();
+        for (mv, &at) in self.moves.iter().zip(&targets) {
+            self.entries[at as usize] = mv.entry;
+            let seg = &mut self.segments[(at / u64::from(slots)) as usize];
+            seg.newest = seg.newest.max(mv.entry.stamp);
+        }
         for &(s, first, n) in &dests {
-            for k in 0..n {
-                let mv = self.moves[next];
-                next += 1;
-                let at = self.slot_index(s, first + k);
-                self.entries[at as usize] = mv.entry;
-                let seg = &mut self.segments[s as usize];
-                seg.newest = seg.newest.max(mv.entry.stamp);
-            }
             let seg = &mut self.segments[s as usize];
             seg.used = first + n;
             seg.state = State::Open;
@@ -751,16 +754,12 @@ impl LogStore {
         }
 
         // Durable: point the map at the copies, free the victims.
-        let mut next = 0usize;
-        for &(s, first, n) in &dests {
-            for k in 0..n {
-                let mv = self.moves[next];
-                next += 1;
-                let at = self.slot_index(s, first + k);
-                debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
-                self.remap(mv.entry.lbn, at);
-            }
+        let moves = std::mem::take(&mut self.moves);
+        for (mv, &at) in moves.iter().zip(&targets) {
+            debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
+            self.remap(mv.entry.lbn, at);
         }
+        self.moves = moves;
         for &v in &victims {
             let seg = &mut self.segments[v as usize];
             debug_assert_eq!(seg.live, 0, "victim {v} still live");
