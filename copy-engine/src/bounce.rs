@@ -8,11 +8,12 @@ use bdev_stack::{BlockDevice, Channel, Completion, DeviceId, DmaMemory, IoReques
 use std::sync::Arc;
 use tracing::warn;
 
+use crate::engine::Pace;
 use crate::error::CopyError;
 use crate::report::{CopyFailure, CopyReport, Method, NotCopied};
 
 /// A leaf taking part in a copy, with the channels the engine opened to
-/// it (lazily, once per copy).
+/// it (lazily, kept for the next copy over the same leaf).
 pub(crate) struct Leaf {
     pub(crate) id: DeviceId,
     pub(crate) device: Arc<dyn BlockDevice>,
@@ -20,6 +21,10 @@ pub(crate) struct Leaf {
     pub(crate) copy: Option<Box<dyn bdev_stack::CopyChannel>>,
     /// True once `copy` was asked for (it may have come back `None`).
     pub(crate) copy_opened: bool,
+    /// How fast `copy` got through its commands, for waiting on them.
+    pub(crate) copy_pace: Pace,
+    /// Taking part in the current copy.
+    pub(crate) in_use: bool,
 }
 
 impl Leaf {
@@ -30,6 +35,8 @@ impl Leaf {
             io: None,
             copy: None,
             copy_opened: false,
+            copy_pace: Pace::default(),
+            in_use: true,
         }
     }
 

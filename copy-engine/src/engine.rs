@@ -4,8 +4,9 @@
 //! copy between themselves, and bounce the rest.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bdev_stack::{
     Access, BlockDevice, CopyOffload, DeviceInfo, DmaAllocator, HostAllocator, LbaRange,
@@ -51,7 +52,7 @@ pub struct CopyOptions {
 /// How the engine waits for offload commands. An offloaded copy keeps the
 /// device busy for far longer than a read or write, and the point of
 /// offloading is to give the host its CPU back, so by default the engine
-/// backs off instead of spinning while nothing completes.
+/// sleeps instead of spinning while nothing completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffloadWait {
     /// Poll without pause: the lowest latency, a whole core while waiting.
@@ -60,47 +61,215 @@ pub enum OffloadWait {
     /// from 16 µs up to `max`, back to the start on any completion.
     Backoff {
         /// The longest pause.
-        max: std::time::Duration,
+        max: Duration,
+    },
+    /// Sleep once for as long as the device needs for the blocks in
+    /// flight, at the pace it kept on this leaf's earlier commands (kept
+    /// with the leaf's channel across copies), then in eighths of that
+    /// until they complete. The wake-up is armed before the doorbell, so
+    /// once the device works the thread only blocks: clock reads and timer
+    /// programming can be dear while a device (or a hypervisor emulating
+    /// one) is busy. Until a leaf's pace is known, as `Backoff` up to
+    /// 2 ms.
+    Paced {
+        /// The longest single sleep.
+        max: Duration,
     },
 }
 
 impl Default for OffloadWait {
     fn default() -> OffloadWait {
-        // Well under one QEMU or drive Copy command of a few hundred KiB, so
-        // with several commands queued the device never waits for us.
-        OffloadWait::Backoff {
-            max: std::time::Duration::from_millis(2),
+        // The cap only bounds how late a badly learnt pace can make us.
+        OffloadWait::Paced {
+            max: Duration::from_millis(100),
         }
     }
 }
 
-/// The waiting state of [`OffloadWait::Backoff`].
-struct Backoff {
+/// The first pause of a backoff.
+const FIRST_PAUSE: Duration = Duration::from_micros(16);
+/// The longest pause of the backoff while a leaf's pace is unknown: well
+/// under one Copy command of a few hundred KiB, so with several commands
+/// queued the device never waits for us.
+const UNKNOWN_PACE_MAX_PAUSE: Duration = Duration::from_millis(2);
+
+/// A one-shot timer armed before the doorbell and waited on after it:
+/// arming reads the clock and programs the timer while the device is idle,
+/// waiting is one blocking read.
+struct Alarm {
+    fd: OwnedFd,
+}
+
+impl Alarm {
+    fn new() -> Option<Alarm> {
+        // SAFETY: plain system call; a non-negative result is a new file
+        // descriptor that we then own.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        // SAFETY: `fd` was just created and nobody else owns it.
+        (fd >= 0).then(|| Alarm {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Arms the timer to go off once, `after` from now; false if it could
+    /// not be armed (then it must not be waited on).
+    fn arm(&self, after: Duration) -> bool {
+        // A zero time would disarm it instead.
+        let after = after.max(Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `fd` is our timerfd; `spec` is a valid itimerspec and the
+        // old value is not asked for.
+        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) == 0 }
+    }
+
+    /// Blocks until the armed timer has gone off.
+    fn wait(&self) {
+        let mut expirations = [0u8; 8];
+        loop {
+            // SAFETY: reads at most 8 bytes into our 8-byte buffer.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    expirations.as_mut_ptr().cast(),
+                    expirations.len(),
+                )
+            };
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return;
+            }
+        }
+    }
+}
+
+/// A leaf's pace on offload commands: nanoseconds per block in flight.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pace {
+    ns_per_block: u64,
+}
+
+impl Pace {
+    fn known(&self) -> bool {
+        self.ns_per_block > 0
+    }
+
+    fn time_for(&self, blocks: u64) -> Duration {
+        Duration::from_nanos(self.ns_per_block.saturating_mul(blocks))
+    }
+}
+
+/// Waiting for one leaf's offload commands, as [`OffloadWait`] says.
+struct OffloadWaiter<'a> {
     wait: OffloadWait,
-    pause: std::time::Duration,
+    alarm: Option<&'a Alarm>,
+    pace: Pace,
+    /// The next pause when not waiting on the alarm.
+    pause: Duration,
+    /// The alarm is armed for the blocks handed over at `since`.
+    armed: bool,
+    /// When the blocks now in flight were handed over, how many, how many
+    /// sleeps since, and whether every completion since was a success.
+    since: Option<Instant>,
+    blocks: u64,
+    sleeps: u32,
+    clean: bool,
 }
 
-impl Backoff {
-    const FIRST: std::time::Duration = std::time::Duration::from_micros(16);
-
-    fn new(wait: OffloadWait) -> Backoff {
-        Backoff {
+impl<'a> OffloadWaiter<'a> {
+    fn new(wait: OffloadWait, alarm: Option<&'a Alarm>, pace: Pace) -> OffloadWaiter<'a> {
+        OffloadWaiter {
             wait,
-            pause: Backoff::FIRST,
+            alarm,
+            pace,
+            pause: FIRST_PAUSE,
+            armed: false,
+            since: None,
+            blocks: 0,
+            sleeps: 0,
+            clean: true,
         }
     }
 
-    /// Called after each poll with the number of completions it gave.
-    fn after_poll(&mut self, completed: usize) {
-        let OffloadWait::Backoff { max } = self.wait else {
+    /// Called after submitting commands, before the poll that rings the
+    /// doorbell, with the blocks now in flight.
+    fn submitted(&mut self, in_flight: u64) {
+        let OffloadWait::Paced { max } = self.wait else {
             return;
         };
-        if completed > 0 {
-            self.pause = Backoff::FIRST;
+        self.since = Some(Instant::now());
+        self.blocks = in_flight;
+        self.sleeps = 0;
+        self.clean = true;
+        self.armed = false;
+        if self.pace.known() {
+            let expected = self.pace.time_for(in_flight).min(max);
+            self.pause = (expected / 8).max(FIRST_PAUSE);
+            self.armed = self.alarm.is_some_and(|a| a.arm(expected));
+        }
+    }
+
+    /// Called after each poll with the completions it gave (`failed` of
+    /// them not successes) and the blocks still in flight.
+    fn after_poll(&mut self, completed: usize, failed: bool, in_flight: u64) {
+        match self.wait {
+            OffloadWait::Spin => {}
+            OffloadWait::Backoff { max } => {
+                if completed > 0 {
+                    self.pause = FIRST_PAUSE;
+                } else {
+                    std::thread::sleep(self.pause);
+                    self.pause = (self.pause * 2).min(max.max(FIRST_PAUSE));
+                }
+            }
+            OffloadWait::Paced { max } => {
+                self.clean &= !failed;
+                if in_flight == 0 {
+                    self.learn();
+                    return;
+                }
+                if completed > 0 {
+                    return;
+                }
+                self.sleeps += 1;
+                if std::mem::take(&mut self.armed)
+                    && let Some(alarm) = self.alarm
+                {
+                    alarm.wait();
+                    return;
+                }
+                std::thread::sleep(self.pause.min(max));
+                if !self.pace.known() {
+                    self.pause = (self.pause * 2).min(UNKNOWN_PACE_MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// Everything handed over at `since` completed: learn the pace. A
+    /// first sleep that found it all done may have been longer than
+    /// needed, so the pace is tightened a little; otherwise the time seen
+    /// (late by at most one pause) is the new pace.
+    fn learn(&mut self) {
+        let Some(since) = self.since.take() else {
+            return;
+        };
+        if !self.clean || self.blocks == 0 {
             return;
         }
-        std::thread::sleep(self.pause);
-        self.pause = (self.pause * 2).min(max.max(Backoff::FIRST));
+        if self.pace.known() && self.sleeps <= 1 {
+            self.pace.ns_per_block -= self.pace.ns_per_block / 32;
+        } else {
+            let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.pace.ns_per_block = (ns / self.blocks).max(1);
+        }
     }
 }
 
@@ -204,6 +373,13 @@ fn pair(kind: &TokenKind, dst: &DeviceInfo) -> Option<Pairing> {
 
 /// The copy engine: options, bounce buffers and planning vectors, kept
 /// across copies so the steady state allocates nothing per piece.
+///
+/// The channels (queue pairs) a copy opens to its leaves stay open for the
+/// next copy, as an SPDK application keeps its queue pairs: opening one
+/// costs admin commands and DMA mappings, more CPU than an offloaded copy
+/// itself. Leaves a copy does not use are let go of after it, all of them
+/// after a copy with failures (a channel may be broken), and
+/// [`CopyEngine::close_channels`] lets go at once.
 pub struct CopyEngine {
     options: CopyOptions,
     bouncer: Bouncer,
@@ -223,6 +399,8 @@ pub struct CopyEngine {
     offload_ranges: Vec<OffloadRange>,
     offload_done: Vec<OffloadCompletion>,
     command_tokens: Vec<usize>,
+    /// The wake-up of [`OffloadWait::Paced`], made on first use.
+    alarm: Option<Alarm>,
 }
 
 impl std::fmt::Debug for CopyEngine {
@@ -290,6 +468,7 @@ impl CopyEngine {
             offload_ranges: Vec::new(),
             offload_done: Vec::new(),
             command_tokens: Vec::new(),
+            alarm: None,
         })
     }
 
@@ -385,6 +564,7 @@ impl CopyEngine {
     /// The leaf-table index of leaf `id`, found under `root`.
     fn leaf(&mut self, root: &Arc<dyn BlockDevice>, id: u32) -> Result<u32, CopyError> {
         if let Some(&i) = self.leaf_index.get(&id) {
+            self.leaves[i as usize].in_use = true;
             return Ok(i);
         }
         let device =
@@ -398,6 +578,24 @@ impl CopyEngine {
         Ok(i)
     }
 
+    /// Closes the channels kept open from earlier copies and lets go of
+    /// their devices.
+    pub fn close_channels(&mut self) {
+        self.leaves.clear();
+        self.leaf_index.clear();
+    }
+
+    /// Keeps the leaves this copy used, with their channels, for the next
+    /// copy; lets go of the others.
+    fn keep_used_leaves(&mut self) {
+        self.leaves.retain(|leaf| leaf.in_use);
+        self.leaf_index.clear();
+        for (i, leaf) in self.leaves.iter_mut().enumerate() {
+            leaf.in_use = false;
+            self.leaf_index.insert(leaf.id.0, i as u32);
+        }
+    }
+
     /// Phase 2: copies the bytes `tokens` describe to `ranges` of `dest`
     /// (concatenated). Errors come before any byte moves; failures of
     /// single I/Os are in the report's `not_copied`.
@@ -407,11 +605,28 @@ impl CopyEngine {
         ranges: &[LbaRange],
         tokens: &SourceTokens,
     ) -> Result<CopyReport, CopyError> {
+        for leaf in &mut self.leaves {
+            leaf.in_use = false;
+        }
+        let result = self.plan_and_copy(dest, ranges, tokens);
+        match &result {
+            Ok(report) if report.not_copied.is_empty() && report.fallbacks == 0 => {
+                self.keep_used_leaves()
+            }
+            _ => self.close_channels(),
+        }
+        result
+    }
+
+    fn plan_and_copy(
+        &mut self,
+        dest: &Arc<dyn BlockDevice>,
+        ranges: &[LbaRange],
+        tokens: &SourceTokens,
+    ) -> Result<CopyReport, CopyError> {
         let start = Instant::now();
         let total = self.check_destination(dest, ranges, &tokens.source, tokens.total_blocks)?;
         let block_size = u64::from(dest.info().block_size);
-        self.leaves.clear();
-        self.leaf_index.clear();
 
         // The source partition, from the tokens.
         self.src_fragments.clear();
@@ -580,8 +795,6 @@ impl CopyEngine {
         self.pieces = pieces;
         result?;
 
-        // Close channels (nothing is in flight) and let go of the leaves.
-        self.leaves.clear();
         job.report.wall = start.elapsed();
         debug!(report = %job.report, "copy out");
         Ok(job.report)
@@ -826,10 +1039,20 @@ impl CopyEngine {
             };
         let src_block_size = src_info.block_size;
         let mut next = 0;
-        let mut backoff = Backoff::new(self.options.offload_wait);
+        let alarm = match self.alarm.take() {
+            None if matches!(self.options.offload_wait, OffloadWait::Paced { .. }) => Alarm::new(),
+            alarm => alarm,
+        };
+        let mut waiter = OffloadWaiter::new(
+            self.options.offload_wait,
+            alarm.as_ref(),
+            self.leaves[dst as usize].copy_pace,
+        );
+        let mut in_flight = 0u64;
         self.offload_done.clear();
         self.offload_done.reserve(depth);
         while next < self.commands.len() || channel.outstanding() > 0 {
+            let mut handed_over = false;
             while next < self.commands.len() {
                 let cmd = self.commands[next];
                 let token = &tokens.tokens[token_of_command[next]];
@@ -863,7 +1086,11 @@ impl CopyEngine {
                     ctx: next as u64,
                 };
                 match channel.submit_copy(&req) {
-                    Ok(()) => next += 1,
+                    Ok(()) => {
+                        next += 1;
+                        in_flight += cmd.blocks;
+                        handed_over = true;
+                    }
                     Err(OffloadSubmitError::Busy) => break,
                     Err(OffloadSubmitError::Invalid(e)) => {
                         warn!(error = %e, "offload refused; bouncing its ranges");
@@ -873,9 +1100,22 @@ impl CopyEngine {
                     }
                 }
             }
+            if handed_over {
+                waiter.submitted(in_flight);
+            }
             self.offload_done.clear();
             let completed = channel.poll(&mut self.offload_done, depth);
-            backoff.after_poll(completed);
+            let mut failed = false;
+            for c in &self.offload_done {
+                failed |= !matches!(c.outcome, OffloadOutcome::Done);
+                if let Some(cmd) = usize::try_from(c.ctx)
+                    .ok()
+                    .and_then(|i| self.commands.get(i))
+                {
+                    in_flight = in_flight.saturating_sub(cmd.blocks);
+                }
+            }
+            waiter.after_poll(completed, failed, in_flight);
             let done = std::mem::take(&mut self.offload_done);
             for c in &done {
                 let Some(cmd) = usize::try_from(c.ctx)
@@ -939,7 +1179,10 @@ impl CopyEngine {
             }
             self.offload_done = done;
         }
-        self.leaves[dst as usize].copy = Some(channel);
+        let leaf = &mut self.leaves[dst as usize];
+        leaf.copy = Some(channel);
+        leaf.copy_pace = waiter.pace;
+        self.alarm = alarm;
         Ok(())
     }
 
@@ -1040,4 +1283,166 @@ pub fn copy(
     dst_ranges: &[LbaRange],
 ) -> Result<CopyReport, CopyError> {
     CopyEngine::new(CopyOptions::default())?.copy(src, src_ranges, dst, dst_ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_stack::{BdevError, Channel, CopyChannel, DeviceId, IoError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A memory leaf that counts the channels opened to it.
+    struct Counting {
+        info: DeviceInfo,
+        inner: Arc<dyn BlockDevice>,
+        opened: AtomicUsize,
+    }
+
+    impl Counting {
+        fn new() -> Arc<Counting> {
+            let inner = bdev_stack::spec::build("mem:1m,copy=nvme").unwrap();
+            let mut info = inner.info().clone();
+            info.id = DeviceId::fresh();
+            Arc::new(Counting {
+                info,
+                inner,
+                opened: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl BlockDevice for Counting {
+        fn info(&self) -> &DeviceInfo {
+            &self.info
+        }
+
+        fn open_channel(&self, depth: usize) -> Result<Box<dyn Channel>, BdevError> {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+            self.inner.open_channel(depth)
+        }
+
+        fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
+            Vec::new()
+        }
+
+        fn open_copy_channel(
+            &self,
+            depth: usize,
+        ) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+            self.inner.open_copy_channel(depth)
+        }
+
+        fn map(
+            &self,
+            lba: u64,
+            blocks: u64,
+            access: Access,
+            out: &mut Vec<LeafFragment>,
+        ) -> Result<(), IoError> {
+            let first = out.len();
+            self.inner.map(lba, blocks, access, out)?;
+            for f in &mut out[first..] {
+                f.leaf = self.info.id;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn channels_stay_open_for_the_next_copy_over_the_same_leaves() {
+        for offload in [true, false] {
+            let mut engine = CopyEngine::new(CopyOptions {
+                offload,
+                ..CopyOptions::default()
+            })
+            .unwrap();
+            let (a, b) = (Counting::new(), Counting::new());
+            let (dev_a, dev_b): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) =
+                (a.clone(), b.clone());
+            let src = [LbaRange { lba: 0, blocks: 64 }];
+            let dst = [LbaRange {
+                lba: 512,
+                blocks: 64,
+            }];
+            for _ in 0..3 {
+                assert!(
+                    engine
+                        .copy(&dev_a, &src, &dev_a, &dst)
+                        .unwrap()
+                        .is_complete()
+                );
+            }
+            assert_eq!(a.opened.load(Ordering::Relaxed), 1, "offload {offload}");
+            // A copy over other leaves lets the first ones go.
+            assert!(
+                engine
+                    .copy(&dev_b, &src, &dev_b, &dst)
+                    .unwrap()
+                    .is_complete()
+            );
+            drop(dev_a);
+            assert_eq!(Arc::strong_count(&a), 1, "offload {offload}");
+            engine.close_channels();
+            drop(dev_b);
+            assert_eq!(Arc::strong_count(&b), 1, "offload {offload}");
+        }
+    }
+
+    #[test]
+    fn alarm_goes_off_after_its_time_and_never_hangs_on_zero() {
+        let alarm = Alarm::new().expect("timerfd");
+        let t = Instant::now();
+        assert!(alarm.arm(Duration::from_millis(2)));
+        alarm.wait();
+        assert!(t.elapsed() >= Duration::from_millis(2));
+        // A zero time would disarm the timer and block the wait forever.
+        assert!(alarm.arm(Duration::ZERO));
+        alarm.wait();
+    }
+
+    #[test]
+    fn paced_wait_learns_the_pace_then_sleeps_once_per_batch() {
+        let alarm = Alarm::new();
+        let wait = OffloadWait::default();
+        let mut waiter = OffloadWaiter::new(wait, alarm.as_ref(), Pace::default());
+        // Unknown pace: backoff pauses until the batch completes.
+        waiter.submitted(1000);
+        waiter.after_poll(0, false, 1000);
+        std::thread::sleep(Duration::from_millis(3));
+        waiter.after_poll(1, false, 0);
+        let learnt = waiter.pace;
+        assert!(learnt.known());
+        assert!(learnt.time_for(1000) >= Duration::from_millis(3));
+        // Known pace: one armed sleep of about the learnt time.
+        let t = Instant::now();
+        waiter.submitted(1000);
+        waiter.after_poll(0, false, 1000);
+        assert!(t.elapsed() >= learnt.time_for(1000));
+        assert_eq!(waiter.sleeps, 1);
+        // Done after that one sleep: the pace tightens a little.
+        waiter.after_poll(1, false, 0);
+        assert!(waiter.pace.ns_per_block < learnt.ns_per_block);
+        // A failed batch teaches nothing.
+        let before = waiter.pace;
+        waiter.submitted(1000);
+        waiter.after_poll(1, true, 0);
+        assert_eq!(waiter.pace.ns_per_block, before.ns_per_block);
+    }
+
+    #[test]
+    fn paced_wait_sleeps_no_longer_than_its_cap() {
+        let alarm = Alarm::new();
+        let wait = OffloadWait::Paced {
+            max: Duration::from_millis(1),
+        };
+        let pace = Pace {
+            ns_per_block: 1_000_000,
+        };
+        let mut waiter = OffloadWaiter::new(wait, alarm.as_ref(), pace);
+        let t = Instant::now();
+        waiter.submitted(10_000);
+        waiter.after_poll(0, false, 10_000);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
 }

@@ -145,6 +145,8 @@ fn copy_bench_offload_bounce_dd(env: &GuestEnv) -> Result<(), String> {
         // Warm-up, not counted: the first write to a region of a QEMU
         // namespace allocates its backing-file blocks on the host.
         timed_dd(&dd_args)?;
+        // Each mode's first run also sets its engine up (bounce buffers, and
+        // the channels it keeps open across runs, as an application would).
         for offload in [true, false] {
             bench.run(offload, 0).map_err(|e| e.to_string())?;
         }
