@@ -227,3 +227,42 @@ fn bad_input_gives_typed_errors() {
         Err(GcError::NotAStore { .. })
     ));
 }
+
+#[test]
+fn a_failed_flush_or_write_fails_the_commit_and_keeps_the_last_one() {
+    use ustor::bdev_stack::{FaultAction, FaultRule, FaultyDevice, IoErrorKind, IoOp};
+    let mem: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
+    let (faulty, faults) = FaultyDevice::new(Arc::clone(&mem));
+    let dev: Arc<dyn BlockDevice> = Arc::new(faulty);
+    let o = StoreOptions {
+        segment_bytes: 64 << 10,
+        fill: 0.5,
+        ..StoreOptions::default()
+    };
+    let mut store = LogStore::format(Arc::clone(&dev), &o).expect("format");
+    let mut block = vec![0u8; 4096];
+    Workload::content(5, 1, &mut block);
+    store.write(5, &block).expect("write");
+    store.sync().expect("first commit");
+    for op in [IoOp::Flush, IoOp::Write] {
+        faults.add(FaultRule {
+            op,
+            range: 0..u64::MAX,
+            action: FaultAction::Fail(IoErrorKind::Medium),
+        });
+        Workload::content(5, 2, &mut block);
+        store.write(5, &block).expect("buffered");
+        assert!(
+            matches!(store.sync(), Err(GcError::Io { .. })),
+            "a failed {op} must fail the commit"
+        );
+        faults.clear();
+    }
+    drop(store);
+    // The first commit is what a reopen finds.
+    let mut store = LogStore::open(Arc::clone(&dev), &o).expect("open");
+    let mut scratch = vec![0u8; 4096];
+    store.read(5, &mut block).expect("read");
+    let v = Workload::version_of(5, &block, &mut scratch).expect("a version");
+    assert!(v == 1 || v == 2, "version {v}");
+}

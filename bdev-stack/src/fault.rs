@@ -89,7 +89,12 @@ impl FaultHandle {
                 let end = req.lba.saturating_add(req.blocks);
                 s.rules
                     .iter()
-                    .find(|r| r.op == req.op && r.range.start < end && req.lba < r.range.end)
+                    // A flush names no blocks: it concerns the whole device.
+                    .find(|r| {
+                        r.op == req.op
+                            && (req.op == IoOp::Flush
+                                || (r.range.start < end && req.lba < r.range.end))
+                    })
                     .map(|r| r.action)
             };
             if action.is_some() {

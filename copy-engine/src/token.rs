@@ -164,7 +164,16 @@ pub fn copy_in(
     let name = &source.info().name;
     let mut fragments: Vec<LeafFragment> = Vec::new();
     let mut tokens = Vec::new();
-    let mut leaves: Vec<(DeviceId, Arc<dyn BlockDevice>)> = Vec::new();
+    // Per leaf, found once: the device, what its fragments' tokens are,
+    // and its ROD token limit. Token kinds are shared (Arc) by every
+    // token of the leaf, so a token costs no allocation of its own.
+    struct SourceLeaf {
+        id: DeviceId,
+        device: Arc<dyn BlockDevice>,
+        kind: TokenKind,
+        rod: Option<u64>,
+    }
+    let mut leaves: Vec<SourceLeaf> = Vec::new();
     let mut logical = 0;
     let mut starts = Vec::with_capacity(ranges.len());
     for r in ranges {
@@ -179,29 +188,35 @@ pub fn copy_in(
                 source: e,
             })?;
         for f in &fragments {
-            let leaf = match leaves.iter().find(|(id, _)| *id == f.leaf) {
-                Some((_, leaf)) => Arc::clone(leaf),
+            let at = match leaves.iter().position(|l| l.id == f.leaf) {
+                Some(at) => at,
                 None => {
-                    let leaf = find_device(source, f.leaf).ok_or(CopyError::UnknownLeaf {
+                    let device = find_device(source, f.leaf).ok_or(CopyError::UnknownLeaf {
                         device: name.clone(),
                         leaf: f.leaf,
                     })?;
-                    leaves.push((f.leaf, Arc::clone(&leaf)));
-                    leaf
+                    let offloads = &device.info().copy_offloads;
+                    let kind = kind_of(offloads);
+                    let rod = offloads.iter().find_map(|o| match o {
+                        CopyOffload::ScsiRodToken {
+                            max_token_blocks, ..
+                        } => Some(*max_token_blocks),
+                        _ => None,
+                    });
+                    leaves.push(SourceLeaf {
+                        id: f.leaf,
+                        device,
+                        kind,
+                        rod,
+                    });
+                    leaves.len() - 1
                 }
             };
+            let leaf = &leaves[at];
             let token_logical = logical + (f.lba - r.lba);
-            let offloads = &leaf.info().copy_offloads;
-            let kind = kind_of(offloads);
-            let rod = offloads.iter().find_map(|o| match o {
-                CopyOffload::ScsiRodToken {
-                    max_token_blocks, ..
-                } => Some(*max_token_blocks),
-                _ => None,
-            });
-            match (kind, rod) {
+            match (&leaf.kind, leaf.rod) {
                 (TokenKind::Plain, Some(max_token_blocks)) => populate(
-                    leaf.as_ref(),
+                    leaf.device.as_ref(),
                     f,
                     token_logical,
                     max_token_blocks,
@@ -212,7 +227,7 @@ pub fn copy_in(
                     blocks: f.blocks,
                     leaf: f.leaf,
                     leaf_lba: f.leaf_lba,
-                    kind,
+                    kind: kind.clone(),
                 }),
             }
         }

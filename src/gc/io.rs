@@ -16,7 +16,7 @@ const MAX_TRANSFER_BYTES: u64 = 256 << 10;
 /// A request that has not completed by then is reported, not waited for.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Empty polls before a wait starts sleeping.
-const SPIN_POLLS: u32 = 256;
+const SPIN_POLLS: u32 = 64;
 /// The first and longest sleep of a wait.
 const FIRST_PAUSE: Duration = Duration::from_micros(16);
 const MAX_PAUSE: Duration = Duration::from_millis(1);
@@ -258,18 +258,19 @@ impl BlockIo {
 
     /// Harvests at least one completion, or times out.
     fn reap(&mut self, data: &mut Data<'_>) -> Result<(), GcError> {
-        let start = Instant::now();
+        // The clock is read only once waiting turns to sleeping: in a VM a
+        // clock read can be a system call.
+        let mut sleeping_since: Option<Instant> = None;
         let mut idle = 0u32;
         let mut pause = FIRST_PAUSE;
         loop {
             let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
             let device = &self.device;
-            let n = self.ch.poll(DEPTH, |ctx, result, buf| {
+            let n = self.ch.poll(DEPTH, |ctx, result, mut buf| {
                 let (at, len) = spans
                     .get_mut(ctx as usize)
                     .map(|s| std::mem::replace(s, FREE))
                     .unwrap_or(FREE);
-                let Some(mut b) = buf else { return };
                 if let Err(source) = result {
                     failure.get_or_insert(GcError::Io {
                         device: device.clone(),
@@ -277,6 +278,7 @@ impl BlockIo {
                     });
                 } else if let Data::Read(out) = data
                     && let Some(out) = out.get_mut(at..at + len)
+                    && let Some(b) = buf.as_mut()
                     && let Err(source) = b.copy_to(0, out)
                 {
                     failure.get_or_insert(GcError::Device {
@@ -285,27 +287,27 @@ impl BlockIo {
                         source,
                     });
                 }
-                free.push(b);
+                free.extend(buf);
             });
             if n > 0 {
                 return Ok(());
             }
-            if start.elapsed() > DEADLINE {
+            // Spin through the few microseconds a read or write takes,
+            // then give the CPU back while waiting longer (a flush, a busy
+            // device): the store is a background writer.
+            idle += 1;
+            if idle <= SPIN_POLLS {
+                std::hint::spin_loop();
+                continue;
+            }
+            if sleeping_since.get_or_insert_with(Instant::now).elapsed() > DEADLINE {
                 return Err(GcError::Timeout {
                     device: self.device.clone(),
                     outstanding: self.ch.outstanding(),
                 });
             }
-            // Spin through the first few microseconds a read or write
-            // takes, then give the CPU back while waiting longer (a flush,
-            // a busy device): the store is a background writer.
-            idle += 1;
-            if idle > SPIN_POLLS {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(MAX_PAUSE);
-            } else {
-                std::hint::spin_loop();
-            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 

@@ -161,7 +161,7 @@ impl std::fmt::Debug for LogStore {
 /// Free segments kept for the cleaner: it needs fresh destinations before
 /// it frees its victims (one at least, up to [`MAX_FRESH`] to batch).
 fn reserve_for(segments: u32) -> u32 {
-    (segments / 16).max(4)
+    (segments / 25).max(3)
 }
 
 impl LogStore {
@@ -285,6 +285,10 @@ impl LogStore {
         let engine = CopyEngine::new(CopyOptions {
             offload: opts.offload,
             allocator,
+            // Victims' live slots come in short runs, so a round is many
+            // small ranges: keep enough Copy commands in flight that the
+            // device works on all of a round's at once.
+            offload_depth: 64,
             ..CopyOptions::default()
         })?;
         let mut store = LogStore {
@@ -587,7 +591,7 @@ impl LogStore {
         let mut stalled = 0;
         while self.free_segments() < target {
             let before = self.free_segments();
-            self.clean_round()?;
+            self.clean_round(target - before)?;
             // A round can consume as many segments as it frees while it
             // fills the relocation head; more than a pass over the store
             // without gaining one means there is nothing to gain.
@@ -607,7 +611,7 @@ impl LogStore {
 
     /// One round: pick victims, relocate their live slots in one gather,
     /// flush, commit the destinations, free the victims.
-    fn clean_round(&mut self) -> Result<(), GcError> {
+    fn clean_round(&mut self, needed: u32) -> Result<(), GcError> {
         let t0 = Instant::now();
         let cpu0 = thread_cpu_time();
         let slots = self.geo.data_slots;
@@ -644,7 +648,12 @@ impl LogStore {
                 victims.push(s);
                 total += live;
             }
-            if victims.len() == MAX_VICTIMS || total >= budget {
+            // Enough when the round frees what is needed net of the fresh
+            // segments it fills: cleaning more now would take victims
+            // before their blocks had time to die.
+            let fresh_needed = total.saturating_sub(room).div_ceil(slots);
+            let net = (victims.len() as u32).saturating_sub(fresh_needed);
+            if victims.len() == MAX_VICTIMS || total >= budget || net >= needed {
                 break;
             }
         }
