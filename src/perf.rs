@@ -250,6 +250,10 @@ pub struct PerfReport {
     pub p999_us: f64,
     /// Largest latency, microseconds.
     pub max_us: f64,
+    /// SQ tail doorbell (MMIO) writes per I/O; `None` through a stack.
+    pub sq_doorbells_per_io: Option<f64>,
+    /// CQ head doorbell (MMIO) writes per I/O; `None` through a stack.
+    pub cq_doorbells_per_io: Option<f64>,
 }
 
 impl fmt::Display for PerfReport {
@@ -284,7 +288,11 @@ impl fmt::Display for PerfReport {
             f,
             "  latency us: mean {:.2}  p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             self.mean_us, self.p50_us, self.p99_us, self.p999_us, self.max_us
-        )
+        )?;
+        if let (Some(sq), Some(cq)) = (self.sq_doorbells_per_io, self.cq_doorbells_per_io) {
+            write!(f, "\n  doorbell writes per I/O: SQ {sq:.3}  CQ {cq:.3}")?;
+        }
+        Ok(())
     }
 }
 
@@ -408,6 +416,8 @@ struct ThreadResult {
     hist: Histogram<u64>,
     elapsed: Duration,
     ticks: u64,
+    /// Doorbell writes during the measured time (queue-pair runs only).
+    doorbells: Option<nvme::DoorbellWrites>,
 }
 
 /// A cheap monotonic tick counter.
@@ -475,8 +485,15 @@ fn report(
     let mut hist = new_histogram()?;
     let (mut ios, mut errors, mut elapsed) = (0u64, 0u64, Duration::ZERO);
     let (mut ticks, mut nanos) = (0u128, 0u128);
+    let mut doorbells = Some(nvme::DoorbellWrites::default());
     for r in results {
         let r = r?;
+        doorbells = doorbells
+            .zip(r.doorbells)
+            .map(|(a, b)| nvme::DoorbellWrites {
+                sq: a.sq + b.sq,
+                cq: a.cq + b.cq,
+            });
         ios += r.ios;
         errors += r.errors;
         elapsed = elapsed.max(r.elapsed);
@@ -506,6 +523,8 @@ fn report(
         p99_us: us(hist.value_at_quantile(0.99)),
         p999_us: us(hist.value_at_quantile(0.999)),
         max_us: us(hist.max()),
+        sq_doorbells_per_io: doorbells.map(|d| d.sq as f64 / ios.max(1) as f64),
+        cq_doorbells_per_io: doorbells.map(|d| d.cq as f64 / ios.max(1) as f64),
     })
 }
 
@@ -602,6 +621,7 @@ fn worker<T: Transport>(
     let blocks_per_io = (cfg.io_size / ns.block_size as usize) as u64;
     let mut picker = Picker::new(cfg, thread, ns.blocks, blocks_per_io);
     let (mut ios, mut errors) = (0u64, 0u64);
+    let doorbells_before = qp.doorbell_writes();
     let start = Instant::now();
     let start_ticks = ticks::now(base);
     let end = start + cfg.duration;
@@ -661,6 +681,7 @@ fn worker<T: Transport>(
     }
     let elapsed = start.elapsed();
     let run_ticks = ticks::now(base).saturating_sub(start_ticks);
+    let doorbells_after = qp.doorbell_writes();
     // Let the in-flight requests finish (not counted).
     qp.drain(Duration::from_secs(30))?;
     Ok(ThreadResult {
@@ -669,6 +690,10 @@ fn worker<T: Transport>(
         hist,
         elapsed,
         ticks: run_ticks,
+        doorbells: Some(nvme::DoorbellWrites {
+            sq: doorbells_after.sq - doorbells_before.sq,
+            cq: doorbells_after.cq - doorbells_before.cq,
+        }),
     })
 }
 
@@ -762,6 +787,7 @@ fn stack_worker(
         hist,
         elapsed,
         ticks: run_ticks,
+        doorbells: None,
     })
 }
 

@@ -86,8 +86,8 @@ pub mod vfio;
 
 pub use dma::{DmaBuffer, DmaContext, DmaSlice};
 pub use driver::{
-    Completion, Controller, ControllerOptions, IoError, Namespace, PAGE_SIZE, QueueOptions,
-    QueuePair, SubmitError,
+    Completion, Controller, ControllerOptions, DoorbellWrites, IoError, Namespace, PAGE_SIZE,
+    QueueOptions, QueuePair, SubmitError,
 };
 pub use error::{Error, Result};
 pub use mmio::RegisterAccess;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use ustor_guest::protocol::{Event, Outcome};
 use ustor_guest::supervise::{Ended, supervise};
-use ustor_guest::topology::Topology;
+use ustor_guest::topology::{NvmeBacking, Topology};
 
 /// Kernel command line: serial console, the vIOMMU VFIO needs, a panic
 /// that ends the VM (with `-no-reboot`) instead of hanging it.
@@ -60,7 +60,12 @@ pub fn qemu_args(
     a.extend(["-m".into(), topology.memory_mib.to_string()]);
     a.extend(["-kernel".into(), kernel.display().to_string()]);
     a.extend(["-initrd".into(), initrd.display().to_string()]);
-    a.extend(["-append".into(), KERNEL_CMDLINE.into()]);
+    let mut cmdline = KERNEL_CMDLINE.to_string();
+    for arg in &topology.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
+    a.extend(["-append".into(), cmdline]);
 
     for (c, ctrl) in topology.nvme.iter().enumerate() {
         a.extend([
@@ -73,18 +78,34 @@ pub fn qemu_args(
         for (n, ns) in ctrl.namespaces.iter().enumerate() {
             let nsid = n + 1;
             let id = format!("nvme{c}n{nsid}");
-            let image = dir.join(format!("{id}.img"));
-            create_image(&image, ns.size_mib)?;
-            let file = if ns.faults.is_empty() {
-                image.display().to_string()
-            } else {
-                let rules = dir.join(format!("{id}.blkdebug"));
-                fs::write(&rules, blkdebug_rules(&ns.faults))?;
-                format!("blkdebug:{}:{}", rules.display(), image.display())
+            let drive = match ns.backing {
+                NvmeBacking::Null => {
+                    if !ns.faults.is_empty() {
+                        return Err(Error::msg(format!(
+                            "{id}: blkdebug rules need an image backing"
+                        )));
+                    }
+                    format!(
+                        "driver=null-co,size={}M,read-zeroes=on,if=none,id={id}",
+                        ns.size_mib
+                    )
+                }
+                NvmeBacking::Image => {
+                    let image = dir.join(format!("{id}.img"));
+                    create_image(&image, ns.size_mib)?;
+                    let file = if ns.faults.is_empty() {
+                        image.display().to_string()
+                    } else {
+                        let rules = dir.join(format!("{id}.blkdebug"));
+                        fs::write(&rules, blkdebug_rules(&ns.faults))?;
+                        format!("blkdebug:{}:{}", rules.display(), image.display())
+                    };
+                    format!("file={file},if=none,id={id},format=raw,cache=unsafe")
+                }
             };
             a.extend([
                 "-drive".into(),
-                format!("file={file},if=none,id={id},format=raw,cache=unsafe"),
+                drive,
                 "-device".into(),
                 format!(
                     "nvme-ns,drive={id},bus=nvme{c},nsid={nsid},logical_block_size={bs},\
@@ -242,6 +263,21 @@ mod tests {
         assert!(!joined.contains("blkdebug"));
         let image = dir.join("nvme1n1.img");
         assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bench_namespace_is_null_backed_and_trusts_the_tsc() {
+        let topo = Topology::nvme_bench();
+        let (args, dir) = args_for(&topo);
+        let drive = args.iter().find(|a| a.contains("id=nvme0n1")).unwrap();
+        assert!(
+            drive.starts_with("driver=null-co,size=1024M,read-zeroes=on"),
+            "{drive}"
+        );
+        assert!(!dir.join("nvme0n1.img").exists());
+        let cmdline = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(cmdline.ends_with(" tsc=reliable"), "{cmdline}");
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -19,6 +19,11 @@ pub const STACK: &str = "stack";
 /// (16 ranges of up to 1 MiB, 16 MiB a command), as a drive would offer:
 /// copy benchmarks measure the offload, not the rig's small limits.
 pub const COPY: &str = "copy";
+/// One controller whose namespace has no host I/O behind it (QEMU's null
+/// driver), for the NVMe driver benchmarks: with an image file, QEMU's
+/// file path (its thread pool) caps every driver at the same rate, so the
+/// benchmark would measure the host, not the drivers.
+pub const NVME_BENCH: &str = "nvme-bench";
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -35,6 +40,8 @@ pub struct Topology {
     pub virtio_disks: Vec<VirtioDisk>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Kernel command-line arguments added for this boot.
+    pub kernel_args: Vec<String>,
 }
 
 /// One QEMU NVMe controller.
@@ -71,8 +78,10 @@ impl NvmeController {
 pub struct NvmeNamespace {
     /// Logical block size in bytes (512 or 4096).
     pub block_size: u32,
-    /// Size of the backing image in MiB.
+    /// Size in MiB.
     pub size_mib: u64,
+    /// What holds the namespace's data on the host.
+    pub backing: NvmeBacking,
     /// Copy limits: maximum single source range length (blocks).
     pub mssrl: u16,
     /// Copy limits: maximum copy length (blocks).
@@ -81,6 +90,16 @@ pub struct NvmeNamespace {
     pub msrc: u8,
     /// blkdebug error rules; empty means a plain raw image.
     pub faults: Vec<BlkdebugRule>,
+}
+
+/// What holds a namespace's data on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NvmeBacking {
+    /// A raw image file, created empty for each boot.
+    Image,
+    /// QEMU's null driver: reads return zeroes (copied into the reader's
+    /// buffer), writes are dropped; no host I/O at all.
+    Null,
 }
 
 /// A QEMU blkdebug `[inject-error]` rule on a namespace's backing image.
@@ -123,6 +142,7 @@ impl Topology {
         let ns = |block_size| NvmeNamespace {
             block_size,
             size_mib: 64,
+            backing: NvmeBacking::Image,
             mssrl: 128,
             mcl: 256,
             msrc: 15,
@@ -158,6 +178,7 @@ impl Topology {
             ],
             virtio_disks: vec![VirtioDisk { size_mib: 32 }],
             memory_mib: 1024,
+            kernel_args: Vec::new(),
         }
     }
 
@@ -172,6 +193,7 @@ impl Topology {
                 namespaces: vec![NvmeNamespace {
                     block_size: 512,
                     size_mib: 16,
+                    backing: NvmeBacking::Image,
                     mssrl: 128,
                     mcl: 256,
                     msrc: 15,
@@ -187,6 +209,7 @@ impl Topology {
             lio_luns: Vec::new(),
             virtio_disks: Vec::new(),
             memory_mib: 512,
+            kernel_args: Vec::new(),
         }
     }
 
@@ -216,6 +239,27 @@ impl Topology {
         topo
     }
 
+    /// The default rig's first controller alone, its namespace on the null
+    /// driver (see [`NVME_BENCH`]); same controller model, same 512-byte
+    /// format.
+    pub fn nvme_bench() -> Topology {
+        let mut topo = Topology::default_rig();
+        topo.name = NVME_BENCH.to_string();
+        topo.nvme.truncate(1);
+        let ctrl = &mut topo.nvme[0];
+        ctrl.namespaces.truncate(1);
+        ctrl.namespaces[0].backing = NvmeBacking::Null;
+        ctrl.namespaces[0].size_mib = 1024;
+        topo.lio_luns.clear();
+        topo.virtio_disks.clear();
+        // Under TCG the kernel rejects the TSC and keeps time with the
+        // HPET, each read of which is an emulated MMIO access: the kernel
+        // I/O path (and fio) would pay that per clock read. QEMU's TSC
+        // follows the host's, which is stable.
+        topo.kernel_args.push("tsc=reliable".to_string());
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
@@ -223,13 +267,14 @@ impl Topology {
             FAULTS => Some(Topology::faults()),
             STACK => Some(Topology::stack()),
             COPY => Some(Topology::copy()),
+            NVME_BENCH => Some(Topology::nvme_bench()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK, COPY]
+        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH]
     }
 }
 
