@@ -65,6 +65,10 @@ pub struct CleanStats {
     pub relocation_wall: Duration,
     /// CPU time of the cleaning thread over the same spans.
     pub relocation_cpu: Duration,
+    /// Of the relocation wall time, the copy engine's part.
+    pub copy_wall: Duration,
+    /// Of the relocation CPU time, the copy engine's part.
+    pub copy_cpu: Duration,
     /// Segment commits (summary writes).
     pub commits: u64,
 }
@@ -712,6 +716,7 @@ impl LogStore {
             .collect();
 
         if moved > 0 {
+            let (copy_t0, copy_cpu0) = (Instant::now(), thread_cpu_time());
             let report = match self
                 .engine
                 .copy(&self.dev, &self.src_ranges, &self.dev, &dst_ranges)
@@ -729,6 +734,8 @@ impl LogStore {
                     report: report.to_string(),
                 });
             }
+            self.stats.copy_wall += copy_t0.elapsed();
+            self.stats.copy_cpu += thread_cpu_time().saturating_sub(copy_cpu0);
             self.stats.bytes_offloaded += report.offloaded_bytes();
             self.stats.bytes_bounced += report.host_bytes();
             self.stats.copy_commands += Method::ALL

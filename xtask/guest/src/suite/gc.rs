@@ -89,15 +89,21 @@ fn gc_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
             let i = usize::from(!offload);
             println!(
                 "round {round} {:<7} relocated {:>7} blocks in {:>4} rounds, {:>8.1} MiB/s, \
-                 CPU {:.4} s/GiB, WA {:.2}, offloaded {} MiB, bounced {} MiB, wall {:.2} s",
+                 CPU {:.4} s/GiB (copy {:.3} s of {:.3} s CPU, {:.3} s of {:.3} s wall), WA {:.2}, \
+                 offloaded {} MiB, bounced {} MiB, {} commands, wall {:.2} s",
                 r.mode,
                 r.stats.blocks_relocated,
                 r.stats.rounds,
                 r.relocation_mib_s,
                 r.relocation_cpu_s_per_gib,
+                r.stats.copy_cpu.as_secs_f64(),
+                r.stats.relocation_cpu.as_secs_f64(),
+                r.stats.copy_wall.as_secs_f64(),
+                r.stats.relocation_wall.as_secs_f64(),
                 r.write_amplification,
                 r.stats.bytes_offloaded >> 20,
                 r.stats.bytes_bounced >> 20,
+                r.stats.copy_commands,
                 r.wall.as_secs_f64()
             );
             tput[i].push(r.relocation_mib_s);
