@@ -432,14 +432,8 @@ impl LogStore {
     /// Appends a new version of logical block `lbn`; returns its stamp.
     /// Durable once committed (see [`LogStore::durable_stamp`]).
     pub fn write(&mut self, lbn: u64, data: &[u8]) -> Result<u64, GcError> {
-        self.check_lbn(lbn)?;
+        self.check_block(lbn, data.len())?;
         let bs = self.block_size();
-        if data.len() != bs {
-            return Err(GcError::Config(format!(
-                "a block is {bs} bytes, not {}",
-                data.len()
-            )));
-        }
         let head = match self.user_head {
             Some(h) => h,
             None => {
@@ -476,14 +470,8 @@ impl LogStore {
     /// Reads the current version of `lbn` into `out`; `false` (and zeros)
     /// for a block never written.
     pub fn read(&mut self, lbn: u64, out: &mut [u8]) -> Result<bool, GcError> {
-        self.check_lbn(lbn)?;
+        self.check_block(lbn, out.len())?;
         let bs = self.block_size();
-        if out.len() != bs {
-            return Err(GcError::Config(format!(
-                "a block is {bs} bytes, not {}",
-                out.len()
-            )));
-        }
         let at = self.map[lbn as usize];
         if at == UNMAPPED {
             out.fill(0);
@@ -842,6 +830,18 @@ impl LogStore {
             self.segments[(old / slots) as usize].live -= 1;
         }
         self.segments[(at / slots) as usize].live += 1;
+    }
+
+    /// Checks a one-block request: the block exists, the buffer is a block.
+    fn check_block(&self, lbn: u64, len: usize) -> Result<(), GcError> {
+        self.check_lbn(lbn)?;
+        if len != self.block_size() {
+            return Err(GcError::Config(format!(
+                "a block is {} bytes, not {len}",
+                self.block_size()
+            )));
+        }
+        Ok(())
     }
 
     fn check_lbn(&self, lbn: u64) -> Result<(), GcError> {
