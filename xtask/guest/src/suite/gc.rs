@@ -13,19 +13,26 @@ use ustor::copybench::median;
 use ustor::gc::{LogStore, Policy, RunOptions, RunReport, StoreOptions, Workload, run};
 
 /// The tests of this module.
-pub(super) static TESTS: &[GuestTest] = &[GuestTest {
-    name: "gc_bench_offload_bounce",
-    kind: Kind::Bench,
-    topology: DEFAULT,
-    timeout: Duration::from_secs(900),
-    run: gc_bench_offload_bounce,
-}];
+pub(super) static TESTS: &[GuestTest] = &[
+    GuestTest {
+        name: "gc_store_on_qemu_nvme_relocates_by_copy_and_reopens",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: gc_store_on_qemu_nvme,
+    },
+    GuestTest {
+        name: "gc_bench_offload_bounce",
+        kind: Kind::Bench,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(900),
+        run: gc_bench_offload_bounce,
+    },
+];
 
-const ROUNDS: usize = 3;
-
-fn gc_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
-    // The default rig's second controller: one 64 MiB, 4 KiB namespace
-    // with the rig's Copy limits.
+/// The default rig's second controller (one 64 MiB, 4 KiB namespace with
+/// the rig's Copy limits), bound to vfio-pci, as a stack leaf.
+fn gc_device(env: &GuestEnv) -> Result<(String, Arc<dyn BlockDevice>), String> {
     let ctrl = env
         .devices
         .nvme
@@ -39,8 +46,64 @@ fn gc_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
         .ok_or("the default topology has no controller with a 4 KiB namespace")?;
     let addr = ctrl.pci_address.clone();
     bind_vfio(&addr)?;
-    let dev: Arc<dyn BlockDevice> =
-        spec::build(&format!("nvme:{addr}/1")).map_err(|e| e.to_string())?;
+    let dev = spec::build(&format!("nvme:{addr}/1")).map_err(|e| e.to_string())?;
+    Ok((addr, dev))
+}
+
+/// A short run of the store on QEMU's controller: the cleaner relocates by
+/// NVMe Copy, the store is reopened from its summaries and every block
+/// read back.
+fn gc_store_on_qemu_nvme(env: &GuestEnv) -> Result<(), String> {
+    let (addr, dev) = gc_device(env)?;
+    let opts = RunOptions {
+        store: StoreOptions {
+            segment_bytes: 256 << 10,
+            fill: 0.7,
+            policy: Policy::CostBenefit,
+            offload: true,
+        },
+        workload: Workload {
+            overwrites: 12_000,
+            hot_cold: true,
+            seed: 11,
+        },
+        verify: true,
+    };
+    let r = run(&dev, &opts).map_err(|e| format!("gc on {addr}: {e}"))?;
+    println!(
+        "{} blocks, {} segments cleaned, {} blocks relocated ({} MiB offloaded, {} bounced), \
+         WA {:.2}, {:?} verified after reopening",
+        r.logical_blocks,
+        r.stats.segments_cleaned,
+        r.stats.blocks_relocated,
+        r.stats.bytes_offloaded >> 20,
+        r.stats.bytes_bounced >> 20,
+        r.write_amplification,
+        r.verified_blocks
+    );
+    if r.stats.segments_cleaned == 0 {
+        return Err("the workload never made the cleaner run".into());
+    }
+    if r.stats.bytes_bounced != 0 || r.stats.bytes_offloaded != r.stats.blocks_relocated * 4096 {
+        return Err(format!(
+            "relocation within one namespace must all be NVMe Copy: {} bytes offloaded, {} \
+             bounced, {} blocks relocated",
+            r.stats.bytes_offloaded, r.stats.bytes_bounced, r.stats.blocks_relocated
+        ));
+    }
+    if r.verified_blocks != Some(r.logical_blocks) {
+        return Err(format!(
+            "verified {:?} of {}",
+            r.verified_blocks, r.logical_blocks
+        ));
+    }
+    Ok(())
+}
+
+const ROUNDS: usize = 3;
+
+fn gc_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
+    let (addr, dev) = gc_device(env)?;
     let store = StoreOptions {
         segment_bytes: 1 << 20,
         fill: 0.8,
