@@ -196,6 +196,16 @@ impl LogStore {
         // cleaner are never counted as capacity.
         let usable =
             u64::from(probe.segments.saturating_sub(reserve + 2)) * u64::from(probe.data_slots);
+        if usable < 2 {
+            return Err(GcError::Config(format!(
+                "{} is too small for {}-byte segments: {} segments, the store needs at least {} \
+                 ({reserve} kept free for the cleaner, two open, one for data)",
+                info.name,
+                opts.segment_bytes,
+                probe.segments,
+                reserve + 3
+            )));
+        }
         let logical_blocks = (opts.fill * probe.total_slots() as f64) as u64;
         if logical_blocks == 0 || logical_blocks >= usable {
             return Err(GcError::Config(format!(
