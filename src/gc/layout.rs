@@ -253,11 +253,31 @@ pub struct Summary {
 impl Summary {
     /// Encodes into `out` (one area; the rest is zeroed).
     pub fn encode(&self, store_id: u64, out: &mut [u8]) -> Result<(), GcError> {
-        let need = SUMMARY_HEADER + self.entries.len() * SUMMARY_ENTRY;
+        Summary::encode_parts(
+            self.segment,
+            self.area,
+            self.seq,
+            &self.entries,
+            store_id,
+            out,
+        )
+    }
+
+    /// Encodes the summary of `segment` for `area` with `seq` and
+    /// `entries` into `out`, straight from the caller's entries.
+    pub fn encode_parts(
+        segment: u32,
+        area: u8,
+        seq: u64,
+        entries: &[Entry],
+        store_id: u64,
+        out: &mut [u8],
+    ) -> Result<(), GcError> {
+        let need = SUMMARY_HEADER + entries.len() * SUMMARY_ENTRY;
         if need > out.len() {
             return Err(GcError::Config(format!(
                 "summary of {} entries needs {need} bytes, the area has {}",
-                self.entries.len(),
+                entries.len(),
                 out.len()
             )));
         }
@@ -265,18 +285,18 @@ impl Summary {
         let mut w = Writer::new(out);
         w.u64(SUMMARY_MAGIC);
         w.u64(store_id);
-        w.u32(self.segment);
-        w.u32(u32::from(self.area));
-        w.u64(self.seq);
-        w.u32(self.entries.len() as u32);
+        w.u32(segment);
+        w.u32(u32::from(area));
+        w.u64(seq);
+        w.u32(entries.len() as u32);
         // The CRC sits last in the header (written below) and covers the
         // header before it and every entry.
         w.skip(SUMMARY_HEADER - 36);
-        for e in &self.entries {
+        for e in entries {
             w.u64(e.lbn);
             w.u64(e.stamp);
         }
-        let crc = summary_crc(out, self.entries.len());
+        let crc = summary_crc(out, entries.len());
         out[SUMMARY_HEADER - 4..SUMMARY_HEADER].copy_from_slice(&crc.to_le_bytes());
         Ok(())
     }

@@ -569,13 +569,14 @@ impl LogStore {
     fn write_summary(&mut self, segment: u32) -> Result<(), GcError> {
         let seg = self.segments[segment as usize];
         let first = self.slot_index(segment, 0) as usize;
-        let summary = Summary {
+        Summary::encode_parts(
             segment,
-            area: seg.next_area,
-            seq: self.next_seq,
-            entries: self.entries[first..first + seg.used as usize].to_vec(),
-        };
-        summary.encode(self.store_id, &mut self.area)?;
+            seg.next_area,
+            self.next_seq,
+            &self.entries[first..first + seg.used as usize],
+            self.store_id,
+            &mut self.area,
+        )?;
         self.io
             .write(self.geo.summary_lba(segment, seg.next_area), &self.area)?;
         self.next_seq += 1;
