@@ -8,9 +8,9 @@ use bdev_stack::{BlockDevice, Channel, Completion, DeviceId, DmaMemory, IoReques
 use std::sync::Arc;
 use tracing::warn;
 
-use crate::engine::Pace;
 use crate::error::CopyError;
 use crate::report::{CopyFailure, CopyReport, Method, NotCopied};
+use bdev_stack::wait::Pace;
 
 /// A leaf taking part in a copy, with the channels the engine opened to
 /// it (lazily, kept for the next copy over the same leaf).

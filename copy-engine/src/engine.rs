@@ -4,10 +4,11 @@
 //! copy between themselves, and bounce the rest.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use bdev_stack::wait::{Wait, Waiter};
 use bdev_stack::{
     Access, BlockDevice, CopyOffload, DeviceInfo, DmaAllocator, HostAllocator, LbaRange,
     LeafFragment, OffloadCompletion, OffloadError, OffloadOutcome, OffloadRange, OffloadRequest,
@@ -22,7 +23,7 @@ use crate::plan::{
     memmove_chunks, sort_into_groups,
 };
 use crate::report::{CopyReport, Method};
-use crate::token::{SourceTokens, TokenKind, check_ranges, copy_in};
+use crate::token::{SourceTokens, TokenKind, check_ranges, copy_in, copy_in_checked};
 
 /// Default bytes of bounce memory in flight (8 MiB).
 pub const DEFAULT_BOUNCE_BYTES: usize = 8 << 20;
@@ -52,226 +53,10 @@ pub struct CopyOptions {
 /// How the engine waits for offload commands. An offloaded copy keeps the
 /// device busy for far longer than a read or write, and the point of
 /// offloading is to give the host its CPU back, so by default the engine
-/// sleeps instead of spinning while nothing completes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OffloadWait {
-    /// Poll without pause: the lowest latency, a whole core while waiting.
-    Spin,
-    /// Poll; after a poll that completed nothing, sleep, doubling the pause
-    /// from 16 µs up to `max`, back to the start on any completion.
-    Backoff {
-        /// The longest pause.
-        max: Duration,
-    },
-    /// Sleep once for as long as the device needs for the blocks in
-    /// flight, at the pace it kept on this leaf's earlier commands (kept
-    /// with the leaf's channel across copies), then in eighths of that
-    /// until they complete. The wake-up is armed before the doorbell, so
-    /// once the device works the thread only blocks: clock reads and timer
-    /// programming can be dear while a device (or a hypervisor emulating
-    /// one) is busy. Until a leaf's pace is known, as `Backoff` up to
-    /// 2 ms.
-    Paced {
-        /// The longest single sleep.
-        max: Duration,
-    },
-}
-
-impl Default for OffloadWait {
-    fn default() -> OffloadWait {
-        // The cap only bounds how late a badly learnt pace can make us.
-        OffloadWait::Paced {
-            max: Duration::from_millis(100),
-        }
-    }
-}
-
-/// The first pause of a backoff.
-const FIRST_PAUSE: Duration = Duration::from_micros(16);
-/// The longest pause of the backoff while a leaf's pace is unknown: well
-/// under one Copy command of a few hundred KiB, so with several commands
-/// queued the device never waits for us.
-const UNKNOWN_PACE_MAX_PAUSE: Duration = Duration::from_millis(2);
-
-/// A one-shot timer armed before the doorbell and waited on after it:
-/// arming reads the clock and programs the timer while the device is idle,
-/// waiting is one blocking read.
-struct Alarm {
-    fd: OwnedFd,
-}
-
-impl Alarm {
-    fn new() -> Option<Alarm> {
-        // SAFETY: plain system call; a non-negative result is a new file
-        // descriptor that we then own.
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
-        // SAFETY: `fd` was just created and nobody else owns it.
-        (fd >= 0).then(|| Alarm {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    /// Arms the timer to go off once, `after` from now; false if it could
-    /// not be armed (then it must not be waited on).
-    fn arm(&self, after: Duration) -> bool {
-        // A zero time would disarm it instead.
-        let after = after.max(Duration::from_micros(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: `fd` is our timerfd; `spec` is a valid itimerspec and the
-        // old value is not asked for.
-        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) == 0 }
-    }
-
-    /// Blocks until the armed timer has gone off.
-    fn wait(&self) {
-        let mut expirations = [0u8; 8];
-        loop {
-            // SAFETY: reads at most 8 bytes into our 8-byte buffer.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    expirations.as_mut_ptr().cast(),
-                    expirations.len(),
-                )
-            };
-            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return;
-            }
-        }
-    }
-}
-
-/// A leaf's pace on offload commands: nanoseconds per block in flight.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Pace {
-    ns_per_block: u64,
-}
-
-impl Pace {
-    fn known(&self) -> bool {
-        self.ns_per_block > 0
-    }
-
-    fn time_for(&self, blocks: u64) -> Duration {
-        Duration::from_nanos(self.ns_per_block.saturating_mul(blocks))
-    }
-}
-
-/// Waiting for one leaf's offload commands, as [`OffloadWait`] says.
-struct OffloadWaiter<'a> {
-    wait: OffloadWait,
-    alarm: Option<&'a Alarm>,
-    pace: Pace,
-    /// The next pause when not waiting on the alarm.
-    pause: Duration,
-    /// The alarm is armed for the blocks handed over at `since`.
-    armed: bool,
-    /// When the blocks now in flight were handed over, how many, how many
-    /// sleeps since, and whether every completion since was a success.
-    since: Option<Instant>,
-    blocks: u64,
-    sleeps: u32,
-    clean: bool,
-}
-
-impl<'a> OffloadWaiter<'a> {
-    fn new(wait: OffloadWait, alarm: Option<&'a Alarm>, pace: Pace) -> OffloadWaiter<'a> {
-        OffloadWaiter {
-            wait,
-            alarm,
-            pace,
-            pause: FIRST_PAUSE,
-            armed: false,
-            since: None,
-            blocks: 0,
-            sleeps: 0,
-            clean: true,
-        }
-    }
-
-    /// Called after submitting commands, before the poll that rings the
-    /// doorbell, with the blocks now in flight.
-    fn submitted(&mut self, in_flight: u64) {
-        let OffloadWait::Paced { max } = self.wait else {
-            return;
-        };
-        self.since = Some(Instant::now());
-        self.blocks = in_flight;
-        self.sleeps = 0;
-        self.clean = true;
-        self.armed = false;
-        if self.pace.known() {
-            let expected = self.pace.time_for(in_flight).min(max);
-            self.pause = (expected / 8).max(FIRST_PAUSE);
-            self.armed = self.alarm.is_some_and(|a| a.arm(expected));
-        }
-    }
-
-    /// Called after each poll with the completions it gave (`failed` of
-    /// them not successes) and the blocks still in flight.
-    fn after_poll(&mut self, completed: usize, failed: bool, in_flight: u64) {
-        match self.wait {
-            OffloadWait::Spin => {}
-            OffloadWait::Backoff { max } => {
-                if completed > 0 {
-                    self.pause = FIRST_PAUSE;
-                } else {
-                    std::thread::sleep(self.pause);
-                    self.pause = (self.pause * 2).min(max.max(FIRST_PAUSE));
-                }
-            }
-            OffloadWait::Paced { max } => {
-                self.clean &= !failed;
-                if in_flight == 0 {
-                    self.learn();
-                    return;
-                }
-                if completed > 0 {
-                    return;
-                }
-                self.sleeps += 1;
-                if std::mem::take(&mut self.armed)
-                    && let Some(alarm) = self.alarm
-                {
-                    alarm.wait();
-                    return;
-                }
-                std::thread::sleep(self.pause.min(max));
-                if !self.pace.known() {
-                    self.pause = (self.pause * 2).min(UNKNOWN_PACE_MAX_PAUSE);
-                }
-            }
-        }
-    }
-
-    /// Everything handed over at `since` completed: learn the pace. A
-    /// first sleep that found it all done may have been longer than
-    /// needed, so the pace is tightened a little; otherwise the time seen
-    /// (late by at most one pause) is the new pace.
-    fn learn(&mut self) {
-        let Some(since) = self.since.take() else {
-            return;
-        };
-        if !self.clean || self.blocks == 0 {
-            return;
-        }
-        if self.pace.known() && self.sleeps <= 1 {
-            self.pace.ns_per_block -= self.pace.ns_per_block / 32;
-        } else {
-            let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.pace.ns_per_block = (ns / self.blocks).max(1);
-        }
-    }
-}
+/// sleeps instead of spinning while nothing completes: with
+/// [`Wait::Paced`](bdev_stack::wait::Wait::Paced) each leaf's pace on Copy
+/// commands (time per block) is kept with its channel across copies.
+pub type OffloadWait = Wait;
 
 impl Default for CopyOptions {
     fn default() -> CopyOptions {
@@ -384,7 +169,7 @@ pub struct CopyEngine {
     options: CopyOptions,
     bouncer: Bouncer,
     leaves: Vec<Leaf>,
-    leaf_index: HashMap<u32, u32>,
+    leaf_index: LeafIndex,
     mapped: Vec<LeafFragment>,
     src_fragments: Vec<Fragment>,
     dst_fragments: Vec<Fragment>,
@@ -399,8 +184,9 @@ pub struct CopyEngine {
     offload_ranges: Vec<OffloadRange>,
     offload_done: Vec<OffloadCompletion>,
     command_tokens: Vec<usize>,
-    /// The wake-up of [`OffloadWait::Paced`], made on first use.
-    alarm: Option<Alarm>,
+    /// Waits for offload commands (holds the timer of
+    /// [`OffloadWait::Paced`]), made on first use.
+    waiter: Option<Waiter>,
 }
 
 impl std::fmt::Debug for CopyEngine {
@@ -453,7 +239,7 @@ impl CopyEngine {
             bouncer: Bouncer::new(buffers, options.buffer_bytes),
             options,
             leaves: Vec::new(),
-            leaf_index: HashMap::new(),
+            leaf_index: LeafIndex::default(),
             mapped: Vec::new(),
             src_fragments: Vec::new(),
             dst_fragments: Vec::new(),
@@ -468,7 +254,7 @@ impl CopyEngine {
             offload_ranges: Vec::new(),
             offload_done: Vec::new(),
             command_tokens: Vec::new(),
-            alarm: None,
+            waiter: None,
         })
     }
 
@@ -496,14 +282,10 @@ impl CopyEngine {
         dst: &Arc<dyn BlockDevice>,
         dst_ranges: &[LbaRange],
     ) -> Result<CopyReport, CopyError> {
-        self.check_destination(
-            dst,
-            dst_ranges,
-            src,
-            check_ranges(src.as_ref(), src_ranges)?,
-        )?;
-        let tokens = copy_in(src, src_ranges)?;
-        self.copy_out(dst, dst_ranges, &tokens)
+        let total = check_ranges(src.as_ref(), src_ranges)?;
+        self.check_destination(dst, dst_ranges, src, total)?;
+        let tokens = copy_in_checked(src, src_ranges, total)?;
+        self.copy_out_checked(dst, dst_ranges, &tokens, true)
     }
 
     /// Checks block sizes, the destination ranges, and that lengths match;
@@ -588,6 +370,12 @@ impl CopyEngine {
     /// Keeps the leaves this copy used, with their channels, for the next
     /// copy; lets go of the others.
     fn keep_used_leaves(&mut self) {
+        if self.leaves.iter().all(|leaf| leaf.in_use) {
+            for leaf in &mut self.leaves {
+                leaf.in_use = false;
+            }
+            return;
+        }
         self.leaves.retain(|leaf| leaf.in_use);
         self.leaf_index.clear();
         for (i, leaf) in self.leaves.iter_mut().enumerate() {
@@ -605,10 +393,22 @@ impl CopyEngine {
         ranges: &[LbaRange],
         tokens: &SourceTokens,
     ) -> Result<CopyReport, CopyError> {
+        self.copy_out_checked(dest, ranges, tokens, false)
+    }
+
+    /// [`CopyEngine::copy_out`]; `checked`: the destination ranges were
+    /// checked against the tokens already.
+    fn copy_out_checked(
+        &mut self,
+        dest: &Arc<dyn BlockDevice>,
+        ranges: &[LbaRange],
+        tokens: &SourceTokens,
+        checked: bool,
+    ) -> Result<CopyReport, CopyError> {
         for leaf in &mut self.leaves {
             leaf.in_use = false;
         }
-        let result = self.plan_and_copy(dest, ranges, tokens);
+        let result = self.plan_and_copy(dest, ranges, tokens, checked);
         match &result {
             Ok(report) if report.not_copied.is_empty() && report.fallbacks == 0 => {
                 self.keep_used_leaves()
@@ -623,9 +423,14 @@ impl CopyEngine {
         dest: &Arc<dyn BlockDevice>,
         ranges: &[LbaRange],
         tokens: &SourceTokens,
+        checked: bool,
     ) -> Result<CopyReport, CopyError> {
         let start = Instant::now();
-        let total = self.check_destination(dest, ranges, &tokens.source, tokens.total_blocks)?;
+        let total = if checked {
+            tokens.total_blocks
+        } else {
+            self.check_destination(dest, ranges, &tokens.source, tokens.total_blocks)?
+        };
         let block_size = u64::from(dest.info().block_size);
 
         // The source partition, from the tokens.
@@ -650,8 +455,13 @@ impl CopyEngine {
                 total_blocks: tokens.total_blocks,
             });
         }
+        // Runs of tokens share a leaf: look each run's up once.
+        let mut last = None;
         for t in &tokens.tokens {
-            self.leaf(&tokens.source, t.leaf.0)?;
+            if last != Some(t.leaf.0) {
+                self.leaf(&tokens.source, t.leaf.0)?;
+                last = Some(t.leaf.0);
+            }
         }
 
         // The destination partitions, one per replica.
@@ -694,9 +504,13 @@ impl CopyEngine {
                 },
             ));
         }
-        let leaves_needed: Vec<u32> = self.dst_fragments.iter().map(|f| f.leaf).collect();
-        for id in leaves_needed {
-            self.leaf(dest, id)?;
+        let mut last = None;
+        for i in 0..self.dst_fragments.len() {
+            let id = self.dst_fragments[i].leaf;
+            if last != Some(id) {
+                self.leaf(dest, id)?;
+                last = Some(id);
+            }
         }
 
         self.pieces.clear();
@@ -1039,15 +853,11 @@ impl CopyEngine {
             };
         let src_block_size = src_info.block_size;
         let mut next = 0;
-        let alarm = match self.alarm.take() {
-            None if matches!(self.options.offload_wait, OffloadWait::Paced { .. }) => Alarm::new(),
-            alarm => alarm,
-        };
-        let mut waiter = OffloadWaiter::new(
-            self.options.offload_wait,
-            alarm.as_ref(),
-            self.leaves[dst as usize].copy_pace,
-        );
+        let mut waiter = self
+            .waiter
+            .take()
+            .unwrap_or_else(|| Waiter::new(self.options.offload_wait));
+        waiter.set_pace(self.leaves[dst as usize].copy_pace);
         let mut in_flight = 0u64;
         self.offload_done.clear();
         self.offload_done.reserve(depth);
@@ -1181,8 +991,8 @@ impl CopyEngine {
         }
         let leaf = &mut self.leaves[dst as usize];
         leaf.copy = Some(channel);
-        leaf.copy_pace = waiter.pace;
-        self.alarm = alarm;
+        leaf.copy_pace = waiter.pace();
+        self.waiter = Some(waiter);
         Ok(())
     }
 
@@ -1234,11 +1044,36 @@ fn log_fallback(error: &OffloadError, what: &str) {
     warn!(%error, "offload {what}; bouncing its ranges");
 }
 
+/// Leaf id to leaf-table index. Looked up per fragment and piece, so hashed
+/// with one multiplication rather than SipHash: the keys are small device
+/// ids handed out by the stack, not attacker-chosen.
+pub(crate) type LeafIndex = HashMap<u32, u32, BuildHasherDefault<LeafIdHasher>>;
+
+/// Fibonacci hashing of a `u32` key.
+#[derive(Default)]
+pub(crate) struct LeafIdHasher(u64);
+
+impl Hasher for LeafIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = (u64::from(id) ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// Cuts `p` into bounce items within one buffer and both leaves' maximum
 /// transfer.
 fn push_items(
     leaves: &[Leaf],
-    index: &HashMap<u32, u32>,
+    index: &LeafIndex,
     p: &Piece,
     buffer_blocks: u64,
     out: &mut Vec<Item>,
@@ -1387,62 +1222,5 @@ mod tests {
             drop(dev_b);
             assert_eq!(Arc::strong_count(&b), 1, "offload {offload}");
         }
-    }
-
-    #[test]
-    fn alarm_goes_off_after_its_time_and_never_hangs_on_zero() {
-        let alarm = Alarm::new().expect("timerfd");
-        let t = Instant::now();
-        assert!(alarm.arm(Duration::from_millis(2)));
-        alarm.wait();
-        assert!(t.elapsed() >= Duration::from_millis(2));
-        // A zero time would disarm the timer and block the wait forever.
-        assert!(alarm.arm(Duration::ZERO));
-        alarm.wait();
-    }
-
-    #[test]
-    fn paced_wait_learns_the_pace_then_sleeps_once_per_batch() {
-        let alarm = Alarm::new();
-        let wait = OffloadWait::default();
-        let mut waiter = OffloadWaiter::new(wait, alarm.as_ref(), Pace::default());
-        // Unknown pace: backoff pauses until the batch completes.
-        waiter.submitted(1000);
-        waiter.after_poll(0, false, 1000);
-        std::thread::sleep(Duration::from_millis(3));
-        waiter.after_poll(1, false, 0);
-        let learnt = waiter.pace;
-        assert!(learnt.known());
-        assert!(learnt.time_for(1000) >= Duration::from_millis(3));
-        // Known pace: one armed sleep of about the learnt time.
-        let t = Instant::now();
-        waiter.submitted(1000);
-        waiter.after_poll(0, false, 1000);
-        assert!(t.elapsed() >= learnt.time_for(1000));
-        assert_eq!(waiter.sleeps, 1);
-        // Done after that one sleep: the pace tightens a little.
-        waiter.after_poll(1, false, 0);
-        assert!(waiter.pace.ns_per_block < learnt.ns_per_block);
-        // A failed batch teaches nothing.
-        let before = waiter.pace;
-        waiter.submitted(1000);
-        waiter.after_poll(1, true, 0);
-        assert_eq!(waiter.pace.ns_per_block, before.ns_per_block);
-    }
-
-    #[test]
-    fn paced_wait_sleeps_no_longer_than_its_cap() {
-        let alarm = Alarm::new();
-        let wait = OffloadWait::Paced {
-            max: Duration::from_millis(1),
-        };
-        let pace = Pace {
-            ns_per_block: 1_000_000,
-        };
-        let mut waiter = OffloadWaiter::new(wait, alarm.as_ref(), pace);
-        let t = Instant::now();
-        waiter.submitted(10_000);
-        waiter.after_poll(0, false, 10_000);
-        assert!(t.elapsed() < Duration::from_secs(1));
     }
 }

@@ -398,13 +398,18 @@ pub fn memmove_chunks(piece: &Piece, max_chunk: u64, out: &mut Vec<Piece>) {
 /// stages them through memory. Overlap of a piece with itself is not
 /// reported here (see [`memmove_chunks`]). The result is sorted.
 pub fn cross_hazards(pieces: &[Piece]) -> Vec<usize> {
-    // (leaf, start, end, piece, is_write), swept per leaf by start.
+    // (leaf, start, end, piece, is_write), swept per leaf by start. Reads
+    // and writes each come in a few sorted runs (a gather's sources per
+    // source segment, its destination in order), which a stable sort
+    // merges in close to linear time: keep the runs whole.
     let mut spans: Vec<(LeafId, u64, u64, usize, bool)> = Vec::with_capacity(pieces.len() * 2);
     for (i, p) in pieces.iter().enumerate() {
         spans.push((p.src_leaf, p.src_lba, p.src_lba + p.blocks, i, false));
+    }
+    for (i, p) in pieces.iter().enumerate() {
         spans.push((p.dst_leaf, p.dst_lba, p.dst_lba + p.blocks, i, true));
     }
-    spans.sort_unstable_by_key(|s| (s.0, s.1));
+    spans.sort_by_key(|s| (s.0, s.1));
     let mut flagged = vec![false; pieces.len()];
     // Active spans of the current leaf, swept by start; pruned by end.
     let mut active: Vec<(u64, usize, bool)> = Vec::new();

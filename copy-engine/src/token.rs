@@ -161,6 +161,15 @@ pub fn copy_in(
     ranges: &[LbaRange],
 ) -> Result<SourceTokens, CopyError> {
     let total_blocks = check_ranges(source.as_ref(), ranges)?;
+    copy_in_checked(source, ranges, total_blocks)
+}
+
+/// [`copy_in`] of ranges [`check_ranges`] passed, totalling `total_blocks`.
+pub(crate) fn copy_in_checked(
+    source: &Arc<dyn BlockDevice>,
+    ranges: &[LbaRange],
+    total_blocks: u64,
+) -> Result<SourceTokens, CopyError> {
     let name = &source.info().name;
     let mut fragments: Vec<LeafFragment> = Vec::new();
     let mut tokens = Vec::new();

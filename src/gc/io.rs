@@ -1,10 +1,17 @@
 //! Synchronous, pipelined block I/O for the store: whole runs written or
 //! read in transfers of up to the device's limit, several in flight,
 //! through a fixed pool of DMA buffers allocated once.
+//!
+//! Waits are paced ([`bdev_stack::wait`]): the store is a background
+//! writer whose flushes and summary writes the device may take a while
+//! over, so after a short spin the thread sleeps for as long as the device
+//! took for work of the same kind and size before, on a timer armed
+//! before the doorbell.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bdev_stack::wait::{Pace, Wait, Waiter};
 use bdev_stack::{BlockDevice, DmaAllocator, DmaMemory, IoError, IoOp, OwnedChannel, SubmitError};
 
 use crate::gc::GcError;
@@ -17,9 +24,9 @@ const MAX_TRANSFER_BYTES: u64 = 256 << 10;
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Empty polls before a wait starts sleeping.
 const SPIN_POLLS: u32 = 64;
-/// The first and longest sleep of a wait.
-const FIRST_PAUSE: Duration = Duration::from_micros(16);
-const MAX_PAUSE: Duration = Duration::from_millis(1);
+/// Batches are paced apart by operation and by size class (the power of
+/// two of their units: blocks, or one per flush).
+const SIZE_CLASSES: usize = 24;
 
 type Buffer = Box<dyn DmaMemory>;
 
@@ -63,6 +70,80 @@ pub struct BlockIo {
     spans: Vec<(usize, usize)>,
     /// The first failure of the requests in flight.
     failure: Option<GcError>,
+    pacing: Pacing,
+}
+
+/// What the waits know of the device's pace.
+struct Pacing {
+    waiter: Waiter,
+    /// Per operation (read, write, flush) and size class.
+    paces: [[Pace; SIZE_CLASSES]; 3],
+    /// Units (blocks, one per flush) in flight, and submitted since the
+    /// last poll.
+    in_flight: u64,
+    fresh: u64,
+    /// The batch being waited for, unless more was added to it while in
+    /// flight (then its time teaches nothing).
+    batch: Option<(usize, usize)>,
+    mixed: bool,
+}
+
+impl Pacing {
+    fn new() -> Pacing {
+        Pacing {
+            waiter: Waiter::new(Wait::default()),
+            paces: [[Pace::default(); SIZE_CLASSES]; 3],
+            in_flight: 0,
+            fresh: 0,
+            batch: None,
+            mixed: false,
+        }
+    }
+
+    fn submitted(&mut self, units: u64) {
+        self.in_flight += units;
+        self.fresh += units;
+    }
+
+    /// Before the poll that rings the doorbell: arms the wait for a new
+    /// batch.
+    fn before_poll(&mut self, op: IoOp) {
+        if std::mem::take(&mut self.fresh) == 0 {
+            return;
+        }
+        if self.batch.is_some() {
+            self.mixed = true;
+            return;
+        }
+        let op = match op {
+            IoOp::Read => 0,
+            IoOp::Write => 1,
+            _ => 2,
+        };
+        let class = (u64::BITS - self.in_flight.leading_zeros()) as usize;
+        let key = (op, class.min(SIZE_CLASSES - 1));
+        self.batch = Some(key);
+        self.mixed = false;
+        self.waiter.set_pace(self.paces[key.0][key.1]);
+        self.waiter.submitted(self.in_flight);
+    }
+
+    /// After a poll that completed `units`; sleeps if `sleep` and nothing
+    /// completed. Returns whether it slept.
+    fn after_poll(&mut self, completed: usize, units: u64, failed: bool, sleep: bool) -> bool {
+        self.in_flight = self.in_flight.saturating_sub(units);
+        if completed == 0 && !sleep {
+            return false;
+        }
+        let slept = self.waiter.after_poll(completed, failed, self.in_flight);
+        if self.in_flight == 0
+            && let Some((op, class)) = self.batch.take()
+            && !self.mixed
+        {
+            self.paces[op][class] = self.waiter.pace();
+        }
+        slept
+    }
 }
 
 /// One part of a scattered transfer: `blocks` at `lba` to or from `offset`
@@ -111,6 +192,7 @@ impl BlockIo {
             free,
             spans: vec![FREE; DEPTH],
             failure: None,
+            pacing: Pacing::new(),
         })
     }
 
@@ -156,7 +238,10 @@ impl BlockIo {
         let slot = self.claim_slot(0, 0, &mut none)?;
         loop {
             match self.ch.submit(IoOp::Flush, 0, 0, None, slot) {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.pacing.submitted(1);
+                    break;
+                }
                 Err(r) => match r.error {
                     SubmitError::Busy => self.reap(&mut none)?,
                     SubmitError::Invalid(e) => {
@@ -215,8 +300,9 @@ impl BlockIo {
                 let slot = self.claim_slot(at, len, &mut data)?;
                 let mut pending = Some(buf);
                 while let Some(b) = pending.take() {
-                    if let Err(r) = self.ch.submit(op, s.lba + done, n, Some(b), slot) {
-                        match r.error {
+                    match self.ch.submit(op, s.lba + done, n, Some(b), slot) {
+                        Ok(()) => self.pacing.submitted(n),
+                        Err(r) => match r.error {
                             SubmitError::Busy => {
                                 pending = r.buf;
                                 self.reap(&mut data)?;
@@ -227,7 +313,7 @@ impl BlockIo {
                                 self.drain(&mut data)?;
                                 return Err(self.io_error(e));
                             }
-                        }
+                        },
                     }
                 }
                 done += n;
@@ -258,19 +344,24 @@ impl BlockIo {
 
     /// Harvests at least one completion, or times out.
     fn reap(&mut self, data: &mut Data<'_>) -> Result<(), GcError> {
-        // The clock is read only once waiting turns to sleeping: in a VM a
-        // clock read can be a system call.
+        // The clock is read only once the paced sleep was not enough: in a
+        // VM a clock read can be an emulated device access.
         let mut sleeping_since: Option<Instant> = None;
         let mut idle = 0u32;
-        let mut pause = FIRST_PAUSE;
+        let mut slept = false;
+        self.pacing.before_poll(data.op());
         loop {
             let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
             let device = &self.device;
+            let bs = self.block_size;
+            let (mut units, mut failed) = (0u64, false);
             let n = self.ch.poll(DEPTH, |ctx, result, mut buf| {
                 let (at, len) = spans
                     .get_mut(ctx as usize)
                     .map(|s| std::mem::replace(s, FREE))
                     .unwrap_or(FREE);
+                units += (len as u64 / bs).max(1);
+                failed |= result.is_err();
                 if let Err(source) = result {
                     failure.get_or_insert(GcError::Io {
                         device: device.clone(),
@@ -289,25 +380,26 @@ impl BlockIo {
                 }
                 free.extend(buf);
             });
-            if n > 0 {
-                return Ok(());
-            }
             // Spin through the few microseconds a read or write takes,
             // then give the CPU back while waiting longer (a flush, a busy
             // device): the store is a background writer.
             idle += 1;
-            if idle <= SPIN_POLLS {
-                std::hint::spin_loop();
-                continue;
-            }
-            if sleeping_since.get_or_insert_with(Instant::now).elapsed() > DEADLINE {
+            if n == 0
+                && slept
+                && sleeping_since.get_or_insert_with(Instant::now).elapsed() > DEADLINE
+            {
                 return Err(GcError::Timeout {
                     device: self.device.clone(),
                     outstanding: self.ch.outstanding(),
                 });
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(MAX_PAUSE);
+            slept = self.pacing.after_poll(n, units, failed, idle > SPIN_POLLS);
+            if n > 0 {
+                return Ok(());
+            }
+            if !slept {
+                std::hint::spin_loop();
+            }
         }
     }
 

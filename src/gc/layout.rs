@@ -17,7 +17,7 @@ const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"USTORLFS");
 /// "USTORSEG": a summary's magic.
 const SUMMARY_MAGIC: u64 = u64::from_le_bytes(*b"USTORSEG");
 /// Format version.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 /// Bytes of a summary header (entries follow).
 pub const SUMMARY_HEADER: usize = 64;
 /// Bytes of one summary entry: logical block and stamp.
@@ -250,6 +250,23 @@ pub struct Summary {
     pub entries: Vec<Entry>,
 }
 
+/// The CRC of a segment's entries so far, carried from one commit of the
+/// segment to the next: a segment's entries only ever grow, so each is
+/// summed once, not once per commit (the relocation head is committed
+/// after every cleaning round while it fills).
+#[derive(Debug, Clone, Default)]
+pub struct EntriesCrc {
+    entries: usize,
+    hasher: crc32fast::Hasher,
+}
+
+impl EntriesCrc {
+    /// Starts over (the segment was freed).
+    pub fn reset(&mut self) {
+        *self = EntriesCrc::default();
+    }
+}
+
 impl Summary {
     /// Encodes into `out` (one area; the rest is zeroed).
     pub fn encode(&self, store_id: u64, out: &mut [u8]) -> Result<(), GcError> {
@@ -259,18 +276,22 @@ impl Summary {
             self.seq,
             &self.entries,
             store_id,
+            &mut EntriesCrc::default(),
             out,
         )
     }
 
     /// Encodes the summary of `segment` for `area` with `seq` and
-    /// `entries` into `out`, straight from the caller's entries.
+    /// `entries` into `out`, straight from the caller's entries. `crc` is
+    /// the segment's: it must have seen no entries but a prefix of these
+    /// (the same segment since its last reset).
     pub fn encode_parts(
         segment: u32,
         area: u8,
         seq: u64,
         entries: &[Entry],
         store_id: u64,
+        crc: &mut EntriesCrc,
         out: &mut [u8],
     ) -> Result<(), GcError> {
         let need = SUMMARY_HEADER + entries.len() * SUMMARY_ENTRY;
@@ -281,23 +302,32 @@ impl Summary {
                 out.len()
             )));
         }
-        out.fill(0);
-        let mut w = Writer::new(out);
+        let (header, rest) = out.split_at_mut(SUMMARY_HEADER);
+        header.fill(0);
+        let mut w = Writer::new(header);
         w.u64(SUMMARY_MAGIC);
         w.u64(store_id);
         w.u32(segment);
         w.u32(u32::from(area));
         w.u64(seq);
         w.u32(entries.len() as u32);
-        // The CRC sits last in the header (written below) and covers the
-        // header before it and every entry.
-        w.skip(SUMMARY_HEADER - 36);
-        for e in entries {
-            w.u64(e.lbn);
-            w.u64(e.stamp);
+        // The CRC sits last in the header (written below) and covers every
+        // entry, then the header before it.
+        let (body, tail) = rest.split_at_mut(entries.len() * SUMMARY_ENTRY);
+        for (raw, e) in body.chunks_exact_mut(SUMMARY_ENTRY).zip(entries) {
+            raw[..8].copy_from_slice(&e.lbn.to_le_bytes());
+            raw[8..].copy_from_slice(&e.stamp.to_le_bytes());
         }
-        let crc = summary_crc(out, entries.len());
-        out[SUMMARY_HEADER - 4..SUMMARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        tail.fill(0);
+        if crc.entries > entries.len() {
+            crc.reset();
+        }
+        crc.hasher.update(&body[crc.entries * SUMMARY_ENTRY..]);
+        crc.entries = entries.len();
+        let mut whole = crc.hasher.clone();
+        whole.update(&out[..SUMMARY_HEADER - 4]);
+        let sum = whole.finalize();
+        out[SUMMARY_HEADER - 4..SUMMARY_HEADER].copy_from_slice(&sum.to_le_bytes());
         Ok(())
     }
 
@@ -346,10 +376,12 @@ impl Summary {
     }
 }
 
+/// The CRC of a summary: its entries, then its header up to the CRC (the
+/// entries first, so a segment's running sum carries across commits).
 fn summary_crc(raw: &[u8], count: usize) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(&raw[..SUMMARY_HEADER - 4]);
     h.update(&raw[SUMMARY_HEADER..SUMMARY_HEADER + count * SUMMARY_ENTRY]);
+    h.update(&raw[..SUMMARY_HEADER - 4]);
     h.finalize()
 }
 
@@ -375,10 +407,6 @@ impl<'a> Writer<'a> {
 
     fn u64(&mut self, v: u64) {
         self.put(&v.to_le_bytes());
-    }
-
-    fn skip(&mut self, n: usize) {
-        self.pos += n;
     }
 }
 
@@ -494,6 +522,31 @@ mod tests {
             ..s
         };
         assert!(too_many.encode(42, &mut raw).is_err());
+    }
+
+    #[test]
+    fn a_carried_entries_crc_encodes_what_a_fresh_one_does() {
+        let entries: Vec<Entry> = (0..300)
+            .map(|i| Entry {
+                lbn: i * 7 + 1,
+                stamp: 1000 + i,
+            })
+            .collect();
+        let mut carried = EntriesCrc::default();
+        let (mut a, mut b) = (vec![0u8; 8192], vec![0u8; 8192]);
+        // Commits of a growing segment, then of a reused one (fewer).
+        for n in [1, 2, 60, 61, 299, 300, 5] {
+            Summary::encode_parts(3, 1, n as u64, &entries[..n], 42, &mut carried, &mut a).unwrap();
+            let fresh = Summary {
+                segment: 3,
+                area: 1,
+                seq: n as u64,
+                entries: entries[..n].to_vec(),
+            };
+            fresh.encode(42, &mut b).unwrap();
+            assert_eq!(a, b, "{n} entries");
+            assert_eq!(Summary::decode(&a, 42, 3, 1, 300), Some(fresh));
+        }
     }
 
     #[test]

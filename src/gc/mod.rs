@@ -17,8 +17,9 @@
 //!   between user segments (so every block it treats as dead has been
 //!   superseded durably): it picks victims by [`Policy`], relocates their
 //!   live slots with the copy engine in one gather to the relocation head,
-//!   flushes, commits the destination summaries, and only then frees the
-//!   victims.
+//!   flushes, writes the destination summaries, and frees the victims only
+//!   once a later flush (the next round's, or the next commit's) has made
+//!   those summaries durable: one flush per round, not two.
 //!
 //! [`run`] drives a workload (fill, then overwrites) and reports what the
 //! cleaner did; [`Workload::content`] derives each block's bytes from its

@@ -9,7 +9,9 @@ use copy_engine::{CopyEngine, CopyOptions, Method};
 use tracing::{debug, info};
 
 use crate::gc::io::{BlockIo, Span};
-use crate::gc::layout::{Entry, Geometry, Summary, Superblock};
+use crate::gc::layout::{
+    EntriesCrc, Entry, Geometry, SUMMARY_ENTRY, SUMMARY_HEADER, Summary, Superblock,
+};
 use crate::gc::{GcError, Policy};
 
 /// A map entry for a logical block never written.
@@ -61,7 +63,7 @@ pub struct CleanStats {
     pub bytes_bounced: u64,
     /// Copy commands sent (offload) or I/Os (bounce) for relocation.
     pub copy_commands: u64,
-    /// Wall time of relocation: copy, flush, summaries, flush.
+    /// Wall time of relocation: copy, flush, summaries.
     pub relocation_wall: Duration,
     /// CPU time of the cleaning thread over the same spans.
     pub relocation_cpu: Duration,
@@ -130,11 +132,16 @@ pub struct LogStore {
     engine: CopyEngine,
     policy: Policy,
     segments: Vec<Segment>,
+    /// Per segment: the CRC of its entries up to its last commit.
+    crcs: Vec<EntriesCrc>,
     /// Per data slot (segment * data_slots + slot): what it holds.
     entries: Vec<Entry>,
     /// Per logical block: its slot, or [`UNMAPPED`].
     map: Vec<u64>,
     free: Vec<u32>,
+    /// Victims of cleaning rounds whose destinations' summaries are
+    /// written but not yet flushed: free after the next flush.
+    pending_free: Vec<u32>,
     user_head: Option<u32>,
     /// The user head's data slots, written at commit.
     user_buf: Vec<u8>,
@@ -314,9 +321,11 @@ impl LogStore {
             engine,
             policy: opts.policy,
             segments: vec![Segment::FREE; g.segments as usize],
+            crcs: vec![EntriesCrc::default(); g.segments as usize],
             entries: vec![Entry { lbn: 0, stamp: 0 }; g.total_slots() as usize],
             map: vec![UNMAPPED; g.logical_blocks as usize],
             free: Vec::new(),
+            pending_free: Vec::new(),
             user_head: None,
             user_buf: vec![0u8; g.data_slots as usize * bs],
             gc_head: None,
@@ -325,7 +334,7 @@ impl LogStore {
             reserve: reserve_for(g.segments),
             durable_stamp: 1,
             stats: CleanStats::default(),
-            area: vec![0u8; g.summary_bytes()],
+            area: Vec::new(),
             candidates: Vec::new(),
             moves: Vec::new(),
             src_ranges: Vec::new(),
@@ -429,9 +438,10 @@ impl LogStore {
         &self.stats
     }
 
-    /// Free segments.
+    /// Free segments, counting those the last cleaning round freed (the
+    /// next flush makes them reusable).
     pub fn free_segments(&self) -> u32 {
-        self.free.len() as u32
+        (self.free.len() + self.pending_free.len()) as u32
     }
 
     /// Every user write with a smaller stamp is durable.
@@ -542,7 +552,17 @@ impl LogStore {
             && self.segments[h as usize].committed < self.segments[h as usize].used
         {
             self.commit_user()?;
+        } else if !self.pending_free.is_empty() {
+            self.flush()?;
         }
+        Ok(())
+    }
+
+    /// Makes every completed write durable; victims waiting for that are
+    /// free from then on.
+    fn flush(&mut self) -> Result<(), GcError> {
+        self.io.flush()?;
+        self.free.append(&mut self.pending_free);
         Ok(())
     }
 
@@ -558,32 +578,63 @@ impl LogStore {
             let lba = self.geo.slot_lba(head, from as u32);
             self.io.write(lba, &self.user_buf[from * bs..to * bs])?;
         }
-        self.io.flush()?;
-        self.write_summary(head)?;
-        self.io.flush()?;
+        self.flush()?;
+        self.write_summaries(&[head])?;
+        self.flush()?;
         self.durable_stamp = self.next_stamp;
         Ok(())
     }
 
-    /// Writes `segment`'s summary (all its used slots) to its next area.
-    fn write_summary(&mut self, segment: u32) -> Result<(), GcError> {
-        let seg = self.segments[segment as usize];
-        let first = self.slot_index(segment, 0) as usize;
-        Summary::encode_parts(
-            segment,
-            seg.next_area,
-            self.next_seq,
-            &self.entries[first..first + seg.used as usize],
-            self.store_id,
-            &mut self.area,
-        )?;
-        self.io
-            .write(self.geo.summary_lba(segment, seg.next_area), &self.area)?;
-        self.next_seq += 1;
-        let seg = &mut self.segments[segment as usize];
-        seg.next_area ^= 1;
-        seg.committed = seg.used;
-        self.stats.commits += 1;
+    /// Writes the summaries (all used slots) of `segments` to their next
+    /// areas, all at once.
+    fn write_summaries(&mut self, segments: &[u32]) -> Result<(), GcError> {
+        let area_bytes = self.geo.summary_bytes();
+        self.area.resize(segments.len() * area_bytes, 0);
+        let mut spans = [Span {
+            lba: 0,
+            blocks: 0,
+            offset: 0,
+        }; MAX_FRESH as usize + 1];
+        if segments.len() > spans.len() {
+            return Err(GcError::Config(format!(
+                "{} summaries at once, at most {}",
+                segments.len(),
+                spans.len()
+            )));
+        }
+        let bs = self.geo.block_size as usize;
+        for (i, &segment) in segments.iter().enumerate() {
+            let seg = self.segments[segment as usize];
+            let first = self.slot_index(segment, 0) as usize;
+            let offset = i * area_bytes;
+            // Only the blocks the entries reach: what lies past them in
+            // the area is not part of the summary.
+            let blocks = (SUMMARY_HEADER + seg.used as usize * SUMMARY_ENTRY)
+                .div_ceil(bs)
+                .min(self.geo.summary_blocks as usize);
+            Summary::encode_parts(
+                segment,
+                seg.next_area,
+                self.next_seq + i as u64,
+                &self.entries[first..first + seg.used as usize],
+                self.store_id,
+                &mut self.crcs[segment as usize],
+                &mut self.area[offset..offset + blocks * bs],
+            )?;
+            spans[i] = Span {
+                lba: self.geo.summary_lba(segment, seg.next_area),
+                blocks: blocks as u64,
+                offset,
+            };
+        }
+        self.io.write_spans(&spans[..segments.len()], &self.area)?;
+        self.next_seq += segments.len() as u64;
+        for &segment in segments {
+            let seg = &mut self.segments[segment as usize];
+            seg.next_area ^= 1;
+            seg.committed = seg.used;
+        }
+        self.stats.commits += segments.len() as u64;
         Ok(())
     }
 
@@ -741,48 +792,69 @@ impl LogStore {
                 .iter()
                 .map(|&m| report.method(m).commands)
                 .sum::<u64>();
-            // The copies must be durable before a summary names them.
-            self.io.flush()?;
+            // The copies must be durable before a summary names them
+            // (this also frees the last round's victims).
+            self.flush()?;
         }
 
-        // Name the moved slots in the destinations' summaries: move i
-        // lands in targets[i].
-        let targets: Vec<u64> = dests
-            .iter()
-            .flat_map(|&(s, first, n)| {
-                (first..first + n).map(move |k| u64::from(s) * u64::from(slots) + u64::from(k))
-            })
-            .collect();
-        for (mv, &at) in self.moves.iter().zip(&targets) {
-            self.entries[at as usize] = mv.entry;
-            let seg = &mut self.segments[(at / u64::from(slots)) as usize];
-            seg.newest = seg.newest.max(mv.entry.stamp);
-        }
+        // Name the moved slots in the destinations' summaries: the moves
+        // fill the destinations in order.
+        let mut next = 0;
         for &(s, first, n) in &dests {
+            let at = self.slot_index(s, first) as usize;
+            let moves = &self.moves[next..next + n as usize];
+            let mut newest = self.segments[s as usize].newest;
+            for (slot, mv) in self.entries[at..at + n as usize].iter_mut().zip(moves) {
+                *slot = mv.entry;
+                newest = newest.max(mv.entry.stamp);
+            }
+            self.segments[s as usize].newest = newest;
+            next += n as usize;
+        }
+        let mut written = [0u32; MAX_FRESH as usize + 1];
+        for (i, &(s, first, n)) in dests.iter().enumerate() {
             let seg = &mut self.segments[s as usize];
             seg.used = first + n;
             seg.state = State::Open;
-            self.write_summary(s)?;
+            written[i] = s;
         }
-        if !dests.is_empty() {
-            self.io.flush()?;
-        }
+        self.write_summaries(&written[..dests.len()])?;
 
-        // Durable: point the map at the copies, free the victims.
-        let moves = std::mem::take(&mut self.moves);
-        for (mv, &at) in moves.iter().zip(&targets) {
-            debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
-            self.remap(mv.entry.lbn, at);
+        // Point the map at the copies. The victims are free once the
+        // summaries are durable: after the next flush, which a later
+        // round or commit makes anyway.
+        // Every live slot of the victims moved: they hold nothing now, the
+        // destinations gain what they received.
+        let mut next = 0;
+        for &(s, first, n) in &dests {
+            let at = self.slot_index(s, first);
+            for (k, mv) in self.moves[next..next + n as usize].iter().enumerate() {
+                debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
+                self.map[mv.entry.lbn as usize] = at + k as u64;
+            }
+            self.segments[s as usize].live += n;
+            next += n as usize;
         }
-        self.moves = moves;
         for &v in &victims {
             let seg = &mut self.segments[v as usize];
-            debug_assert_eq!(seg.live, 0, "victim {v} still live");
+            debug_assert_eq!(
+                u64::from(seg.live),
+                self.moves
+                    .iter()
+                    .filter(|m| m.from / u64::from(slots) == u64::from(v))
+                    .count() as u64,
+                "victim {v}: live slots not all moved"
+            );
             *seg = Segment {
                 next_area: seg.next_area,
                 ..Segment::FREE
             };
-            self.free.push(v);
+            if dests.is_empty() {
+                // Nothing was live: nothing to make durable first.
+                self.free.push(v);
+            } else {
+                self.pending_free.push(v);
+            }
         }
         // The head moves on when full.
         if let Some(h) = self.gc_head
@@ -823,7 +895,11 @@ impl LogStore {
     }
 
     fn take_free(&mut self) -> Result<u32, GcError> {
+        if self.free.is_empty() && !self.pending_free.is_empty() {
+            self.flush()?;
+        }
         let s = self.free.pop().ok_or(GcError::NoSpace { free: 0 })?;
+        self.crcs[s as usize].reset();
         let seg = &mut self.segments[s as usize];
         *seg = Segment {
             state: State::Open,

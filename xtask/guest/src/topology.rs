@@ -24,6 +24,10 @@ pub const COPY: &str = "copy";
 /// file path (its thread pool) caps every driver at the same rate, so the
 /// benchmark would measure the host, not the drivers.
 pub const NVME_BENCH: &str = "nvme-bench";
+/// The default rig's second controller alone, its 4 KiB namespace grown
+/// to 1 GiB: the garbage-collector benchmark's store of 4 MiB segments
+/// has as many segments as the embedded default's 256 MiB of 1 MiB ones.
+pub const GC_BENCH: &str = "gc-bench";
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -260,6 +264,22 @@ impl Topology {
         topo
     }
 
+    /// The default rig's 4 KiB-namespace controller alone, the namespace
+    /// 1 GiB (see [`GC_BENCH`]); same controller model, same Copy limits.
+    pub fn gc_bench() -> Topology {
+        let mut topo = Topology::default_rig();
+        topo.name = GC_BENCH.to_string();
+        topo.nvme
+            .retain(|c| c.namespaces.first().is_some_and(|n| n.block_size == 4096));
+        for ctrl in &mut topo.nvme {
+            ctrl.namespaces.truncate(1);
+            ctrl.namespaces[0].size_mib = 1024;
+        }
+        topo.lio_luns.clear();
+        topo.virtio_disks.clear();
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
@@ -268,13 +288,14 @@ impl Topology {
             STACK => Some(Topology::stack()),
             COPY => Some(Topology::copy()),
             NVME_BENCH => Some(Topology::nvme_bench()),
+            GC_BENCH => Some(Topology::gc_bench()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH]
+        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH]
     }
 }
 
