@@ -266,3 +266,66 @@ fn a_failed_flush_or_write_fails_the_commit_and_keeps_the_last_one() {
     let v = Workload::version_of(5, &block, &mut scratch).expect("a version");
     assert!(v == 1 || v == 2, "version {v}");
 }
+
+#[test]
+fn a_failed_relocation_summary_strands_its_victims_and_loses_nothing() {
+    use ustor::bdev_stack::{FaultAction, FaultRule, FaultyDevice, IoErrorKind, IoOp};
+    let mem: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
+    let (faulty, faults) = FaultyDevice::new(Arc::clone(&mem));
+    let dev: Arc<dyn BlockDevice> = Arc::new(faulty);
+    let o = StoreOptions {
+        segment_bytes: 64 << 10,
+        fill: 0.5,
+        ..StoreOptions::default()
+    };
+    let mut store = LogStore::format(Arc::clone(&dev), &o).expect("format");
+    let n = store.logical_blocks();
+    let mut block = vec![0u8; 4096];
+    // Every block twice: the first versions leave segments half dead.
+    let mut version = vec![0u64; n as usize];
+    for round in 1..=2 {
+        for lbn in (0..n).filter(|l| round == 1 || l % 2 == 0) {
+            Workload::content(lbn, round, &mut block);
+            store.write(lbn, &block).expect("write");
+            version[lbn as usize] = round;
+        }
+    }
+    store.sync().expect("sync");
+    // Summary writes fail from now on; data writes and copies do not.
+    let g = *store.geometry();
+    for s in 0..g.segments {
+        let lba = g.summary_lba(s, 0);
+        faults.add(FaultRule {
+            op: IoOp::Write,
+            range: lba..lba + 2 * g.summary_blocks,
+            action: FaultAction::Fail(IoErrorKind::Medium),
+        });
+    }
+    let free = store.free_segments();
+    let cleaned = store
+        .clean(free + 2)
+        .and_then(|()| store.sync())
+        .expect_err("the summary write failed");
+    assert!(matches!(cleaned, GcError::Io { .. }), "{cleaned}");
+    // Still readable in this session, wherever the blocks now are.
+    let mut scratch = vec![0u8; 4096];
+    for lbn in 0..n {
+        assert!(store.read(lbn, &mut block).expect("read"));
+        check_block(lbn, version[lbn as usize], &block, &mut scratch).expect("content");
+    }
+    faults.clear();
+    // The store goes on (cleaning reuses segments, but not those victims).
+    for lbn in (0..n).filter(|l| l % 3 == 0) {
+        Workload::content(lbn, 3, &mut block);
+        store.write(lbn, &block).expect("write after the failure");
+        version[lbn as usize] = 3;
+    }
+    store.sync().expect("sync after the failure");
+    drop(store);
+    // The victims kept what their summaries name: a reopen finds it all.
+    let mut store = LogStore::open(Arc::clone(&dev), &o).expect("open");
+    for lbn in 0..n {
+        assert!(store.read(lbn, &mut block).expect("read"));
+        check_block(lbn, version[lbn as usize], &block, &mut scratch).expect("content");
+    }
+}

@@ -68,6 +68,10 @@ pub struct BlockIo {
     /// Per request context: byte offset in the caller's slice and length
     /// while in flight, [`FREE`] otherwise.
     spans: Vec<(usize, usize)>,
+    /// Per request context: issued by [`BlockIo::write_spans_background`].
+    background: Vec<bool>,
+    /// The first failure of a background write not yet reported.
+    background_failure: Option<GcError>,
     /// The first failure of the requests in flight.
     failure: Option<GcError>,
     pacing: Pacing,
@@ -191,6 +195,8 @@ impl BlockIo {
             ch,
             free,
             spans: vec![FREE; DEPTH],
+            background: vec![false; DEPTH],
+            background_failure: None,
             failure: None,
             pacing: Pacing::new(),
         })
@@ -206,6 +212,7 @@ impl BlockIo {
                 offset: 0,
             }],
             Data::Write(data),
+            false,
         )
     }
 
@@ -219,21 +226,41 @@ impl BlockIo {
                 offset: 0,
             }],
             Data::Read(out),
+            false,
         )
     }
 
     /// Reads each span into its place in `out`.
     pub fn read_spans(&mut self, spans: &[Span], out: &mut [u8]) -> Result<(), GcError> {
-        self.transfer(spans, Data::Read(out))
+        self.transfer(spans, Data::Read(out), false)
     }
 
     /// Writes each span from its place in `data`.
     pub fn write_spans(&mut self, spans: &[Span], data: &[u8]) -> Result<(), GcError> {
-        self.transfer(spans, Data::Write(data))
+        self.transfer(spans, Data::Write(data), false)
     }
 
-    /// Makes every completed write durable.
+    /// Starts writing each span from its place in `data` (copied before
+    /// this returns) and returns without waiting; [`BlockIo::settle`] (and
+    /// so [`BlockIo::flush`]) waits for it and reports its failure.
+    pub fn write_spans_background(&mut self, spans: &[Span], data: &[u8]) -> Result<(), GcError> {
+        self.transfer(spans, Data::Write(data), true)
+    }
+
+    /// Waits for the background writes; the first failure among them.
+    pub fn settle(&mut self) -> Result<(), GcError> {
+        let mut none = Data::None;
+        while self.background.iter().any(|&b| b) {
+            self.reap(&mut none)?;
+        }
+        self.background_failure.take().map_or(Ok(()), Err)
+    }
+
+    /// Makes every completed write durable: the background writes first
+    /// complete (a flush covers only what completed before it), and fail
+    /// the flush if they failed.
     pub fn flush(&mut self) -> Result<(), GcError> {
+        self.settle()?;
         let mut none = Data::None;
         let slot = self.claim_slot(0, 0, &mut none)?;
         loop {
@@ -265,7 +292,13 @@ impl BlockIo {
         Ok(len as u64 / self.block_size)
     }
 
-    fn transfer(&mut self, spans: &[Span], mut data: Data<'_>) -> Result<(), GcError> {
+    /// `background`: return once submitted (writes only).
+    fn transfer(
+        &mut self,
+        spans: &[Span],
+        mut data: Data<'_>,
+        background: bool,
+    ) -> Result<(), GcError> {
         let bs = self.block_size;
         let op = data.op();
         for s in spans {
@@ -298,6 +331,7 @@ impl BlockIo {
                         })?;
                 }
                 let slot = self.claim_slot(at, len, &mut data)?;
+                self.background[slot as usize] = background;
                 let mut pending = Some(buf);
                 while let Some(b) = pending.take() {
                     match self.ch.submit(op, s.lba + done, n, Some(b), slot) {
@@ -309,6 +343,7 @@ impl BlockIo {
                             }
                             SubmitError::Invalid(e) => {
                                 self.spans[slot as usize] = FREE;
+                                self.background[slot as usize] = false;
                                 self.free.extend(r.buf);
                                 self.drain(&mut data)?;
                                 return Err(self.io_error(e));
@@ -319,6 +354,14 @@ impl BlockIo {
                 done += n;
             }
         }
+        if background {
+            // Ring the doorbell now; the completion is harvested later.
+            // It is not waited for, so it teaches the pacing nothing.
+            let (_, units, _) = self.harvest(&mut data);
+            self.pacing.in_flight = self.pacing.in_flight.saturating_sub(units);
+            self.pacing.fresh = 0;
+            return Ok(());
+        }
         self.drain(&mut data)?;
         self.take_failure()
     }
@@ -328,6 +371,7 @@ impl BlockIo {
         loop {
             if let Some(i) = self.spans.iter().position(|s| *s == FREE) {
                 self.spans[i] = (at, len);
+                self.background[i] = false;
                 return Ok(i as u64);
             }
             self.reap(data)?;
@@ -351,35 +395,7 @@ impl BlockIo {
         let mut slept = false;
         self.pacing.before_poll(data.op());
         loop {
-            let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
-            let device = &self.device;
-            let bs = self.block_size;
-            let (mut units, mut failed) = (0u64, false);
-            let n = self.ch.poll(DEPTH, |ctx, result, mut buf| {
-                let (at, len) = spans
-                    .get_mut(ctx as usize)
-                    .map(|s| std::mem::replace(s, FREE))
-                    .unwrap_or(FREE);
-                units += (len as u64 / bs).max(1);
-                failed |= result.is_err();
-                if let Err(source) = result {
-                    failure.get_or_insert(GcError::Io {
-                        device: device.clone(),
-                        source,
-                    });
-                } else if let Data::Read(out) = data
-                    && let Some(out) = out.get_mut(at..at + len)
-                    && let Some(b) = buf.as_mut()
-                    && let Err(source) = b.copy_to(0, out)
-                {
-                    failure.get_or_insert(GcError::Device {
-                        device: device.clone(),
-                        action: "copying out of an I/O buffer",
-                        source,
-                    });
-                }
-                free.extend(buf);
-            });
+            let (n, units, failed) = self.harvest(data);
             // Spin through the few microseconds a read or write takes,
             // then give the CPU back while waiting longer (a flush, a busy
             // device): the store is a background writer.
@@ -401,6 +417,52 @@ impl BlockIo {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// One poll of the channel (it rings the doorbell for what was
+    /// submitted): the completions it gave, their units, whether any
+    /// failed.
+    fn harvest(&mut self, data: &mut Data<'_>) -> (usize, u64, bool) {
+        let (spans, free, failure) = (&mut self.spans, &mut self.free, &mut self.failure);
+        let (background, background_failure) = (&mut self.background, &mut self.background_failure);
+        let device = &self.device;
+        let bs = self.block_size;
+        let (mut units, mut failed) = (0u64, false);
+        let n = self.ch.poll(DEPTH, |ctx, result, mut buf| {
+            let (at, len) = spans
+                .get_mut(ctx as usize)
+                .map(|s| std::mem::replace(s, FREE))
+                .unwrap_or(FREE);
+            let in_background = background
+                .get_mut(ctx as usize)
+                .is_some_and(std::mem::take);
+            units += (len as u64 / bs).max(1);
+            failed |= result.is_err();
+            if let Err(source) = result {
+                let first = if in_background {
+                    &mut *background_failure
+                } else {
+                    &mut *failure
+                };
+                first.get_or_insert(GcError::Io {
+                    device: device.clone(),
+                    source,
+                });
+            } else if !in_background
+                && let Data::Read(out) = data
+                && let Some(out) = out.get_mut(at..at + len)
+                && let Some(b) = buf.as_mut()
+                && let Err(source) = b.copy_to(0, out)
+            {
+                failure.get_or_insert(GcError::Device {
+                    device: device.clone(),
+                    action: "copying out of an I/O buffer",
+                    source,
+                });
+            }
+            free.extend(buf);
+        });
+        (n, units, failed)
     }
 
     fn take_failure(&mut self) -> Result<(), GcError> {

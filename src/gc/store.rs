@@ -142,6 +142,12 @@ pub struct LogStore {
     /// Victims of cleaning rounds whose destinations' summaries are
     /// written but not yet flushed: free after the next flush.
     pending_free: Vec<u32>,
+    /// The last round's summaries, written in the background: segment and
+    /// its `committed` before, to undo if the write fails.
+    unsettled: Vec<(u32, u32)>,
+    /// Victims whose relocation's summary failed to write: their blocks on
+    /// the device are what a reopen finds, so they are never reused.
+    stranded: Vec<u32>,
     user_head: Option<u32>,
     /// The user head's data slots, written at commit.
     user_buf: Vec<u8>,
@@ -326,6 +332,8 @@ impl LogStore {
             map: vec![UNMAPPED; g.logical_blocks as usize],
             free: Vec::new(),
             pending_free: Vec::new(),
+            unsettled: Vec::new(),
+            stranded: Vec::new(),
             user_head: None,
             user_buf: vec![0u8; g.data_slots as usize * bs],
             gc_head: None,
@@ -552,7 +560,7 @@ impl LogStore {
             && self.segments[h as usize].committed < self.segments[h as usize].used
         {
             self.commit_user()?;
-        } else if !self.pending_free.is_empty() {
+        } else if !self.pending_free.is_empty() || !self.unsettled.is_empty() {
             self.flush()?;
         }
         Ok(())
@@ -561,6 +569,26 @@ impl LogStore {
     /// Makes every completed write durable; victims waiting for that are
     /// free from then on.
     fn flush(&mut self) -> Result<(), GcError> {
+        if let Err(e) = self.io.settle() {
+            // The last round's summaries did not make it: their segments
+            // keep their last good summary (the area written next is the
+            // failed one again), and the victims keep what the device
+            // still names there.
+            for (segment, committed) in self.unsettled.drain(..) {
+                let seg = &mut self.segments[segment as usize];
+                seg.next_area ^= 1;
+                seg.committed = committed;
+                self.crcs[segment as usize].reset();
+            }
+            tracing::warn!(
+                segments = ?self.pending_free,
+                error = %e,
+                "relocation summary write failed; its victims stay unused until the store is reopened"
+            );
+            self.stranded.append(&mut self.pending_free);
+            return Err(e);
+        }
+        self.unsettled.clear();
         self.io.flush()?;
         self.free.append(&mut self.pending_free);
         Ok(())
@@ -579,15 +607,16 @@ impl LogStore {
             self.io.write(lba, &self.user_buf[from * bs..to * bs])?;
         }
         self.flush()?;
-        self.write_summaries(&[head])?;
+        self.write_summaries(&[head], false)?;
         self.flush()?;
         self.durable_stamp = self.next_stamp;
         Ok(())
     }
 
     /// Writes the summaries (all used slots) of `segments` to their next
-    /// areas, all at once.
-    fn write_summaries(&mut self, segments: &[u32]) -> Result<(), GcError> {
+    /// areas, all at once; in the `background` (see
+    /// [`BlockIo::write_spans_background`]): the next flush waits for it.
+    fn write_summaries(&mut self, segments: &[u32], background: bool) -> Result<(), GcError> {
         let area_bytes = self.geo.summary_bytes();
         self.area.resize(segments.len() * area_bytes, 0);
         let mut spans = [Span {
@@ -627,10 +656,18 @@ impl LogStore {
                 offset,
             };
         }
-        self.io.write_spans(&spans[..segments.len()], &self.area)?;
+        if background {
+            self.io
+                .write_spans_background(&spans[..segments.len()], &self.area)?;
+        } else {
+            self.io.write_spans(&spans[..segments.len()], &self.area)?;
+        }
         self.next_seq += segments.len() as u64;
         for &segment in segments {
             let seg = &mut self.segments[segment as usize];
+            if background {
+                self.unsettled.push((segment, seg.committed));
+            }
             seg.next_area ^= 1;
             seg.committed = seg.used;
         }
@@ -794,7 +831,10 @@ impl LogStore {
                 .sum::<u64>();
             // The copies must be durable before a summary names them
             // (this also frees the last round's victims).
-            self.flush()?;
+            if let Err(e) = self.flush() {
+                self.give_back(&fresh);
+                return Err(e);
+            }
         }
 
         // Name the moved slots in the destinations' summaries: the moves
@@ -818,7 +858,10 @@ impl LogStore {
             seg.state = State::Open;
             written[i] = s;
         }
-        self.write_summaries(&written[..dests.len()])?;
+        // In the background: the next flush (the next round's, or the
+        // next commit's) waits for it before it makes it durable, and only
+        // then are the victims free.
+        self.write_summaries(&written[..dests.len()], true)?;
 
         // Point the map at the copies. The victims are free once the
         // summaries are durable: after the next flush, which a later
