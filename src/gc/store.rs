@@ -138,6 +138,10 @@ pub struct LogStore {
     entries: Vec<Entry>,
     /// Per logical block: its slot, or [`UNMAPPED`].
     map: Vec<u64>,
+    /// Per data slot, one bit: the map points at it. The cleaner scans a
+    /// victim's bits (sequential) instead of looking each slot's block up
+    /// in the map (random).
+    live_slots: Vec<u64>,
     free: Vec<u32>,
     /// Victims of cleaning rounds whose destinations' summaries are
     /// written but not yet flushed: free after the next flush.
@@ -330,6 +334,7 @@ impl LogStore {
             crcs: vec![EntriesCrc::default(); g.segments as usize],
             entries: vec![Entry { lbn: 0, stamp: 0 }; g.total_slots() as usize],
             map: vec![UNMAPPED; g.logical_blocks as usize],
+            live_slots: vec![0; g.total_slots().div_ceil(64) as usize],
             free: Vec::new(),
             pending_free: Vec::new(),
             unsettled: Vec::new(),
@@ -398,6 +403,7 @@ impl LogStore {
         }
         for &at in self.map.iter().filter(|&&at| at != UNMAPPED) {
             self.segments[(at / slots) as usize].live += 1;
+            self.live_slots[(at / 64) as usize] |= 1 << (at % 64);
         }
         let mut sealed = 0;
         for seg in &mut self.segments {
@@ -753,19 +759,33 @@ impl LogStore {
         self.moves.clear();
         self.src_ranges.clear();
         for &v in &victims {
-            let used = self.segments[v as usize].used;
-            for slot in 0..used {
-                let at = self.slot_index(v, slot);
-                let entry = self.entries[at as usize];
-                if self.map.get(entry.lbn as usize) != Some(&at) {
-                    continue;
+            let (first, end) = (
+                self.slot_index(v, 0),
+                self.slot_index(v, self.segments[v as usize].used),
+            );
+            let mut word = first / 64;
+            while word * 64 < end {
+                // The live bits of this word within the victim's slots.
+                let mut bits = self.live_slots[word as usize];
+                if word * 64 < first {
+                    bits &= !0 << (first % 64);
                 }
-                self.moves.push(Move { from: at, entry });
-                let lba = self.geo.slot_lba(v, slot);
-                match self.src_ranges.last_mut() {
-                    Some(r) if r.lba + r.blocks == lba => r.blocks += 1,
-                    _ => self.src_ranges.push(LbaRange { lba, blocks: 1 }),
+                if (word + 1) * 64 > end {
+                    bits &= !(!0 << (end % 64));
                 }
+                while bits != 0 {
+                    let at = word * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let entry = self.entries[at as usize];
+                    debug_assert_eq!(self.map[entry.lbn as usize], at);
+                    self.moves.push(Move { from: at, entry });
+                    let lba = self.geo.slot_lba(v, (at - first) as u32);
+                    match self.src_ranges.last_mut() {
+                        Some(r) if r.lba + r.blocks == lba => r.blocks += 1,
+                        _ => self.src_ranges.push(LbaRange { lba, blocks: 1 }),
+                    }
+                }
+                word += 1;
             }
         }
         let moved = self.moves.len() as u32;
@@ -873,7 +893,10 @@ impl LogStore {
             let at = self.slot_index(s, first);
             for (k, mv) in self.moves[next..next + n as usize].iter().enumerate() {
                 debug_assert_eq!(self.map[mv.entry.lbn as usize], mv.from);
-                self.map[mv.entry.lbn as usize] = at + k as u64;
+                let to = at + k as u64;
+                self.map[mv.entry.lbn as usize] = to;
+                self.live_slots[(mv.from / 64) as usize] &= !(1 << (mv.from % 64));
+                self.live_slots[(to / 64) as usize] |= 1 << (to % 64);
             }
             self.segments[s as usize].live += n;
             next += n as usize;
@@ -958,8 +981,10 @@ impl LogStore {
         let old = std::mem::replace(&mut self.map[lbn as usize], at);
         if old != UNMAPPED {
             self.segments[(old / slots) as usize].live -= 1;
+            self.live_slots[(old / 64) as usize] &= !(1 << (old % 64));
         }
         self.segments[(at / slots) as usize].live += 1;
+        self.live_slots[(at / 64) as usize] |= 1 << (at % 64);
     }
 
     /// Checks a one-block request: the block exists, the buffer is a block.
