@@ -203,6 +203,11 @@ pub struct PerfConfig {
     /// fio's `iodepth_batch_submit`/`iodepth_batch_complete_min`): fewer,
     /// larger doorbell batches. 1 (the default) keeps the queue full.
     pub batch: u16,
+    /// Ring the SQ doorbell after every this many submissions of a refill
+    /// (see [`nvme::QueuePair::set_sq_doorbell_every`]), so the controller
+    /// starts on the first part while the rest is queued; 0 (the default)
+    /// rings once per refill. Queue-pair targets only.
+    pub sq_doorbell_every: u16,
 }
 
 impl Default for PerfConfig {
@@ -219,6 +224,7 @@ impl Default for PerfConfig {
             threads: 1,
             shadow_doorbells: false,
             batch: 1,
+            sq_doorbell_every: 0,
         }
     }
 }
@@ -261,7 +267,7 @@ impl fmt::Display for PerfReport {
         let c = &self.config;
         writeln!(
             f,
-            "{}: {} {} B, qd {}, {} thread(s), {:.1} s{}{}",
+            "{}: {} {} B, qd {}, {} thread(s), {:.1} s{}{}{}",
             self.device,
             c.workload,
             c.io_size,
@@ -275,6 +281,11 @@ impl fmt::Display for PerfReport {
             },
             if c.batch > 1 {
                 format!(", batch {}", c.batch)
+            } else {
+                String::new()
+            },
+            if c.sq_doorbell_every > 0 {
+                format!(", SQ doorbell every {}", c.sq_doorbell_every)
             } else {
                 String::new()
             }
@@ -606,6 +617,7 @@ fn worker<T: Transport>(
         entries,
         timeout: None,
     })?;
+    qp.set_sq_doorbell_every(cfg.sq_doorbell_every);
     let qd = qd.min(qp.depth());
     let buf = ctrl.dma_alloc(qd * cfg.io_size)?;
     buf.fill(0x5A);
@@ -884,6 +896,33 @@ mod tests {
             let j = serde_json::to_value(&r).expect("json");
             assert!(j["iops"].as_f64().is_some_and(|v| v > 0.0));
         }
+    }
+
+    #[test]
+    fn sq_doorbell_every_splits_the_refill() {
+        let sq_per_io = |every: u16| {
+            let r = run(&PerfConfig {
+                queue_depth: 16,
+                duration: Duration::from_millis(50),
+                sq_doorbell_every: every,
+                ..PerfConfig::default()
+            })
+            .expect("run");
+            assert!(r.ios > 0 && r.errors == 0, "{r}");
+            if every > 0 {
+                assert!(r.to_string().contains("SQ doorbell every"), "{r}");
+            }
+            r.sq_doorbells_per_io
+                .expect("queue-pair run counts doorbells")
+        };
+        // Inline emulator: each refill is the whole depth, 16 commands.
+        let whole = sq_per_io(0);
+        let split = sq_per_io(4);
+        assert!(whole < 0.1, "one doorbell per refill of 16: {whole}");
+        assert!(
+            (0.24..=0.3).contains(&split),
+            "one per 4 submissions: {split}"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!   request contexts and PRP list pages are preallocated at creation; a
 //!   full queue is [`SubmitError::QueueFull`].
 //! - Submissions are staged; [`QueuePair::ring`] (or the next
-//!   [`QueuePair::poll`]) writes the SQ tail doorbell once for the batch.
+//!   [`QueuePair::poll`]) writes the SQ tail doorbell once for the batch,
+//!   or every N staged commands when asked
+//!   ([`QueuePair::set_sq_doorbell_every`]).
 //! - [`QueuePair::poll`] harvests at most `max` completions and calls the
 //!   callback once per request (a request split into several commands
 //!   completes once, with the first error).
@@ -39,6 +41,10 @@ use crate::transport::Transport;
 /// Memory page size the driver configures (CC.MPS = 0).
 pub const PAGE_SIZE: u64 = 4096;
 const ADMIN_ENTRIES: u16 = 32;
+/// How long a queue with commands outstanding polls without progress
+/// before it checks the controller's status and the command timeouts, and
+/// how often it checks again while it stays idle.
+const IDLE_CHECK: Duration = Duration::from_millis(1);
 const SQE: usize = 64;
 const CQE: usize = 16;
 
@@ -1030,10 +1036,17 @@ pub struct QueuePair<T: Transport> {
     outstanding: usize,
     aborted_pending: usize,
     idle_polls: u32,
+    /// When an idle queue next looks at the controller (see `poll`).
+    idle_check_at: Option<Instant>,
     max_transfer: usize,
     /// CIDs submitted since the last doorbell: their timeout starts when
     /// it is rung.
     unstamped: Vec<u16>,
+    /// Ring the SQ doorbell once this many commands are staged (0: only
+    /// on `ring`/`poll`).
+    sq_doorbell_every: u16,
+    /// Commands staged since the last SQ doorbell.
+    staged: u16,
 }
 
 impl<T: Transport> QueuePair<T> {
@@ -1107,8 +1120,11 @@ impl<T: Transport> QueuePair<T> {
             outstanding: 0,
             aborted_pending: 0,
             idle_polls: 0,
+            idle_check_at: None,
             max_transfer,
             unstamped: Vec::with_capacity(depth),
+            sq_doorbell_every: 0,
+            staged: 0,
             shared,
         })
     }
@@ -1166,6 +1182,7 @@ impl<T: Transport> QueuePair<T> {
         }
         self.outstanding = 0;
         self.unstamped.clear();
+        self.staged = 0;
         self.ring.clear();
         self.generation = gen_now;
         self.shared.create_queues(&self.ring)
@@ -1225,7 +1242,26 @@ impl<T: Transport> QueuePair<T> {
         sqe.cid = cid.into();
         self.ring.push(&sqe);
         self.outstanding += 1;
+        self.staged = self.staged.saturating_add(1);
+        if self.staged == self.sq_doorbell_every {
+            self.ring_and_stamp();
+        }
         cid
+    }
+
+    /// Rings the SQ doorbell by itself each time `n` commands are staged,
+    /// so the controller starts on the first part of a large refill while
+    /// the rest is still being queued; 0 (the default) rings only on
+    /// [`QueuePair::ring`] and [`QueuePair::poll`]: one doorbell write per
+    /// batch, the fewest MMIO writes.
+    ///
+    /// Measured on QEMU 7.2's controller under TCG (4 KiB random reads,
+    /// `ustor-perf --sq-doorbell-every`): at QD 32, 16 gave about 425 K
+    /// IOPS against 360 K with one doorbell per refill; at QD 64 and 128,
+    /// extra doorbells cost 5-15 % (each MMIO write waits for QEMU's device
+    /// lock while it processes the previous part).
+    pub fn set_sq_doorbell_every(&mut self, n: u16) {
+        self.sq_doorbell_every = n;
     }
 
     /// Rings the SQ doorbell for staged commands and starts their
@@ -1243,6 +1279,7 @@ impl<T: Transport> QueuePair<T> {
             }
             self.unstamped.clear();
         }
+        self.staged = 0;
         self.ring.ring(self.shared.transport.regs());
     }
 
@@ -1714,26 +1751,40 @@ impl<T: Transport> QueuePair<T> {
                 self.ring.ring_cq(self.shared.transport.regs());
             }
             self.idle_polls = 0;
+            self.idle_check_at = None;
         } else if self.outstanding > 0 {
             self.idle_polls = self.idle_polls.wrapping_add(1);
-            // Look at the controller at 64, 128, ... 4096 idle polls, then
-            // every 4096: a spinning caller pays a handful of register
-            // reads per long wait, and one that sleeps between polls (a
-            // background copy, a flush) still sees a failed controller or
-            // an expired command within a few dozen polls.
-            let n = self.idle_polls;
-            if n >= 64 && (n.is_power_of_two() || n.is_multiple_of(4096)) {
-                // Insurance against a controller that misses a shadow
-                // doorbell update: state the SQ tail by MMIO now and then.
-                if self.ring.dbbuf.is_some() {
-                    self.shared
-                        .transport
-                        .regs()
-                        .write32(self.ring.sq_db, self.ring.sq_tail as u32);
-                    self.ring.doorbell_writes.sq += 1;
+            // Look at the controller (CSTS, expired commands) once the
+            // queue has waited IDLE_CHECK without progress, then every
+            // IDLE_CHECK, with a clock read every 16 idle polls: a spinning
+            // caller makes no register access during ordinary waits, and
+            // one that sleeps between polls (a background copy, a flush)
+            // still sees a failed controller or an expired command within
+            // a few dozen polls. Register reads are not free: in a VM each
+            // traps to the hypervisor, and QEMU serialises them with its
+            // device emulation (one lock), so a read in every wait would
+            // stall the poller while the controller works.
+            if self.idle_polls.is_multiple_of(16) {
+                let now = Instant::now();
+                match self.idle_check_at {
+                    None => self.idle_check_at = Some(now + IDLE_CHECK),
+                    Some(due) if now >= due => {
+                        self.idle_check_at = Some(now + IDLE_CHECK);
+                        // Insurance against a controller that misses a
+                        // shadow doorbell update: state the SQ tail by MMIO
+                        // now and then.
+                        if self.ring.dbbuf.is_some() {
+                            self.shared
+                                .transport
+                                .regs()
+                                .write32(self.ring.sq_db, self.ring.sq_tail as u32);
+                            self.ring.doorbell_writes.sq += 1;
+                        }
+                        self.shared.check_fatal()?;
+                        reported += self.expire(max - reported, &mut on_done);
+                    }
+                    Some(_) => {}
                 }
-                self.shared.check_fatal()?;
-                reported += self.expire(max - reported, &mut on_done);
             }
         }
         if let Some(what) = bad {

@@ -61,6 +61,11 @@ struct Args {
     /// iodepth_batch_submit); 1 keeps it full.
     #[arg(long, default_value_t = 1)]
     batch: u16,
+    /// Ring the SQ doorbell after every N submissions of a refill, so the
+    /// controller starts on the first part while the rest is queued
+    /// (0: once per refill). Queue-pair targets (emu, vfio:) only.
+    #[arg(long, default_value_t = 0)]
+    sq_doorbell_every: u16,
 }
 
 fn parse_io_size(s: &str) -> Result<usize, String> {
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         threads: args.threads,
         shadow_doorbells: args.shadow_doorbells,
         batch: args.batch,
+        sq_doorbell_every: args.sq_doorbell_every,
     };
     match run(&cfg) {
         Ok(report) => {
