@@ -735,8 +735,16 @@ impl LogStore {
                 free: self.free_segments(),
             });
         }
-        self.candidates
-            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Only the best few can become victims: select them, then sort
+        // just those (a store has thousands of segments, a round takes a
+        // handful).
+        let order = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if self.candidates.len() > MAX_VICTIMS {
+            self.candidates
+                .select_nth_unstable_by(MAX_VICTIMS - 1, order);
+            self.candidates.truncate(MAX_VICTIMS);
+        }
+        self.candidates.sort_unstable_by(order);
         let mut victims: Vec<u32> = Vec::new();
         let mut total = 0u32;
         for &(_, s) in &self.candidates {
