@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use ustor::bdev_stack::{BlockDevice, CopyFault, MemCopyLimits, MemDevice, OffloadErrorKind, spec};
+use ustor::bdev_stack::{
+    BlockDevice, CopyFault, FaultAction, FaultHandle, FaultRule, FaultyDevice, IoErrorKind, IoOp,
+    MemCopyLimits, MemDevice, OffloadErrorKind, spec,
+};
 use ustor::gc::{
     GcError, LogStore, Policy, RunOptions, StoreOptions, Workload, check_block, compare, run,
 };
@@ -228,17 +231,22 @@ fn bad_input_gives_typed_errors() {
     ));
 }
 
-#[test]
-fn a_failed_flush_or_write_fails_the_commit_and_keeps_the_last_one() {
-    use ustor::bdev_stack::{FaultAction, FaultRule, FaultyDevice, IoErrorKind, IoOp};
+/// A 4 MiB memory device of 4 KiB blocks behind fault injection, and
+/// options for a small store on it.
+fn faulty_store_device() -> (Arc<dyn BlockDevice>, FaultHandle, StoreOptions) {
     let mem: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
-    let (faulty, faults) = FaultyDevice::new(Arc::clone(&mem));
-    let dev: Arc<dyn BlockDevice> = Arc::new(faulty);
+    let (faulty, faults) = FaultyDevice::new(mem);
     let o = StoreOptions {
         segment_bytes: 64 << 10,
         fill: 0.5,
         ..StoreOptions::default()
     };
+    (Arc::new(faulty), faults, o)
+}
+
+#[test]
+fn a_failed_flush_or_write_fails_the_commit_and_keeps_the_last_one() {
+    let (dev, faults, o) = faulty_store_device();
     let mut store = LogStore::format(Arc::clone(&dev), &o).expect("format");
     let mut block = vec![0u8; 4096];
     Workload::content(5, 1, &mut block);
@@ -269,15 +277,7 @@ fn a_failed_flush_or_write_fails_the_commit_and_keeps_the_last_one() {
 
 #[test]
 fn a_failed_relocation_summary_strands_its_victims_and_loses_nothing() {
-    use ustor::bdev_stack::{FaultAction, FaultRule, FaultyDevice, IoErrorKind, IoOp};
-    let mem: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
-    let (faulty, faults) = FaultyDevice::new(Arc::clone(&mem));
-    let dev: Arc<dyn BlockDevice> = Arc::new(faulty);
-    let o = StoreOptions {
-        segment_bytes: 64 << 10,
-        fill: 0.5,
-        ..StoreOptions::default()
-    };
+    let (dev, faults, o) = faulty_store_device();
     let mut store = LogStore::format(Arc::clone(&dev), &o).expect("format");
     let n = store.logical_blocks();
     let mut block = vec![0u8; 4096];
