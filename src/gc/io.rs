@@ -433,9 +433,7 @@ impl BlockIo {
                 .get_mut(ctx as usize)
                 .map(|s| std::mem::replace(s, FREE))
                 .unwrap_or(FREE);
-            let in_background = background
-                .get_mut(ctx as usize)
-                .is_some_and(std::mem::take);
+            let in_background = background.get_mut(ctx as usize).is_some_and(std::mem::take);
             units += (len as u64 / bs).max(1);
             failed |= result.is_err();
             if let Err(source) = result {
