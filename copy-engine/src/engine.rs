@@ -575,24 +575,7 @@ impl CopyEngine {
                 items = self.items.len(),
                 "staging overlapping pieces"
             );
-            let items = std::mem::take(&mut self.items);
-            let result = self.bouncer.run(
-                &mut self.leaves,
-                &items,
-                Mode::Barrier,
-                Method::Staged,
-                block_size,
-                &job.dst_index,
-                job.retry_leaf
-                    .map(|leaf| Retry {
-                        leaf,
-                        index: &job.src_index,
-                    })
-                    .as_ref(),
-                &mut job.report,
-            );
-            self.items = items;
-            result?;
+            self.bounce_items(Mode::Barrier, Method::Staged, &mut job)?;
         }
 
         // The rest: self-overlapping pieces one by one, then groups.
@@ -663,26 +646,36 @@ impl CopyEngine {
         }
         self.items.append(&mut self.fallback_items);
         if !self.items.is_empty() {
-            let items = std::mem::take(&mut self.items);
-            let result = self.bouncer.run(
-                &mut self.leaves,
-                &items,
-                Mode::Pipelined,
-                Method::Bounce,
-                job.block_size,
-                &job.dst_index,
-                job.retry_leaf
-                    .map(|leaf| Retry {
-                        leaf,
-                        index: &job.src_index,
-                    })
-                    .as_ref(),
-                &mut job.report,
-            );
-            self.items = items;
-            result?;
+            self.bounce_items(Mode::Pipelined, Method::Bounce, job)?;
         }
         Ok(())
+    }
+
+    /// Bounces `self.items` (kept, with their allocation, for the next
+    /// use).
+    fn bounce_items(
+        &mut self,
+        mode: Mode,
+        method: Method,
+        job: &mut Job<'_>,
+    ) -> Result<(), CopyError> {
+        let items = std::mem::take(&mut self.items);
+        let retry = job.retry_leaf.map(|leaf| Retry {
+            leaf,
+            index: &job.src_index,
+        });
+        let result = self.bouncer.run(
+            &mut self.leaves,
+            &items,
+            mode,
+            method,
+            job.block_size,
+            &job.dst_index,
+            retry.as_ref(),
+            &mut job.report,
+        );
+        self.items = items;
+        result
     }
 
     /// A piece whose source and destination overlap on one leaf: memmove
@@ -740,23 +733,7 @@ impl CopyEngine {
             }
             self.items.append(&mut self.fallback_items);
             if !self.items.is_empty() {
-                let items = std::mem::take(&mut self.items);
-                result = self.bouncer.run(
-                    &mut self.leaves,
-                    &items,
-                    Mode::Serial,
-                    Method::Bounce,
-                    job.block_size,
-                    &job.dst_index,
-                    job.retry_leaf
-                        .map(|leaf| Retry {
-                            leaf,
-                            index: &job.src_index,
-                        })
-                        .as_ref(),
-                    &mut job.report,
-                );
-                self.items = items;
+                result = self.bounce_items(Mode::Serial, Method::Bounce, job);
                 self.items.clear();
                 if result.is_err() {
                     break;
