@@ -585,15 +585,7 @@ impl<T: ScsiTransport> ScsiDevice<T> {
             ranges: ranges.to_vec(),
         }
         .to_bytes();
-        let len = u32::try_from(params.len())
-            .map_err(|_| self.invalid(command, 0, 0, "too many ranges"))?;
-        self.transport
-            .execute_checked(
-                &cdb::populate_token(list_id, len),
-                DataTransfer::ToDevice(&params),
-                self.timeout,
-            )
-            .map_err(|e| self.token_error(e))?;
+        self.send_token_parameters(command, &params, |len| cdb::populate_token(list_id, len))?;
         let info = self.receive_rod_token_information(list_id)?;
         info.token.ok_or_else(|| {
             parse_err(
@@ -651,14 +643,21 @@ impl<T: ScsiTransport> ScsiDevice<T> {
             ranges: ranges.to_vec(),
         }
         .to_bytes();
+        self.send_token_parameters(command, &params, |len| cdb::write_using_token(list_id, len))
+    }
+
+    /// Sends a token command's parameter list with the CDB `cdb` makes for
+    /// its length.
+    fn send_token_parameters(
+        &self,
+        command: Command,
+        params: &[u8],
+        cdb: impl FnOnce(u32) -> [u8; 16],
+    ) -> Result<(), Error> {
         let len = u32::try_from(params.len())
             .map_err(|_| self.invalid(command, 0, 0, "too many ranges"))?;
         self.transport
-            .execute_checked(
-                &cdb::write_using_token(list_id, len),
-                DataTransfer::ToDevice(&params),
-                self.timeout,
-            )
+            .execute_checked(&cdb(len), DataTransfer::ToDevice(params), self.timeout)
             .map_err(|e| self.token_error(e))?;
         Ok(())
     }
