@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::buffer::DmaSlice;
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::identity::{Backing, OffloadDomain};
 use crate::offload::CopyChannel;
 
 /// Identifies a device within the process: leaves, virtual devices and
@@ -103,11 +104,17 @@ bitflags::bitflags! {
 /// A copy offload a leaf can take part in, with what the copy engine needs
 /// to pair it with another leaf and to size commands. Virtual devices have
 /// none: the copy engine reaches leaves through [`BlockDevice::map`].
+///
+/// Pairing is on the [`OffloadDomain`]s, which the library controls; the
+/// strings devices report are kept for logs and extra checks only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyOffload {
     /// NVMe Copy (opcode 0x19) within one namespace.
     NvmeCopy {
-        /// Identity of the controller's subsystem (NQN or PCI address).
+        /// The opened controller: Copy pairs only within one.
+        controller: OffloadDomain,
+        /// The subsystem NQN the controller reported (may be empty, and
+        /// may repeat across controllers: never grants pairing).
         subsystem: String,
         /// Namespace id.
         nsid: u32,
@@ -120,10 +127,16 @@ pub enum CopyOffload {
     },
     /// SCSI EXTENDED COPY (LID1) through a copy manager.
     ScsiExtendedCopy {
-        /// The LUN's NAA designator from VPD page 0x83.
+        /// The LUN's NAA designator from VPD page 0x83, verified unique
+        /// among the LUNs the copy manager reaches (a leaf whose designator
+        /// is not unique advertises no EXTENDED COPY).
         naa: Vec<u8>,
-        /// Identity of the copy manager that can reach the LUN.
-        copy_manager: String,
+        /// The copy manager that reaches the LUN.
+        copy_manager: OffloadDomain,
+        /// True when the designator was verified unique among the LUNs the
+        /// copy manager reaches; EXTENDED COPY names LUNs by designator, so
+        /// the engine pairs only verified ones.
+        designator_unique: bool,
         /// Segment descriptors per command.
         max_segments: u16,
         /// Bytes per segment.
@@ -133,6 +146,9 @@ pub enum CopyOffload {
     ScsiRodToken {
         /// The LUN's NAA designator from VPD page 0x83.
         naa: Vec<u8>,
+        /// The copy manager that makes and takes the LUN's tokens: WRITE
+        /// USING TOKEN goes only to a LUN of the one that made the token.
+        copy_manager: OffloadDomain,
         /// Range descriptors per command (VPD 0x8F).
         max_ranges: u32,
         /// Blocks one token may describe (VPD 0x8F).
@@ -418,6 +434,36 @@ pub trait BlockDevice: Send + Sync {
     fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
         let _ = depth;
         Ok(None)
+    }
+
+    /// What this leaf's blocks are, for overlap checks: leaves with equal
+    /// backings are one set of blocks. The default, for a leaf nothing
+    /// else reaches, is its own id.
+    fn backing(&self) -> Backing {
+        Backing::Device(self.info().id)
+    }
+
+    /// Takes this device's part in a copy that writes `[lba, lba +
+    /// blocks)` through its leaves (offloads the engine sends to them):
+    /// holds what must be held while those writes are in flight, recording
+    /// it in `holds`, which releases it when dropped. A mirror counts the
+    /// range in its write intent, so a resync cannot copy a region under
+    /// the copy; virtual devices pass the part of the range each member
+    /// holds to it. Returns `Ok(false)`, holding nothing new, when a part
+    /// is held by someone else (a resync copying a region): release
+    /// `holds` and try again later.
+    ///
+    /// A layer that must see every write as it is made (one that
+    /// transforms data) maps to itself, not to its members, so the engine
+    /// writes through its channels and never offloads under it.
+    fn hold_copy_writes(
+        &self,
+        lba: u64,
+        blocks: u64,
+        holds: &mut crate::hold::WriteHolds,
+    ) -> Result<bool, IoError> {
+        let _ = (lba, blocks, holds);
+        Ok(true)
     }
 
     /// Appends to `out` the leaf fragments of `[lba, lba + blocks)` for

@@ -52,6 +52,8 @@ mod device;
 mod error;
 mod fault;
 mod file;
+mod hold;
+mod identity;
 mod mem;
 mod mirror;
 pub mod nvme_leaf;
@@ -71,6 +73,8 @@ pub use device::{
 pub use error::{BdevError, IoError, IoErrorKind};
 pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
 pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
+pub use hold::WriteHolds;
+pub use identity::{Backing, OffloadDomain};
 pub use mem::{
     CopyFault, CopyFaultHandle, DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice,
 };

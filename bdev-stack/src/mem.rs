@@ -20,6 +20,7 @@ use crate::device::{
     IoRequest, LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError};
+use crate::identity::OffloadDomain;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -213,8 +214,8 @@ impl MemDevice {
     }
 
     /// Makes this an offload-capable leaf: it advertises
-    /// [`CopyOffload::NvmeCopy`] within itself (subsystem `mem:<id>`,
-    /// namespace 1) with `limits`, and opens [`CopyChannel`]s.
+    /// [`CopyOffload::NvmeCopy`] within itself (its own memory as the
+    /// controller, namespace 1) with `limits`, and opens [`CopyChannel`]s.
     pub fn with_copy_offload(mut self, limits: MemCopyLimits) -> Result<MemDevice, BdevError> {
         if limits.max_ranges == 0 || limits.max_range_blocks == 0 || limits.max_command_blocks == 0
         {
@@ -225,6 +226,7 @@ impl MemDevice {
             });
         }
         self.info.copy_offloads = vec![CopyOffload::NvmeCopy {
+            controller: OffloadDomain::handle(&self.chunks),
             subsystem: format!("mem:{}", self.info.id.0),
             nsid: 1,
             max_ranges: limits.max_ranges,

@@ -33,6 +33,7 @@ use crate::device::{
     LeafFragment, NotSync, SubmitError, SupportedOps, check_map_range, common_block_size,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::hold::WriteHolds;
 use crate::pool::Slab;
 
 /// Most legs a mirror can have (leg sets are 32-bit masks).
@@ -109,7 +110,7 @@ impl DirtyMap {
     }
 
     /// Registers `writes` child writes in `region`, unless a resync holds it.
-    fn try_begin_writes(&self, region: u64, writes: u32) -> bool {
+    pub(crate) fn try_begin_writes(&self, region: u64, writes: u32) -> bool {
         self.region(region).is_some_and(|r| {
             r.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & LOCKED == 0).then_some(v + writes)
@@ -118,7 +119,7 @@ impl DirtyMap {
         })
     }
 
-    fn end_write(&self, region: u64) {
+    pub(crate) fn end_write(&self, region: u64) {
         if let Some(r) = self.region(region) {
             r.fetch_sub(1, Ordering::AcqRel);
         }
@@ -493,6 +494,40 @@ impl BlockDevice for Mirror {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         self.shared.legs().clone()
+    }
+
+    fn hold_copy_writes(
+        &self,
+        lba: u64,
+        blocks: u64,
+        holds: &mut WriteHolds,
+    ) -> Result<bool, IoError> {
+        check_map_range(&self.info, lba, blocks, Access::Write)?;
+        if blocks == 0 {
+            return Ok(true);
+        }
+        let dirty = &self.shared.dirty;
+        let (first, last) = (dirty.region_of(lba), dirty.region_of(lba + blocks - 1));
+        for region in first..=last {
+            if !dirty.try_begin_writes(region, 1) {
+                // A resync holds it: give back what was taken, so nobody
+                // waits while holding.
+                for taken in first..region {
+                    dirty.end_write(taken);
+                }
+                return Ok(false);
+            }
+        }
+        holds.push(dirty, first, last);
+        // Legs may hold further layers (a mirror under a leg).
+        let legs = self.shared.legs().clone();
+        let writable = self.shared.writable();
+        for (leg, device) in legs.iter().enumerate() {
+            if writable & (1 << leg) != 0 && !device.hold_copy_writes(lba, blocks, holds)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn map(

@@ -47,6 +47,7 @@ use crate::device::{
     IoRequest, LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::identity::OffloadDomain;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -123,11 +124,8 @@ impl<T: Transport> NvmeNamespace<T> {
         if oncs & ONCS_COPY != 0 && ns.mssrl > 0 && ns.mcl > 0 {
             let nqn = ascii_field(&ident.subnqn);
             copy_offloads.push(CopyOffload::NvmeCopy {
-                subsystem: if nqn.is_empty() {
-                    ctrl.name().to_string()
-                } else {
-                    nqn
-                },
+                controller: OffloadDomain::handle(&ctrl),
+                subsystem: nqn,
                 nsid,
                 max_ranges: (u32::from(ns.msrc) + 1).min(COPY_RANGES),
                 max_range_blocks: u64::from(ns.mssrl),

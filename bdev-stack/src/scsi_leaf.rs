@@ -58,6 +58,7 @@ use crate::device::{
     IoRequest, LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::identity::OffloadDomain;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, RodToken,
@@ -242,7 +243,8 @@ impl ScsiLeaf {
             (Some(naa), Some(p)) if naa.len() <= MAX_DESIGNATOR && p.max_cscd_descriptors >= 2 => {
                 copy_offloads.push(CopyOffload::ScsiExtendedCopy {
                     naa: naa.clone(),
-                    copy_manager: copy_manager.clone(),
+                    copy_manager: OffloadDomain::address(&copy_manager),
+                    designator_unique: true,
                     max_segments: p.max_segment_descriptors,
                     max_segment_bytes: u64::from(p.max_segment_length),
                 });
@@ -254,6 +256,7 @@ impl ScsiLeaf {
             (Some(naa), Some(r)) if r.limits.max_range_descriptors > 0 => {
                 copy_offloads.push(CopyOffload::ScsiRodToken {
                     naa: naa.clone(),
+                    copy_manager: OffloadDomain::address(&copy_manager),
                     max_ranges: u32::from(r.limits.max_range_descriptors),
                     // A ROD token counts blocks; 0 means no stated limit.
                     max_token_blocks: r.limits.max_token_transfer_size,

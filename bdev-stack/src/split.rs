@@ -31,6 +31,7 @@ use crate::device::{
     LeafFragment, NotSync, SubmitError, SupportedOps, check_map_range, common_block_size,
 };
 use crate::error::{BdevError, IoError};
+use crate::hold::WriteHolds;
 use crate::pool::Slab;
 
 /// How a virtual device lays its blocks out over its members.
@@ -288,6 +289,37 @@ impl<L: Layout> BlockDevice for SplitDevice<L> {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         self.members.clone()
+    }
+
+    fn hold_copy_writes(
+        &self,
+        lba: u64,
+        blocks: u64,
+        holds: &mut WriteHolds,
+    ) -> Result<bool, IoError> {
+        check_map_range(&self.info, lba, blocks, Access::Write)?;
+        // Per member, the span of its blocks the range touches: holding
+        // the span (a superset for a stripe) is one call per member, not
+        // one per chunk.
+        let mut spans: Vec<Option<(u64, u64)>> = vec![None; self.members.len()];
+        let mut cursor = 0;
+        while cursor < blocks {
+            let (member, member_lba, run) = self.layout.locate(lba + cursor, blocks - cursor);
+            let span = &mut spans[member];
+            *span = Some(match *span {
+                Some((start, end)) => (start.min(member_lba), end.max(member_lba + run)),
+                None => (member_lba, member_lba + run),
+            });
+            cursor += run;
+        }
+        for (member, span) in spans.into_iter().enumerate() {
+            if let Some((start, end)) = span
+                && !self.members[member].hold_copy_writes(start, end - start, holds)?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn map(

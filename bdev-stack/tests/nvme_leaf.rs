@@ -282,6 +282,7 @@ fn identify_shapes_the_description() {
                 max_ranges: 4,
                 max_range_blocks: 32,
                 max_command_blocks: 64,
+                ..
             },
         ] => assert!(subsystem.starts_with("nqn."), "{subsystem}"),
         other => panic!("{other:?}"),
@@ -474,11 +475,11 @@ fn absent_namespaces_are_named() {
     let one = NvmeNamespace::new(Arc::clone(&ctrl), 1).expect("ns 1");
     let two = NvmeNamespace::new(ctrl, 2).expect("ns 2");
     assert_eq!(two.info().block_size, 4096);
-    let subsystem = |d: &dyn BlockDevice| match d.info().copy_offloads.first() {
-        Some(CopyOffload::NvmeCopy { subsystem, .. }) => subsystem.clone(),
+    let controller = |d: &dyn BlockDevice| match d.info().copy_offloads.first() {
+        Some(CopyOffload::NvmeCopy { controller, .. }) => controller.clone(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(subsystem(&one), subsystem(&two));
+    assert_eq!(controller(&one), controller(&two));
     DmaIo::open(&two)
         .write(3, &pattern(5, 4096))
         .expect("write");

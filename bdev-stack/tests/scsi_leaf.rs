@@ -127,6 +127,7 @@ fn probe_fills_in_the_leaf_description() {
             naa,
             max_ranges,
             max_token_blocks,
+            ..
         } => Some((naa.clone(), *max_ranges, *max_token_blocks)),
         _ => None,
     });

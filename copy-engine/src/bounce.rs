@@ -1,69 +1,33 @@
 //! The bounce path: read into host (DMA) buffers, write back out,
 //! pipelined over a fixed set of buffers allocated once per engine, so the
 //! steady state allocates nothing and memory in flight is bounded.
+//!
+//! Bytes are read from the source token's leaf (retried through the source
+//! root, where a mirror tries its other legs) and written through the
+//! destination root's own channel, so every layer of the destination
+//! stack sees them: a mirror counts them in its write intent, holds them
+//! off a region under resync, writes every leg that takes writes and fails
+//! a leg whose write fails. Bounce work is collected as logical ranges, so
+//! a range that several replicas (mirror legs) need is written once.
 
 use std::collections::VecDeque;
 
-use bdev_stack::{BlockDevice, Channel, Completion, DeviceId, DmaMemory, IoRequest, SubmitError};
-use std::sync::Arc;
+use bdev_stack::{Completion, DmaMemory, IoRequest, SubmitError};
 use tracing::warn;
 
 use crate::error::CopyError;
+use crate::leaves::{Leaf, Leaves};
 use crate::report::{CopyFailure, CopyReport, Method, NotCopied};
-use bdev_stack::wait::Pace;
+use crate::token::SourceTokens;
 
-/// A leaf taking part in a copy, with the channels the engine opened to
-/// it (lazily, kept for the next copy over the same leaf).
-pub(crate) struct Leaf {
-    pub(crate) id: DeviceId,
-    pub(crate) device: Arc<dyn BlockDevice>,
-    pub(crate) io: Option<Box<dyn Channel>>,
-    pub(crate) copy: Option<Box<dyn bdev_stack::CopyChannel>>,
-    /// True once `copy` was asked for (it may have come back `None`).
-    pub(crate) copy_opened: bool,
-    /// How fast `copy` got through its commands, for waiting on them.
-    pub(crate) copy_pace: Pace,
-    /// Taking part in the current copy.
-    pub(crate) in_use: bool,
-}
-
-impl Leaf {
-    pub(crate) fn new(device: Arc<dyn BlockDevice>) -> Leaf {
-        Leaf {
-            id: device.info().id,
-            device,
-            io: None,
-            copy: None,
-            copy_opened: false,
-            copy_pace: Pace::default(),
-            in_use: true,
-        }
-    }
-
-    fn io(&mut self, depth: usize) -> Result<&mut Box<dyn Channel>, CopyError> {
-        if let Some(channel) = self.io.take() {
-            return Ok(self.io.insert(channel));
-        }
-        let channel = self
-            .device
-            .open_channel(depth)
-            .map_err(|source| CopyError::Device {
-                device: self.device.info().name.clone(),
-                action: "opening an I/O channel for bounce",
-                source,
-            })?;
-        Ok(self.io.insert(channel))
-    }
-}
-
-/// One bounce transfer: at most one buffer's worth, within both leaves'
+/// One bounce transfer: at most one buffer's worth, within both devices'
 /// maximum transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Item {
     /// Source leaf (index into the leaf table).
     pub(crate) src: u32,
     pub(crate) src_lba: u64,
-    /// Destination leaf (index into the leaf table).
+    /// Destination: the destination root (index into the leaf table).
     pub(crate) dst: u32,
     pub(crate) dst_lba: u64,
     pub(crate) blocks: u64,
@@ -117,6 +81,83 @@ impl DstIndex {
             None => logical,
         }
     }
+}
+
+impl DstIndex {
+    /// The first logical block after `logical` where a new range starts.
+    fn next_start(&self, logical: u64) -> u64 {
+        let i = self.starts.partition_point(|&(l, _)| l <= logical);
+        self.starts.get(i).map_or(u64::MAX, |&(l, _)| l)
+    }
+}
+
+/// Where bounced bytes go and come from.
+pub(crate) struct Route<'a> {
+    pub(crate) tokens: &'a SourceTokens,
+    pub(crate) src_index: &'a DstIndex,
+    pub(crate) dst_root: u32,
+    pub(crate) dst_index: &'a DstIndex,
+    pub(crate) buffer_blocks: u64,
+}
+
+/// Turns the logical ranges in `ranges` (sorted and merged here, so
+/// replicas of one range count once) into items in `out`, each within one
+/// buffer, one source token, one source range and one destination range.
+pub(crate) fn cut_items(
+    ranges: &mut Vec<(u64, u64)>,
+    leaves: &Leaves,
+    route: &Route<'_>,
+    out: &mut Vec<Item>,
+) -> Result<(), CopyError> {
+    ranges.sort_unstable();
+    let mut merged = 0;
+    for i in 0..ranges.len() {
+        let (start, blocks) = ranges[i];
+        if merged > 0 {
+            let (last_start, last_blocks) = ranges[merged - 1];
+            // Overlapping ranges are one range's replicas; adjacent ones
+            // stay apart, as pieces of their own.
+            if start < last_start + last_blocks {
+                let end = (start + blocks).max(last_start + last_blocks);
+                ranges[merged - 1].1 = end - last_start;
+                continue;
+            }
+        }
+        ranges[merged] = (start, blocks);
+        merged += 1;
+    }
+    ranges.truncate(merged);
+    let dst_max = leaves.table[route.dst_root as usize]
+        .device
+        .info()
+        .max_transfer_blocks;
+    for &(start, blocks) in ranges.iter() {
+        let end = start + blocks;
+        let mut cursor = start;
+        while cursor < end {
+            let token = &route.tokens.tokens[route.tokens.token_at(cursor)];
+            let src = leaves.slot(token.leaf.0)?;
+            let src_max = leaves.table[src as usize].device.info().max_transfer_blocks;
+            let cap = route.buffer_blocks.min(src_max).min(dst_max).max(1);
+            let limit = end
+                .min(token.logical + token.blocks)
+                .min(route.dst_index.next_start(cursor))
+                .min(route.src_index.next_start(cursor));
+            let run = (limit.saturating_sub(cursor)).clamp(1, cap);
+            out.push(Item {
+                src,
+                src_lba: token.leaf_lba + (cursor - token.logical),
+                dst: route.dst_root,
+                dst_lba: route.dst_index.lba(cursor),
+                blocks: run,
+                logical: cursor,
+                new_piece: cursor == start,
+                retried: false,
+            });
+            cursor += run;
+        }
+    }
+    Ok(())
 }
 
 /// The bounce buffers and per-buffer state, allocated once.

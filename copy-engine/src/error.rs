@@ -51,6 +51,17 @@ pub enum CopyError {
         /// Its block size.
         dst_block_size: u32,
     },
+    /// A resync kept a region of the destination for longer than the copy
+    /// waits; nothing was copied. Try again once the resync has moved on.
+    #[error(
+        "{device}: a resync held a destination region for {waited:?}; nothing copied, try again"
+    )]
+    DestinationBusy {
+        /// The destination.
+        device: String,
+        /// How long the copy waited.
+        waited: std::time::Duration,
+    },
     /// Two destination ranges overlap: which one's data would win is not
     /// defined, so it is refused.
     #[error(

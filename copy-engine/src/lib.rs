@@ -46,8 +46,11 @@
 mod bounce;
 mod engine;
 mod error;
+mod leaves;
+mod offload;
 pub mod plan;
 mod report;
+mod run;
 mod token;
 
 pub use engine::{
@@ -55,5 +58,8 @@ pub use engine::{
     copy_out,
 };
 pub use error::CopyError;
-pub use report::{CopyFailure, CopyReport, Method, MethodStats, NotCopied};
+pub use report::{
+    CopyFailure, CopyReport, LeafOffload, Method, MethodStats, NotCopied, OffloadRefused,
+    RefusalReason,
+};
 pub use token::{SourceToken, SourceTokens, TokenKind, copy_in};

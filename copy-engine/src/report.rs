@@ -66,7 +66,10 @@ pub struct MethodStats {
     /// Commands: offload commands that completed with data moved, or
     /// bounce writes.
     pub commands: u64,
-    /// Bytes written to destination leaves by this method.
+    /// Bytes this method wrote: for an offload, bytes the destination
+    /// leaves' commands wrote (each mirror leg counts); for bounce and
+    /// staging, bytes written through the destination device, once, however
+    /// many legs its layers fan them out to.
     pub bytes: u64,
 }
 
@@ -85,6 +88,55 @@ pub enum CopyFailure {
     Offload(OffloadError),
 }
 
+/// Why pieces whose leaves both offer an offload of one kind were bounced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// NVMe Copy: source and destination are not one namespace of one
+    /// controller this process opened (a reported NQN never pairs them).
+    #[error("NVMe Copy needs one namespace of one opened controller")]
+    OtherNamespace,
+    /// EXTENDED COPY: the LUNs are not reached through one copy manager.
+    #[error("EXTENDED COPY needs both LUNs behind one copy manager")]
+    OtherCopyManager,
+    /// EXTENDED COPY: a LUN's designator was not verified unique among the
+    /// LUNs its copy manager reaches, so the copy manager might resolve it
+    /// to another LUN.
+    #[error("a LUN designator is not verified unique within its copy manager")]
+    DesignatorNotUnique,
+    /// WRITE USING TOKEN: the token was made by another copy manager.
+    #[error("the ROD token was made by another copy manager")]
+    TokenFromOtherCopyManager,
+    /// The device's advertised limits allow no command.
+    #[error("the device's copy limits allow no command")]
+    Limits,
+}
+
+/// A pair of leaves the engine did not offload between, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffloadRefused {
+    /// The source leaf.
+    pub src_leaf: DeviceId,
+    /// The destination leaf.
+    pub dst_leaf: DeviceId,
+    /// Why.
+    pub reason: RefusalReason,
+}
+
+/// What one destination leaf's offload commands did (a mirror's legs each
+/// have their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafOffload {
+    /// The destination leaf that executed the commands.
+    pub leaf: DeviceId,
+    /// The method.
+    pub method: Method,
+    /// Commands that moved data.
+    pub commands: u64,
+    /// Bytes they moved.
+    pub bytes: u64,
+}
+
 /// A destination range that was not (or not certainly) copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotCopied {
@@ -95,9 +147,12 @@ pub struct NotCopied {
     /// The destination device's LBA of the first block (the device given
     /// to `copy_out`).
     pub dst_lba: u64,
-    /// The destination leaf (for a mirror, the leg) that did not get it.
+    /// The device the range was being written through when it failed:
+    /// the destination given to `copy_out` (bounced bytes go through it,
+    /// and a mirror in it fails a leg that cannot take them, rather than
+    /// failing the copy).
     pub dst_leaf: DeviceId,
-    /// Where on that leaf.
+    /// Where on that device.
     pub dst_leaf_lba: u64,
     /// Why.
     pub failure: CopyFailure,
@@ -113,12 +168,21 @@ pub struct CopyReport {
     /// Blocks in the logical copy space.
     pub blocks: u64,
     /// Bytes that had to reach destination leaves: the copy's bytes times
-    /// the copies a destination keeps (mirror legs).
+    /// the copies a destination keeps (mirror legs). Offloaded plus host
+    /// bytes equal it when no mirror is in the destination.
     pub bytes_expected: u64,
     /// Wall time of the copy-out phase.
     pub wall: Duration,
     /// Ranges not copied, with why. Empty when the copy is complete.
     pub not_copied: Vec<NotCopied>,
+    /// Offload commands per destination leaf.
+    pub per_leaf: Vec<LeafOffload>,
+    /// Leaf pairs that offer offloads of one kind but were bounced, and
+    /// why.
+    pub refused: Vec<OffloadRefused>,
+    /// ROD tokens that had expired or been invalidated and were populated
+    /// again.
+    pub tokens_repopulated: u64,
 }
 
 impl CopyReport {
@@ -129,6 +193,38 @@ impl CopyReport {
 
     pub(crate) fn method_mut(&mut self, method: Method) -> &mut MethodStats {
         &mut self.stats[method.index()]
+    }
+
+    /// Counts an offload command that moved `bytes` onto `leaf`.
+    pub(crate) fn leaf_offload(&mut self, leaf: DeviceId, method: Method, bytes: u64) {
+        match self
+            .per_leaf
+            .iter_mut()
+            .find(|l| l.leaf == leaf && l.method == method)
+        {
+            Some(l) => {
+                l.commands += 1;
+                l.bytes += bytes;
+            }
+            None => self.per_leaf.push(LeafOffload {
+                leaf,
+                method,
+                commands: 1,
+                bytes,
+            }),
+        }
+    }
+
+    /// Records that `src_leaf` and `dst_leaf` were not paired, once.
+    pub(crate) fn refuse(&mut self, src_leaf: DeviceId, dst_leaf: DeviceId, reason: RefusalReason) {
+        let refusal = OffloadRefused {
+            src_leaf,
+            dst_leaf,
+            reason,
+        };
+        if !self.refused.contains(&refusal) {
+            self.refused.push(refusal);
+        }
     }
 
     /// Bytes moved by device offloads.
@@ -155,8 +251,15 @@ impl fmt::Display for CopyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "copied {} of {} bytes in {:?} ({} offload fallbacks)",
-            self.offloaded_bytes() + self.host_bytes(),
+            "{} blocks{}: {} bytes offloaded, {} through host memory, for {} leaf bytes in {:?} ({} offload fallbacks)",
+            self.blocks,
+            if self.is_complete() {
+                ""
+            } else {
+                " (INCOMPLETE)"
+            },
+            self.offloaded_bytes(),
+            self.host_bytes(),
             self.bytes_expected,
             self.wall,
             self.fallbacks
@@ -170,6 +273,20 @@ impl fmt::Display for CopyReport {
                     s.pieces, s.commands, s.bytes
                 )?;
             }
+        }
+        for l in &self.per_leaf {
+            writeln!(
+                f,
+                "  {:<10} on {}: commands {:>8} bytes {:>12}",
+                l.method, l.leaf, l.commands, l.bytes
+            )?;
+        }
+        for r in &self.refused {
+            writeln!(
+                f,
+                "  not offloaded {} -> {}: {}",
+                r.src_leaf, r.dst_leaf, r.reason
+            )?;
         }
         for n in &self.not_copied {
             writeln!(

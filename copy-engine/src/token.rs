@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bdev_stack::{
     Access, BlockDevice, CopyChannel, CopyOffload, DeviceId, DeviceKind, LbaRange, LeafFragment,
-    OffloadCompletion, OffloadOutcome, OffloadSubmitError, RodToken, find_device,
+    OffloadCompletion, OffloadDomain, OffloadOutcome, OffloadSubmitError, RodToken, find_device,
 };
 use tracing::{debug, warn};
 
@@ -19,8 +19,8 @@ pub enum TokenKind {
     /// An NVMe namespace: NVMe Copy to any destination in the same
     /// namespace.
     Nvme {
-        /// The controller's subsystem identity.
-        subsystem: Arc<str>,
+        /// The opened controller.
+        controller: OffloadDomain,
         /// Namespace id.
         nsid: u32,
     },
@@ -29,14 +29,18 @@ pub enum TokenKind {
     ExtendedCopy {
         /// The LUN's NAA designator (VPD 0x83).
         naa: Arc<[u8]>,
-        /// The copy manager's identity.
-        copy_manager: Arc<str>,
+        /// The copy manager that reaches the LUN.
+        copy_manager: OffloadDomain,
+        /// The designator was verified unique within the copy manager.
+        designator_unique: bool,
     },
     /// A ROD token made by POPULATE TOKEN over this fragment: WRITE USING
     /// TOKEN to a LUN that accepts it.
     Rod {
         /// The token.
         token: RodToken,
+        /// The copy manager that made it: only its LUNs take it.
+        copy_manager: OffloadDomain,
     },
 }
 
@@ -124,27 +128,31 @@ fn has_mirror(device: &dyn BlockDevice) -> bool {
 
 /// What a leaf's advertised offloads make of its fragments, before any
 /// ROD token is populated.
-fn kind_of(offloads: &[CopyOffload]) -> TokenKind {
+pub(crate) fn kind_of(offloads: &[CopyOffload]) -> TokenKind {
     // An identity-only token costs nothing to make; prefer those.
     for offload in offloads {
         if let CopyOffload::NvmeCopy {
-            subsystem, nsid, ..
+            controller, nsid, ..
         } = offload
         {
             return TokenKind::Nvme {
-                subsystem: Arc::from(subsystem.as_str()),
+                controller: controller.clone(),
                 nsid: *nsid,
             };
         }
     }
     for offload in offloads {
         if let CopyOffload::ScsiExtendedCopy {
-            naa, copy_manager, ..
+            naa,
+            copy_manager,
+            designator_unique,
+            ..
         } = offload
         {
             return TokenKind::ExtendedCopy {
                 naa: Arc::from(naa.as_slice()),
-                copy_manager: Arc::from(copy_manager.as_str()),
+                copy_manager: copy_manager.clone(),
+                designator_unique: *designator_unique,
             };
         }
     }
@@ -180,7 +188,7 @@ pub(crate) fn copy_in_checked(
         id: DeviceId,
         device: Arc<dyn BlockDevice>,
         kind: TokenKind,
-        rod: Option<u64>,
+        rod: Option<(u64, OffloadDomain)>,
     }
     let mut leaves: Vec<SourceLeaf> = Vec::new();
     let mut logical = 0;
@@ -200,16 +208,19 @@ pub(crate) fn copy_in_checked(
             let at = match leaves.iter().position(|l| l.id == f.leaf) {
                 Some(at) => at,
                 None => {
-                    let device = find_device(source, f.leaf).ok_or(CopyError::UnknownLeaf {
-                        device: name.clone(),
-                        leaf: f.leaf,
-                    })?;
+                    let device =
+                        find_device(source, f.leaf).ok_or_else(|| CopyError::UnknownLeaf {
+                            device: name.clone(),
+                            leaf: f.leaf,
+                        })?;
                     let offloads = &device.info().copy_offloads;
                     let kind = kind_of(offloads);
                     let rod = offloads.iter().find_map(|o| match o {
                         CopyOffload::ScsiRodToken {
-                            max_token_blocks, ..
-                        } => Some(*max_token_blocks),
+                            max_token_blocks,
+                            copy_manager,
+                            ..
+                        } => Some((*max_token_blocks, copy_manager.clone())),
                         _ => None,
                     });
                     leaves.push(SourceLeaf {
@@ -223,12 +234,12 @@ pub(crate) fn copy_in_checked(
             };
             let leaf = &leaves[at];
             let token_logical = logical + (f.lba - r.lba);
-            match (&leaf.kind, leaf.rod) {
-                (TokenKind::Plain, Some(max_token_blocks)) => populate(
+            match (&leaf.kind, &leaf.rod) {
+                (TokenKind::Plain, Some((max_token_blocks, copy_manager))) => populate(
                     leaf.device.as_ref(),
                     f,
                     token_logical,
-                    max_token_blocks,
+                    (*max_token_blocks, copy_manager),
                     &mut tokens,
                 )?,
                 (kind, _) => tokens.push(SourceToken {
@@ -258,7 +269,7 @@ fn populate(
     leaf: &dyn BlockDevice,
     f: &LeafFragment,
     logical: u64,
-    max_token_blocks: u64,
+    (max_token_blocks, copy_manager): (u64, &OffloadDomain),
     tokens: &mut Vec<SourceToken>,
 ) -> Result<(), CopyError> {
     let device_error = |source| CopyError::Device {
@@ -285,7 +296,10 @@ fn populate(
             Some(ch) => populate_one(ch.as_mut(), range, &mut completions),
             None => None,
         }
-        .map_or(TokenKind::Plain, |token| TokenKind::Rod { token });
+        .map_or(TokenKind::Plain, |token| TokenKind::Rod {
+            token,
+            copy_manager: copy_manager.clone(),
+        });
         if kind == TokenKind::Plain {
             warn!(leaf = %leaf.info().name, lba = range.lba, blocks, "POPULATE TOKEN failed; the range will be bounced");
         }
@@ -304,7 +318,7 @@ fn populate(
 }
 
 /// One POPULATE TOKEN, waited for by polling.
-fn populate_one(
+pub(crate) fn populate_one(
     channel: &mut dyn CopyChannel,
     range: LbaRange,
     completions: &mut Vec<OffloadCompletion>,

@@ -122,7 +122,7 @@ fn copy_in_populates_rod_tokens_within_the_token_limit() {
         tokens
             .tokens()
             .iter()
-            .all(|t| matches!(&t.kind, TokenKind::Rod { token } if token.blocks() == t.blocks))
+            .all(|t| matches!(&t.kind, TokenKind::Rod { token, .. } if token.blocks() == t.blocks))
     );
     assert_eq!(tokens.total_blocks(), 150);
 }
@@ -135,12 +135,14 @@ fn rod_tokens_are_written_with_offsets_into_the_rod() {
     assert_eq!(report.fallbacks, 0);
 }
 
+/// Tokens the target dropped between the phases are populated again once
+/// and used; tokens that go stale again (below) are bounced.
 #[test]
-fn invalidated_tokens_fall_back_to_bounce() {
+fn invalidated_tokens_are_populated_again_once() {
     let report = run(ROD, CopyManager::invalidate_tokens);
-    assert_eq!(report.method(Method::RodToken).bytes, 0);
-    assert_eq!(report.method(Method::Bounce).bytes, 150 * BS, "{report}");
-    assert!(report.fallbacks > 0);
+    assert!(report.tokens_repopulated > 0, "{report}");
+    assert_eq!(report.method(Method::RodToken).bytes, 110 * BS, "{report}");
+    assert_eq!(report.method(Method::Bounce).bytes, 40 * BS, "{report}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bdev_stack::{
     Access, BdevError, BlockDevice, Channel, CopyChannel, CopyOffload, DeviceId, DeviceInfo,
     DeviceKind, DeviceStatus, IoError, LbaRange, LeafFragment, MemDevice, OffloadCompletion,
-    OffloadError, OffloadErrorKind, OffloadOutcome, OffloadRequest, OffloadSource,
+    OffloadDomain, OffloadError, OffloadErrorKind, OffloadOutcome, OffloadRequest, OffloadSource,
     OffloadSubmitError, RodToken,
 };
 
@@ -78,7 +78,8 @@ impl CopyManager {
         if offers.xcopy {
             info.copy_offloads.push(CopyOffload::ScsiExtendedCopy {
                 naa: naa.clone(),
-                copy_manager: self.name.clone(),
+                copy_manager: OffloadDomain::handle(&self.state),
+                designator_unique: true,
                 max_segments: offers.max_segments,
                 max_segment_bytes: 256 << 20,
             });
@@ -86,6 +87,7 @@ impl CopyManager {
         if offers.rod {
             info.copy_offloads.push(CopyOffload::ScsiRodToken {
                 naa: naa.clone(),
+                copy_manager: OffloadDomain::handle(&self.state),
                 max_ranges: u32::from(offers.max_segments),
                 max_token_blocks: offers.max_token_blocks,
             });
