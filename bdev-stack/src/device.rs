@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::buffer::DmaSlice;
 use crate::error::{BdevError, IoError, IoErrorKind};
-use crate::identity::{Backing, OffloadDomain};
+use crate::identity::{BackingId, OffloadDomain};
 use crate::offload::CopyChannel;
 
 /// Identifies a device within the process: leaves, virtual devices and
@@ -439,8 +439,8 @@ pub trait BlockDevice: Send + Sync {
     /// What this leaf's blocks are, for overlap checks: leaves with equal
     /// backings are one set of blocks. The default, for a leaf nothing
     /// else reaches, is its own id.
-    fn backing(&self) -> Backing {
-        Backing::Device(self.info().id)
+    fn backing(&self) -> BackingId {
+        BackingId::Device(self.info().id)
     }
 
     /// Takes this device's part in a copy that writes `[lba, lba +

@@ -25,6 +25,7 @@ use crate::device::{
     LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::identity::BackingId;
 
 /// Largest transfer of a file device, in bytes.
 pub const FILE_MAX_TRANSFER_BYTES: u64 = 1 << 20;
@@ -35,6 +36,7 @@ pub struct FileDevice {
     file: Arc<File>,
     path: PathBuf,
     direct: bool,
+    backing: BackingId,
 }
 
 impl FileDevice {
@@ -84,6 +86,7 @@ impl FileDevice {
             }
         }
         let bytes = device_bytes(&file).map_err(|e| os("size", e))?;
+        let backing = file_backing(&file).map_err(|e| os("stat", e))?;
         let block_count = bytes / u64::from(block_size);
         if block_count == 0 {
             return Err(BdevError::InvalidParameter {
@@ -110,6 +113,7 @@ impl FileDevice {
             file: Arc::new(file),
             path: path.to_path_buf(),
             direct,
+            backing,
         })
     }
 
@@ -122,6 +126,25 @@ impl FileDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// What the file's blocks are: a block device by its device number (two
+/// nodes of one disk are one), anything else by file system and inode (two
+/// paths or handles of one file are one).
+fn file_backing(file: &File) -> std::io::Result<BackingId> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata()?;
+    Ok(if meta.file_type().is_block_device() {
+        BackingId::File {
+            dev: meta.rdev(),
+            ino: 0,
+        }
+    } else {
+        BackingId::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    })
 }
 
 /// Size of a regular file or a block device.
@@ -158,6 +181,10 @@ impl BlockDevice for FileDevice {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn backing(&self) -> BackingId {
+        self.backing.clone()
     }
 
     fn map(

@@ -9,7 +9,7 @@
 //! the handle this process opened (an NVMe controller, an emulated target)
 //! or a transport address the library resolved itself (a SCSI
 //! host:channel:target nexus); a device-reported string may add a check,
-//! never grant. Overlap uses a [`Backing`]: what the blocks of a leaf are
+//! never grant. Overlap uses a [`BackingId`]: what the blocks of a leaf are
 //! (file device and inode, controller and namespace, a designator verified
 //! unique), so two handles of one file are seen to overlap.
 
@@ -96,7 +96,7 @@ impl fmt::Display for OffloadDomain {
 /// What a leaf's blocks are. Two leaves with equal backings read and write
 /// the same blocks, whatever objects the process holds for them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Backing {
+pub enum BackingId {
     /// Blocks no other leaf reaches (memory of its own, or a device whose
     /// identity cannot be verified).
     Device(DeviceId),

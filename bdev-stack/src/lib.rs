@@ -74,7 +74,7 @@ pub use error::{BdevError, IoError, IoErrorKind};
 pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
 pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
 pub use hold::WriteHolds;
-pub use identity::{Backing, OffloadDomain};
+pub use identity::{BackingId, OffloadDomain};
 pub use mem::{
     CopyFault, CopyFaultHandle, DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice,
 };

@@ -47,7 +47,7 @@ use crate::device::{
     IoRequest, LeafFragment, NotSync, SubmitError, SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
-use crate::identity::OffloadDomain;
+use crate::identity::{BackingId, OffloadDomain};
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -224,6 +224,13 @@ impl<T: Transport> BlockDevice for NvmeNamespace<T> {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn backing(&self) -> BackingId {
+        BackingId::Namespace {
+            controller: OffloadDomain::handle(&self.ctrl),
+            nsid: self.ns.nsid,
+        }
     }
 
     fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {

@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use bdev_stack::wait::Pace;
-use bdev_stack::{Backing, BlockDevice, Channel, CopyChannel, DeviceId, find_device};
+use bdev_stack::{BackingId, BlockDevice, Channel, CopyChannel, DeviceId, find_device};
 
 use crate::error::CopyError;
 
@@ -18,7 +18,7 @@ use crate::error::CopyError;
 pub(crate) struct Leaf {
     pub(crate) id: DeviceId,
     pub(crate) device: Arc<dyn BlockDevice>,
-    pub(crate) backing: Backing,
+    pub(crate) backing: BackingId,
     pub(crate) io: Option<Box<dyn Channel>>,
     pub(crate) copy: Option<Box<dyn CopyChannel>>,
     /// True once `copy` was asked for (it may have come back `None`).

@@ -292,17 +292,36 @@ fn populate(
             lba: f.leaf_lba + done,
             blocks,
         };
-        let kind = match channel.as_mut() {
+        let token = match channel.as_mut() {
             Some(ch) => populate_one(ch.as_mut(), range, &mut completions),
             None => None,
-        }
-        .map_or(TokenKind::Plain, |token| TokenKind::Rod {
-            token,
-            copy_manager: copy_manager.clone(),
-        });
-        if kind == TokenKind::Plain {
-            warn!(leaf = %leaf.info().name, lba = range.lba, blocks, "POPULATE TOKEN failed; the range will be bounced");
-        }
+        };
+        // A ROD may cover less than asked (the device says how much): the
+        // token serves that prefix, and the rest is populated again.
+        let (kind, blocks) = match token {
+            Some(token) => {
+                let covered = token.blocks().min(blocks);
+                if covered < blocks {
+                    debug!(
+                        leaf = %leaf.info().name,
+                        asked = blocks,
+                        covered,
+                        "ROD token covers less than asked"
+                    );
+                }
+                (
+                    TokenKind::Rod {
+                        token,
+                        copy_manager: copy_manager.clone(),
+                    },
+                    covered,
+                )
+            }
+            None => {
+                warn!(leaf = %leaf.info().name, lba = range.lba, blocks, "POPULATE TOKEN failed; the range will be bounced");
+                (TokenKind::Plain, blocks)
+            }
+        };
         tokens.push(SourceToken {
             logical: logical + done,
             blocks,
@@ -344,17 +363,8 @@ pub(crate) fn populate_one(
         std::hint::spin_loop();
     }
     match completions.pop().map(|c| c.outcome) {
-        Some(OffloadOutcome::Token(token)) if token.blocks() >= range.blocks => Some(token),
-        Some(OffloadOutcome::Token(token)) => {
-            // The device made a token for fewer blocks than asked: it
-            // cannot serve this range by itself.
-            warn!(
-                asked = range.blocks,
-                got = token.blocks(),
-                "ROD token shorter than its range"
-            );
-            None
-        }
+        // A token for no blocks serves nothing.
+        Some(OffloadOutcome::Token(token)) if token.blocks() > 0 => Some(token),
         Some(other) => {
             debug!(outcome = ?other, "POPULATE TOKEN not done");
             None

@@ -6,14 +6,15 @@
 
 use std::sync::Arc;
 
+use bdev_stack::NvmeNamespace;
 use bdev_stack::nvme_leaf::{EmuNamespace, emu_dma_allocator, emu_dma_context, open_emu_namespace};
 use bdev_stack::{
     BlockDevice, LbaRange, NvmeDmaAllocator, NvmeDmaBuffer, OwnedChannel, Stripe, spec,
 };
-use copy_engine::{CopyEngine, CopyOptions, CopyReport, Method};
-use nvme::NvmeStatus;
-use nvme::emu::{Fault, FaultAction};
+use copy_engine::{CopyEngine, CopyOptions, CopyReport, Method, RefusalReason};
+use nvme::emu::{EmuConfig, EmuController, Fault, FaultAction, NamespaceConfig};
 use nvme::spec::nvm_opc;
+use nvme::{Controller, ControllerOptions, NvmeStatus};
 
 const BS: usize = 512;
 
@@ -219,6 +220,61 @@ fn failed_nvme_copies_are_redone_by_bounce() {
     assert_eq!(
         report.method(Method::NvmeCopy).bytes,
         128 * BS as u64,
+        "{report}"
+    );
+}
+
+fn emu_namespace(serial: &str) -> Arc<dyn BlockDevice> {
+    let mut ns = NamespaceConfig::memory(512, 2048);
+    (ns.msrc, ns.mssrl, ns.mcl) = (15, 128, 256);
+    let emu = EmuController::new(
+        &emu_dma_context(),
+        EmuConfig {
+            serial: serial.to_owned(),
+            namespaces: vec![ns],
+            ..EmuConfig::default()
+        },
+    )
+    .expect("emulator");
+    let ctrl = Controller::new(emu, ControllerOptions::default()).expect("controller");
+    Arc::new(NvmeNamespace::new(Arc::new(ctrl), 1).expect("namespace"))
+}
+
+/// Issue scenario 4: two controllers that report one subsystem NQN (real
+/// drives do; QEMU derives it from `serial=`) are two devices. Before, the
+/// engine sent an NVMe Copy to the destination with the source's LBAs, and
+/// the destination copied its own blocks.
+#[test]
+fn controllers_reporting_one_nqn_are_never_paired() {
+    let a = emu_namespace("SAMESERIAL");
+    let b = emu_namespace("SAMESERIAL");
+    let a_data = fill(&a, 1);
+    let mut b_data = fill(&b, 2);
+    let mut engine = engine();
+    let report = engine
+        .copy(&a, &[r(0, 256)], &b, &[r(512, 256)])
+        .expect("copy");
+    assert!(report.is_complete(), "{report}");
+    assert_eq!(report.method(Method::NvmeCopy).bytes, 0, "{report}");
+    assert!(
+        report
+            .refused
+            .iter()
+            .any(|r| r.reason == RefusalReason::OtherNamespace),
+        "{report}"
+    );
+    b_data[512 * BS..768 * BS].copy_from_slice(&a_data[..256 * BS]);
+    assert!(
+        io(b.as_ref(), None) == b_data,
+        "the destination copied its own blocks"
+    );
+    // Within one controller, Copy is used as before.
+    let report = engine
+        .copy(&b, &[r(0, 256)], &b, &[r(1024, 256)])
+        .expect("copy");
+    assert_eq!(
+        report.method(Method::NvmeCopy).bytes,
+        256 * BS as u64,
         "{report}"
     );
 }

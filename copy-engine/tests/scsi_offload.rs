@@ -68,7 +68,17 @@ fn ranges() -> (Vec<LbaRange>, Vec<LbaRange>) {
 }
 
 fn run(offers: Offers, between: impl FnOnce(&CopyManager)) -> copy_engine::CopyReport {
+    run_with(offers, |_| {}, between)
+}
+
+/// [`run`], with `before` applied to the copy manager before copy-in.
+fn run_with(
+    offers: Offers,
+    before: impl FnOnce(&CopyManager),
+    between: impl FnOnce(&CopyManager),
+) -> copy_engine::CopyReport {
     let (manager, src, dst) = stacks(offers);
+    before(&manager);
     let src_data = fill(&src, 1);
     let mut expected = fill(&dst, 2);
     let (src_ranges, dst_ranges) = ranges();
@@ -158,4 +168,13 @@ fn expired_tokens_fall_back_to_bounce() {
     assert!(report.is_complete());
     assert_eq!(report.method(Method::RodToken).bytes, 0);
     assert_eq!(report.method(Method::Bounce).bytes, 150 * BS);
+}
+
+/// A ROD that covers less than asked serves the blocks it covers; the
+/// rest gets tokens of its own (before, the whole range was bounced).
+#[test]
+fn short_rods_serve_what_they_cover() {
+    let report = run_with(ROD, |m| m.set_rod_limit(Some(7)), |_| {});
+    assert_eq!(report.method(Method::RodToken).bytes, 110 * BS, "{report}");
+    assert_eq!(report.method(Method::Bounce).bytes, 40 * BS, "{report}");
 }

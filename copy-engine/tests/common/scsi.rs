@@ -34,6 +34,8 @@ struct ManagerState {
     tokens: HashMap<u64, (Vec<u8>, Vec<LbaRange>)>,
     next_token: u64,
     token_lifetime: Option<Duration>,
+    /// Most blocks one ROD covers (a prefix of the ranges asked for).
+    rod_limit: Option<u64>,
 }
 
 /// A copy manager: the LUNs it reaches and the ROD tokens it issued.
@@ -55,6 +57,12 @@ impl CopyManager {
     /// LBA is written, or on a reset).
     pub fn invalidate_tokens(&self) {
         self.state.lock().unwrap().tokens.clear();
+    }
+
+    /// RODs made from now on cover at most `blocks` blocks of what is
+    /// asked (the first ones, as a device that stops early reports).
+    pub fn set_rod_limit(&self, blocks: Option<u64>) {
+        self.state.lock().unwrap().rod_limit = blocks;
     }
 
     /// Tokens issued from now on expire after `lifetime`.
@@ -298,13 +306,23 @@ impl CopyChannel for LunCopy {
         let mut state = self.manager.state.lock().unwrap();
         state.next_token += 1;
         let id = state.next_token;
-        state.tokens.insert(id, (self.naa.clone(), ranges.to_vec()));
+        // The ROD holds a prefix of the ranges, up to the limit.
+        let mut left = state.rod_limit.unwrap_or(u64::MAX);
+        let mut held = Vec::new();
+        for r in ranges {
+            let blocks = r.blocks.min(left);
+            if blocks > 0 {
+                held.push(LbaRange { lba: r.lba, blocks });
+            }
+            left -= blocks;
+        }
+        let blocks = held.iter().map(|r| r.blocks).sum();
+        state.tokens.insert(id, (self.naa.clone(), held));
         let expires = state.token_lifetime.map(|l| Instant::now() + l);
         drop(state);
         let mut bytes = [0u8; RodToken::LEN];
         bytes[..4].copy_from_slice(&0xffff_0000u32.to_be_bytes()); // ROD type
         bytes[8..16].copy_from_slice(&id.to_be_bytes());
-        let blocks = ranges.iter().map(|r| r.blocks).sum();
         let token = RodToken::new(&bytes, blocks, expires).expect("512 bytes");
         self.done.push_back(OffloadCompletion {
             ctx,
