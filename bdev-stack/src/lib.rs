@@ -63,7 +63,6 @@ mod pool;
 mod scsi_leaf;
 pub mod spec;
 mod split;
-pub mod wait;
 
 pub use buffer::{DmaAllocator, DmaMemory, DmaSlice, HostAllocator, HostBuffer, PAGE_SIZE};
 pub use device::{

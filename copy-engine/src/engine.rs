@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bdev_stack::wait::{Wait, Waiter};
+use crate::wait::{Wait, Waiter};
 use bdev_stack::{BlockDevice, DmaAllocator, HostAllocator, LbaRange};
 
 use crate::bounce::Bouncer;
@@ -43,7 +43,7 @@ pub struct CopyOptions {
 /// device busy for far longer than a read or write, and the point of
 /// offloading is to give the host its CPU back, so by default the engine
 /// sleeps instead of spinning while nothing completes: with
-/// [`Wait::Paced`](bdev_stack::wait::Wait::Paced) each leaf's pace on Copy
+/// [`Wait::Paced`](crate::wait::Wait::Paced) each leaf's pace on Copy
 /// commands (time per block) is kept with its channel across copies.
 pub type OffloadWait = Wait;
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use bdev_stack::wait::Pace;
+use crate::wait::Pace;
 use bdev_stack::{BackingId, BlockDevice, Channel, CopyChannel, DeviceId, find_device};
 
 use crate::error::CopyError;

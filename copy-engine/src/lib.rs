@@ -52,6 +52,7 @@ pub mod plan;
 mod report;
 mod run;
 mod token;
+pub mod wait;
 
 pub use engine::{
     CopyEngine, CopyOptions, DEFAULT_BOUNCE_BYTES, DEFAULT_BUFFER_BYTES, OffloadWait, copy,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev_stack::wait::Waiter;
+use crate::wait::Waiter;
 use bdev_stack::{
     Access, BlockDevice, LbaRange, LeafFragment, OffloadCompletion, OffloadRange, WriteHolds,
 };

@@ -2,7 +2,7 @@
 //! read in transfers of up to the device's limit, several in flight,
 //! through a fixed pool of DMA buffers allocated once.
 //!
-//! Waits are paced ([`bdev_stack::wait`]): the store is a background
+//! Waits are paced ([`copy_engine::wait`]): the store is a background
 //! writer whose flushes and summary writes the device may take a while
 //! over, so after a short spin the thread sleeps for as long as the device
 //! took for work of the same kind and size before, on a timer armed
@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev_stack::wait::{Pace, Wait, Waiter};
 use bdev_stack::{BlockDevice, DmaAllocator, DmaMemory, IoError, IoOp, OwnedChannel, SubmitError};
+use copy_engine::wait::{Pace, Wait, Waiter};
 
 use crate::gc::GcError;
 

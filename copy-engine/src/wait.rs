@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use bdev_stack::wait::{Wait, Waiter};
+//! use copy_engine::wait::{Wait, Waiter};
 //!
 //! let mut waiter = Waiter::new(Wait::default());
 //! let mut in_flight = 8u64; // blocks (or any unit of work) just submitted
