@@ -33,8 +33,9 @@ fn engine() -> CopyEngine {
     .expect("engine")
 }
 
-/// A leaf whose reads of block 0 wait, inside `submit`, until released:
-/// a resync stopped between its read of a region and its write.
+/// A leaf whose writes of block 0 wait, inside `submit`, until released:
+/// a resync stopped between its read of a region and its write. Copy
+/// offloads pass through to the leaf inside.
 struct Gate {
     info: DeviceInfo,
     inner: Arc<dyn BlockDevice>,
@@ -61,6 +62,13 @@ impl BlockDevice for Gate {
             arrived: Arc::clone(&self.arrived),
             release: Arc::clone(&self.release),
         }))
+    }
+
+    fn open_copy_channel(
+        &self,
+        depth: usize,
+    ) -> Result<Option<Box<dyn bdev_stack::CopyChannel>>, BdevError> {
+        self.inner.open_copy_channel(depth)
     }
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
@@ -91,7 +99,7 @@ impl Channel for GateChannel {
     }
 
     unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
-        if req.op == IoOp::Read && req.lba == 0 && !self.release.load(Ordering::Acquire) {
+        if req.op == IoOp::Write && req.lba == 0 && !self.release.load(Ordering::Acquire) {
             self.arrived.store(true, Ordering::Release);
             while !self.release.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -112,43 +120,46 @@ impl Channel for GateChannel {
 
 /// Issue scenario 2: a copy into a mirror while a replaced leg is being
 /// resynced must not land between the resync's read of a region and its
-/// write (before, the rebuilt leg ended "healthy" but stale).
+/// write. Here every leg takes EXTENDED COPY, so the copy is offloaded on
+/// both legs, beside the mirror's own I/O path; before, it landed while
+/// the resync held the region's old bytes, and the rebuilt leg ended
+/// "healthy" but stale.
 #[test]
 fn a_copy_waits_for_a_resync_that_holds_its_region() {
+    use common::scsi::{CopyManager, Offers};
+    let manager = CopyManager::new("resync");
+    let offers = Offers {
+        xcopy: true,
+        rod: false,
+        max_segments: 4,
+        max_token_blocks: 0,
+    };
     let blocks = 256;
-    let inner = mem(blocks);
+    let primary = manager.lun(blocks, offers);
+    let mirror =
+        Arc::new(Mirror::new(vec![Arc::clone(&primary), manager.lun(blocks, offers)], 64).unwrap());
+    let dev: Arc<dyn BlockDevice> = mirror.clone();
+    let mut expected = fill(&dev, 1);
+    mirror.fail_leg(1).expect("fail leg 1");
+    // The new leg's first write (the resync's, of region 0) waits at the
+    // gate, after the resync has read the region from the primary.
+    let fresh = manager.lun(blocks, offers);
     let arrived = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
-    let mut info = inner.info().clone();
+    let mut info = fresh.info().clone();
     info.id = DeviceId::fresh();
-    let primary: Arc<dyn BlockDevice> = Arc::new(Gate {
+    let gated: Arc<dyn BlockDevice> = Arc::new(Gate {
         info,
-        inner,
+        inner: Arc::clone(&fresh),
         arrived: Arc::clone(&arrived),
         release: Arc::clone(&release),
     });
-    let (faulty, faults) = FaultyDevice::new(mem(blocks));
-    let mirror = Arc::new(Mirror::new(vec![Arc::clone(&primary), Arc::new(faulty)], 64).unwrap());
-    let dev: Arc<dyn BlockDevice> = mirror.clone();
-    release.store(true, Ordering::Release);
-    faults.add(FaultRule {
-        op: IoOp::Write,
-        range: 0..blocks,
-        action: FaultAction::Fail(IoErrorKind::Medium),
-    });
-    // A write fails leg 1; it is replaced by a blank leg and resynced.
-    let mut expected = fill(&dev, 1);
-    assert_eq!(mirror.health().legs[1], LegHealth::Failed);
-    release.store(false, Ordering::Release);
-    let fresh = mem(blocks);
-    let resync = mirror.replace_leg(1, Arc::clone(&fresh)).expect("replace");
+    let resync = mirror.replace_leg(1, gated).expect("replace");
     let resync_thread = std::thread::spawn(move || resync.run());
     while !arrived.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(1));
     }
-    // The resync has read nothing of region 0 yet and holds it: the copy
-    // into region 0 must wait for it.
-    let src = mem(64);
+    let src = manager.lun(64, offers);
     let src_data = fill(&src, 3);
     let copy_done = Arc::new(AtomicBool::new(false));
     let copy_thread = {
@@ -170,6 +181,11 @@ fn a_copy_waits_for_a_resync_that_holds_its_region() {
     resync_thread.join().unwrap().expect("resync");
     let report = copy_thread.join().unwrap();
     assert!(report.is_complete(), "{report}");
+    assert_eq!(
+        report.method(Method::ExtendedCopy).bytes,
+        2 * 64 * BS,
+        "{report}"
+    );
     expected[10 * BS as usize..74 * BS as usize].copy_from_slice(&src_data);
     assert!(!mirror.health().is_degraded());
     assert!(read_all(&fresh) == expected, "the rebuilt leg is stale");

@@ -325,6 +325,24 @@ impl Mirror {
         )
     }
 
+    /// Fails leg `leg` by hand (as `mdadm --fail`): it takes no more I/O
+    /// and can then be replaced. The last leg that serves reads cannot be
+    /// failed: the mirror would lose its data.
+    pub fn fail_leg(&self, leg: usize) -> Result<(), BdevError> {
+        if leg >= self.shared.health.len() {
+            return Err(self.state_error(format!("no leg {leg}")));
+        }
+        if self.shared.readable() == 1 << leg {
+            return Err(self.state_error(format!(
+                "leg {leg} is the last leg that serves reads; replace another first"
+            )));
+        }
+        if self.shared.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
+            warn!(mirror = %self.info.name, leg, "mirror leg failed by request; mirror degraded");
+        }
+        Ok(())
+    }
+
     /// Copies the regions an unclean stop left suspect from the primary leg
     /// to the other healthy legs.
     pub fn resync_dirty(&self) -> Result<Resync, BdevError> {
