@@ -40,6 +40,13 @@ pub(super) static TESTS: &[GuestTest] = &[
         run: stack_copy_offloads_within_a_namespace_and_bounces_across,
     },
     GuestTest {
+        name: "stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs",
+        kind: Kind::Test,
+        topology: STACK,
+        timeout: Duration::from_secs(300),
+        run: stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs,
+    },
+    GuestTest {
         name: "stack_copy_nvme_to_lio_bounces",
         kind: Kind::Test,
         topology: STACK,
@@ -397,6 +404,121 @@ fn stack_copy_offloads_within_a_namespace_and_bounces_across(env: &GuestEnv) -> 
         return Err("the destination does not hold the source's bytes".into());
     }
     println!("ok {blocks} blocks copied: half by NVMe Copy, half bounced, read back equal");
+    Ok(())
+}
+
+/// A copy into mirror(QEMU namespace, LIO LUN) during which the LUN leg
+/// fails its writes (the stack's fault injector over the real sg leaf):
+/// the mirror fails that leg, the copy is complete on the namespace, and
+/// reads return the new data. The other LIO LUN then replaces the leg and
+/// is resynced; `dd` on the namespace and `sg_dd` on the new LUN show the
+/// copy on both.
+fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
+    env: &GuestEnv,
+) -> Result<(), String> {
+    use ustor::bdev_stack::{FaultyDevice, LegHealth, Mirror};
+    let (a, _) = nvme_addrs(env)?;
+    let lun = |i: usize| -> Result<String, String> {
+        Ok(env
+            .devices
+            .lio
+            .get(i)
+            .ok_or("the stack topology needs two LIO LUNs")?
+            .sg_path
+            .display()
+            .to_string())
+    };
+    let (lun0, lun1) = (lun(0)?, lun(1)?);
+    back_to_vfio(&[&a])?;
+    let (src_lba, dst_lba, blocks) = (20_000u64, 4096u64 + 5, 2048u64);
+    let data = pattern(seed(), (blocks * BS) as usize);
+    {
+        let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
+        let build = |spec: &str| registry.build(spec).map_err(|e| e.to_string());
+        let namespace = build(&format!("nvme:{a}/1"))?;
+        let (faulty, faults) = FaultyDevice::new(build(&format!("sg:{lun0}"))?);
+        let mirror = Arc::new(
+            Mirror::new(vec![Arc::clone(&namespace), Arc::new(faulty)], 2048)
+                .map_err(|e| e.to_string())?,
+        );
+        mirror.set_allocator(Arc::new(allocator()?));
+        let dev: Arc<dyn BlockDevice> = mirror.clone();
+        let alloc = allocator()?;
+        write_all(namespace.as_ref(), &alloc, src_lba, &data)?;
+        // The LUN fails the fourth request from now: in the middle of the
+        // copy's writes.
+        faults.fail_nth(4);
+        let mut engine = CopyEngine::new(CopyOptions {
+            allocator: Arc::new(allocator()?),
+            buffer_bytes: 64 << 10,
+            ..CopyOptions::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let report = engine
+            .copy(
+                &namespace,
+                &[LbaRange {
+                    lba: src_lba,
+                    blocks,
+                }],
+                &dev,
+                &[LbaRange {
+                    lba: dst_lba,
+                    blocks,
+                }],
+            )
+            .map_err(|e| e.to_string())?;
+        println!("{report}");
+        if !report.is_complete() {
+            return Err(format!("copy incomplete on the healthy leg: {report}"));
+        }
+        if faults.injected() == 0 {
+            return Err("the LUN leg never failed: the test did not test".into());
+        }
+        let health = mirror.health();
+        if health.legs != [LegHealth::Healthy, LegHealth::Failed] {
+            return Err(format!(
+                "the LUN leg failed a copy write but the mirror shows {health:?}"
+            ));
+        }
+        if report.method(Method::NvmeCopy).bytes == 0 {
+            return Err(format!("the namespace leg was not offloaded: {report}"));
+        }
+        if read_all(dev.as_ref(), &alloc, dst_lba, blocks)? != data {
+            return Err("the degraded mirror does not return the copy".into());
+        }
+        println!(
+            "ok the LUN leg failed during the copy; the mirror is degraded and returns the copy"
+        );
+        engine.close_channels();
+        let resync = mirror
+            .replace_leg(1, build(&format!("sg:{lun1}"))?)
+            .map_err(|e| e.to_string())?;
+        let report = resync.run().map_err(|e| e.to_string())?;
+        if mirror.health().is_degraded() {
+            return Err(format!(
+                "still degraded after the resync: {:?}",
+                mirror.health()
+            ));
+        }
+        println!(
+            "ok {lun1} replaced the failed leg: {} blocks resynced",
+            report.blocks
+        );
+    }
+    let lio = reference_read("sg_dd", &lun1, dst_lba, blocks)?;
+    let node = kernel_namespace(&a)?;
+    let nvme = reference_read("dd", &node, dst_lba, blocks);
+    back_to_vfio(&[&a])?;
+    if lio != data {
+        return Err(format!(
+            "{lun1} (sg_dd) differs from the copy after the resync"
+        ));
+    }
+    if nvme? != data {
+        return Err(format!("{node} (dd) differs from the copy"));
+    }
+    println!("ok both legs hold the copy: {node} by dd, {lun1} by sg_dd");
     Ok(())
 }
 
