@@ -20,6 +20,27 @@ impl<T: Default> Slab<T> {
 }
 
 impl<T> Slab<T> {
+    /// Hands the entries queued in `done` back to the caller as
+    /// completions into `out` from `n` on (`finish` makes each one's
+    /// completion and clears it), freeing them; returns the new count.
+    pub(crate) fn emit(
+        &mut self,
+        done: &mut std::collections::VecDeque<u32>,
+        out: &mut [crate::device::Completion],
+        mut n: usize,
+        finish: impl Fn(&mut T) -> crate::device::Completion,
+    ) -> usize {
+        while n < out.len() {
+            let Some(slot) = done.pop_front() else {
+                break;
+            };
+            out[n] = finish(self.at(slot));
+            self.put(slot);
+            n += 1;
+        }
+        n
+    }
+
     /// A free slot's index, or `None` when all are in use.
     pub(crate) fn take(&mut self) -> Option<u32> {
         self.free.pop()

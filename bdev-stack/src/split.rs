@@ -607,21 +607,14 @@ impl<L: Layout> SplitChannel<L> {
     }
 
     /// Returns finished parents into `out` from `n` on; the new count.
-    fn emit_done(&mut self, out: &mut [Completion], mut n: usize) -> usize {
-        while n < out.len() {
-            let Some(slot) = self.done.pop_front() else {
-                break;
-            };
-            let parent = self.parents.at(slot);
-            out[n] = Completion {
+    fn emit_done(&mut self, out: &mut [Completion], n: usize) -> usize {
+        self.parents.emit(&mut self.done, out, n, |parent| {
+            parent.op = None;
+            Completion {
                 ctx: parent.ctx,
                 result: parent.error.map_or(Ok(()), Err),
-            };
-            parent.op = None;
-            self.parents.put(slot);
-            n += 1;
-        }
-        n
+            }
+        })
     }
 
     /// Harvests member `index` into `out` from `n` on: direct completions

@@ -12,15 +12,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bdev_stack::{
-    Access, BdevError, Channel, Completion, CopyChannel, DeviceId, DeviceInfo, IoError, IoOp,
-    IoRequest, LeafFragment, SubmitError,
-};
-use bdev_stack::{
     BlockDevice, Concat, CopyFault, CopyFaultHandle, LbaRange, LegHealth, MemCopyLimits, MemDevice,
     Mirror, ResyncReport, Stripe,
 };
+use bdev_stack::{IoOp, IoRequest};
 use common::scsi::{CopyManager, Offers};
-use common::{SyncIo, first_replica_mismatch, model_copy, pattern, read_all};
+use common::{Hooked, SubmitHook, SyncIo, first_replica_mismatch, model_copy, pattern, read_all};
 use copy_engine::{CopyEngine, CopyOptions, copy_in};
 use proptest::prelude::*;
 
@@ -168,91 +165,17 @@ fn replace(mirror: &Arc<Mirror>, legs: &Legs, leg: usize) -> Option<JoinHandle<R
         return None;
     }
     mirror.fail_leg(leg).expect("fail");
-    let fresh: Arc<dyn BlockDevice> = Arc::new(Slow::new(legs.leg(&mut Vec::new())));
-    let resync = mirror.replace_leg(leg, fresh).expect("replace");
-    Some(std::thread::spawn(move || resync.run().expect("resync")))
-}
-
-/// A replacement leg whose writes take a millisecond to start, so a
-/// resync's read of a region and its write are far apart and the ops
-/// that run meanwhile land between them. Copy offloads pass through.
-struct Slow {
-    info: DeviceInfo,
-    inner: Arc<dyn BlockDevice>,
-}
-
-impl Slow {
-    fn new(inner: Arc<dyn BlockDevice>) -> Slow {
-        let mut info = inner.info().clone();
-        info.id = DeviceId::fresh();
-        info.name = format!("slow({})", info.name);
-        Slow { info, inner }
-    }
-}
-
-struct SlowChannel {
-    id: DeviceId,
-    inner: Box<dyn Channel>,
-}
-
-impl BlockDevice for Slow {
-    fn info(&self) -> &DeviceInfo {
-        &self.info
-    }
-
-    fn open_channel(&self, depth: usize) -> Result<Box<dyn Channel>, BdevError> {
-        Ok(Box::new(SlowChannel {
-            id: self.info.id,
-            inner: self.inner.open_channel(depth)?,
-        }))
-    }
-
-    fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
-        self.inner.open_copy_channel(depth)
-    }
-
-    fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
-        Vec::new()
-    }
-
-    fn map(
-        &self,
-        lba: u64,
-        blocks: u64,
-        _: Access,
-        out: &mut Vec<LeafFragment>,
-    ) -> Result<(), IoError> {
-        out.push(LeafFragment {
-            lba,
-            blocks,
-            leaf: self.info.id,
-            leaf_lba: lba,
-            replica: 0,
-        });
-        Ok(())
-    }
-}
-
-impl Channel for SlowChannel {
-    fn device(&self) -> DeviceId {
-        self.id
-    }
-
-    unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+    // Its writes take a millisecond to start, so the resync's read of a
+    // region and its write are far apart and the ops that run meanwhile
+    // land between them.
+    let slow: SubmitHook = Arc::new(|req: &IoRequest| {
         if req.op == IoOp::Write {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.inner.submit(req) }
-    }
-
-    fn poll(&mut self, out: &mut [Completion]) -> usize {
-        self.inner.poll(out)
-    }
-
-    fn outstanding(&self) -> usize {
-        self.inner.outstanding()
-    }
+    });
+    let fresh: Arc<dyn BlockDevice> = Arc::new(Hooked::new(legs.leg(&mut Vec::new()), slow));
+    let resync = mirror.replace_leg(leg, fresh).expect("replace");
+    Some(std::thread::spawn(move || resync.run().expect("resync")))
 }
 
 proptest! {

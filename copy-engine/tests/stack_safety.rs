@@ -15,7 +15,7 @@ use bdev_stack::{
     FaultRule, FaultyDevice, FileDevice, IoError, IoErrorKind, IoOp, IoRequest, LeafFragment,
     LegHealth, MemDevice, Mirror, SubmitError,
 };
-use common::{fill, model_copy, r, read_all};
+use common::{Hooked, SubmitHook, fill, model_copy, r, read_all};
 use copy_engine::{CopyEngine, CopyOptions, Method, copy_in};
 
 const BS: u64 = 512;
@@ -31,91 +31,6 @@ fn engine() -> CopyEngine {
         ..CopyOptions::default()
     })
     .expect("engine")
-}
-
-/// A leaf whose writes of block 0 wait, inside `submit`, until released:
-/// a resync stopped between its read of a region and its write. Copy
-/// offloads pass through to the leaf inside.
-struct Gate {
-    info: DeviceInfo,
-    inner: Arc<dyn BlockDevice>,
-    arrived: Arc<AtomicBool>,
-    release: Arc<AtomicBool>,
-}
-
-struct GateChannel {
-    inner: Box<dyn Channel>,
-    id: DeviceId,
-    arrived: Arc<AtomicBool>,
-    release: Arc<AtomicBool>,
-}
-
-impl BlockDevice for Gate {
-    fn info(&self) -> &DeviceInfo {
-        &self.info
-    }
-
-    fn open_channel(&self, depth: usize) -> Result<Box<dyn Channel>, BdevError> {
-        Ok(Box::new(GateChannel {
-            inner: self.inner.open_channel(depth)?,
-            id: self.info.id,
-            arrived: Arc::clone(&self.arrived),
-            release: Arc::clone(&self.release),
-        }))
-    }
-
-    fn open_copy_channel(
-        &self,
-        depth: usize,
-    ) -> Result<Option<Box<dyn bdev_stack::CopyChannel>>, BdevError> {
-        self.inner.open_copy_channel(depth)
-    }
-
-    fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
-        Vec::new()
-    }
-
-    fn map(
-        &self,
-        lba: u64,
-        blocks: u64,
-        _: Access,
-        out: &mut Vec<LeafFragment>,
-    ) -> Result<(), IoError> {
-        out.push(LeafFragment {
-            lba,
-            blocks,
-            leaf: self.info.id,
-            leaf_lba: lba,
-            replica: 0,
-        });
-        Ok(())
-    }
-}
-
-impl Channel for GateChannel {
-    fn device(&self) -> DeviceId {
-        self.id
-    }
-
-    unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
-        if req.op == IoOp::Write && req.lba == 0 && !self.release.load(Ordering::Acquire) {
-            self.arrived.store(true, Ordering::Release);
-            while !self.release.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.inner.submit(req) }
-    }
-
-    fn poll(&mut self, out: &mut [Completion]) -> usize {
-        self.inner.poll(out)
-    }
-
-    fn outstanding(&self) -> usize {
-        self.inner.outstanding()
-    }
 }
 
 /// Issue scenario 2: a copy into a mirror while a replaced leg is being
@@ -146,14 +61,18 @@ fn a_copy_waits_for_a_resync_that_holds_its_region() {
     let fresh = manager.lun(blocks, offers);
     let arrived = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
-    let mut info = fresh.info().clone();
-    info.id = DeviceId::fresh();
-    let gated: Arc<dyn BlockDevice> = Arc::new(Gate {
-        info,
-        inner: Arc::clone(&fresh),
-        arrived: Arc::clone(&arrived),
-        release: Arc::clone(&release),
-    });
+    let hook: SubmitHook = {
+        let (arrived, release) = (Arc::clone(&arrived), Arc::clone(&release));
+        Arc::new(move |req: &IoRequest| {
+            if req.op == IoOp::Write && req.lba == 0 && !release.load(Ordering::Acquire) {
+                arrived.store(true, Ordering::Release);
+                while !release.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    };
+    let gated: Arc<dyn BlockDevice> = Arc::new(Hooked::new(Arc::clone(&fresh), hook));
     let resync = mirror.replace_leg(1, gated).expect("replace");
     let resync_thread = std::thread::spawn(move || resync.run());
     while !arrived.load(Ordering::Acquire) {

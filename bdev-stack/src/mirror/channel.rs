@@ -458,21 +458,13 @@ impl Channel for MirrorChannel {
             self.harvest(None);
             self.retired.retain(|(_, ch)| ch.outstanding() > 0);
         }
-        let mut n = 0;
-        while n < out.len() {
-            let Some(slot) = self.done.pop_front() else {
-                break;
-            };
-            let parent = self.parents.at(slot);
-            out[n] = Completion {
+        self.parents.emit(&mut self.done, out, 0, |parent| {
+            parent.op = None;
+            Completion {
                 ctx: parent.ctx,
                 result: parent.error.map_or(Ok(()), Err),
-            };
-            parent.op = None;
-            self.parents.put(slot);
-            n += 1;
-        }
-        n
+            }
+        })
     }
 
     fn outstanding(&self) -> usize {

@@ -240,3 +240,93 @@ pub fn build(spec: &str) -> Arc<dyn BlockDevice> {
     registry.register("lazy", Arc::new(LazyFactory));
     registry.build(spec).expect("spec builds")
 }
+
+/// A hook run before each request a [`Hooked`] leaf passes on.
+pub type SubmitHook = Arc<dyn Fn(&bdev_stack::IoRequest) + Send + Sync>;
+
+/// A test leaf over another that runs a hook before passing each request
+/// on (to hold a write back, or slow writes down) and passes copy offloads
+/// through; it maps to itself, with an id of its own.
+pub struct Hooked {
+    info: bdev_stack::DeviceInfo,
+    inner: Arc<dyn BlockDevice>,
+    hook: SubmitHook,
+}
+
+impl Hooked {
+    pub fn new(inner: Arc<dyn BlockDevice>, hook: SubmitHook) -> Hooked {
+        let mut info = inner.info().clone();
+        info.id = bdev_stack::DeviceId::fresh();
+        info.name = format!("hooked({})", info.name);
+        Hooked { info, inner, hook }
+    }
+}
+
+struct HookedChannel {
+    id: bdev_stack::DeviceId,
+    inner: Box<dyn bdev_stack::Channel>,
+    hook: SubmitHook,
+}
+
+impl BlockDevice for Hooked {
+    fn info(&self) -> &bdev_stack::DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(
+        &self,
+        depth: usize,
+    ) -> Result<Box<dyn bdev_stack::Channel>, bdev_stack::BdevError> {
+        Ok(Box::new(HookedChannel {
+            id: self.info.id,
+            inner: self.inner.open_channel(depth)?,
+            hook: Arc::clone(&self.hook),
+        }))
+    }
+
+    fn open_copy_channel(
+        &self,
+        depth: usize,
+    ) -> Result<Option<Box<dyn bdev_stack::CopyChannel>>, bdev_stack::BdevError> {
+        self.inner.open_copy_channel(depth)
+    }
+
+    fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
+        Vec::new()
+    }
+
+    fn map(
+        &self,
+        lba: u64,
+        blocks: u64,
+        access: Access,
+        out: &mut Vec<bdev_stack::LeafFragment>,
+    ) -> Result<(), IoError> {
+        let first = out.len();
+        self.inner.map(lba, blocks, access, out)?;
+        for f in &mut out[first..] {
+            f.leaf = self.info.id;
+        }
+        Ok(())
+    }
+}
+
+impl bdev_stack::Channel for HookedChannel {
+    fn device(&self) -> bdev_stack::DeviceId {
+        self.id
+    }
+
+    unsafe fn submit(&mut self, req: bdev_stack::IoRequest) -> Result<(), bdev_stack::SubmitError> {
+        (self.hook)(&req);
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { self.inner.submit(req) }
+    }
+
+    fn poll(&mut self, out: &mut [bdev_stack::Completion]) -> usize {
+        self.inner.poll(out)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+}

@@ -209,6 +209,47 @@ fn read_all(
     Ok(out)
 }
 
+/// Copies `blocks` from `src` to `dst` (device, first block); prints the
+/// report and fails unless it is complete.
+fn copy_complete(
+    engine: &mut CopyEngine,
+    (src, src_lba): (&Arc<dyn BlockDevice>, u64),
+    (dst, dst_lba): (&Arc<dyn BlockDevice>, u64),
+    blocks: u64,
+) -> Result<ustor::copy_engine::CopyReport, String> {
+    let report = engine
+        .copy(
+            src,
+            &[LbaRange {
+                lba: src_lba,
+                blocks,
+            }],
+            dst,
+            &[LbaRange {
+                lba: dst_lba,
+                blocks,
+            }],
+        )
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    if !report.is_complete() {
+        return Err(format!("copy incomplete: {report}"));
+    }
+    Ok(report)
+}
+
+/// The sg node of LIO LUN `index`.
+fn lio_lun(env: &GuestEnv, index: usize) -> Result<String, String> {
+    Ok(env
+        .devices
+        .lio
+        .get(index)
+        .ok_or_else(|| format!("the topology needs LIO LUN {index}"))?
+        .sg_path
+        .display()
+        .to_string())
+}
+
 /// Hands `addr` back to the kernel's nvme driver and returns the block
 /// node of its namespace 1 once it appears.
 fn kernel_namespace(addr: &str) -> Result<String, String> {
@@ -312,14 +353,7 @@ fn stack_stripe_over_two_nvme_controllers_matches_dd(env: &GuestEnv) -> Result<(
 
 fn stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd(env: &GuestEnv) -> Result<(), String> {
     let (a, _) = nvme_addrs(env)?;
-    let lun = env
-        .devices
-        .lio
-        .first()
-        .ok_or("the stack topology needs a LIO LUN")?
-        .sg_path
-        .display()
-        .to_string();
+    let lun = lio_lun(env, 0)?;
     back_to_vfio(&[&a])?;
     let (lba, blocks) = (4096u64 + 3, 3000u64);
     let data = pattern(seed(), (blocks * BS) as usize);
@@ -373,24 +407,7 @@ fn stack_copy_offloads_within_a_namespace_and_bounces_across(env: &GuestEnv) -> 
         ..CopyOptions::default()
     };
     let mut engine = CopyEngine::new(options).map_err(|e| e.to_string())?;
-    let report = engine
-        .copy(
-            &dev,
-            &[LbaRange {
-                lba: src_lba,
-                blocks,
-            }],
-            &dev,
-            &[LbaRange {
-                lba: dst_lba,
-                blocks,
-            }],
-        )
-        .map_err(|e| e.to_string())?;
-    println!("{report}");
-    if !report.is_complete() {
-        return Err(format!("copy incomplete: {report}"));
-    }
+    let report = copy_complete(&mut engine, (&dev, src_lba), (&dev, dst_lba), blocks)?;
     let half = blocks / 2 * BS;
     let offloaded = report.method(Method::NvmeCopy).bytes;
     let bounced = report.method(Method::Bounce).bytes;
@@ -418,17 +435,7 @@ fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
 ) -> Result<(), String> {
     use ustor::bdev_stack::{FaultyDevice, LegHealth, Mirror};
     let (a, _) = nvme_addrs(env)?;
-    let lun = |i: usize| -> Result<String, String> {
-        Ok(env
-            .devices
-            .lio
-            .get(i)
-            .ok_or("the stack topology needs two LIO LUNs")?
-            .sg_path
-            .display()
-            .to_string())
-    };
-    let (lun0, lun1) = (lun(0)?, lun(1)?);
+    let (lun0, lun1) = (lio_lun(env, 0)?, lio_lun(env, 1)?);
     back_to_vfio(&[&a])?;
     let (src_lba, dst_lba, blocks) = (20_000u64, 4096u64 + 5, 2048u64);
     let data = pattern(seed(), (blocks * BS) as usize);
@@ -454,24 +461,7 @@ fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
             ..CopyOptions::default()
         })
         .map_err(|e| e.to_string())?;
-        let report = engine
-            .copy(
-                &namespace,
-                &[LbaRange {
-                    lba: src_lba,
-                    blocks,
-                }],
-                &dev,
-                &[LbaRange {
-                    lba: dst_lba,
-                    blocks,
-                }],
-            )
-            .map_err(|e| e.to_string())?;
-        println!("{report}");
-        if !report.is_complete() {
-            return Err(format!("copy incomplete on the healthy leg: {report}"));
-        }
+        let report = copy_complete(&mut engine, (&namespace, src_lba), (&dev, dst_lba), blocks)?;
         if faults.injected() == 0 {
             return Err("the LUN leg never failed: the test did not test".into());
         }
@@ -524,14 +514,7 @@ fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
 
 fn stack_copy_nvme_to_lio_bounces(env: &GuestEnv) -> Result<(), String> {
     let (a, _) = nvme_addrs(env)?;
-    let lun = env
-        .devices
-        .lio
-        .get(1)
-        .ok_or("the stack topology needs two LIO LUNs")?
-        .sg_path
-        .display()
-        .to_string();
+    let lun = lio_lun(env, 1)?;
     back_to_vfio(&[&a])?;
     let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
     let src = registry
