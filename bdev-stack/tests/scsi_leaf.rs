@@ -249,7 +249,7 @@ fn a_unit_attention_is_retried_once() {
     // running; the leaf sends it again and the caller sees the data.
     let target = EmuTarget::new("ua", EmuConfig::default());
     let leaf: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512), "ua").expect("leaf"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512)).expect("leaf"));
     let mut io = SyncIo::open(leaf.as_ref());
     io.write(3, &pattern(8, 512)).expect("write");
     target.raise_unit_attention(0, None);
@@ -280,7 +280,7 @@ fn a_device_that_is_not_direct_access_is_refused() {
             ..EmuConfig::default()
         },
     );
-    match ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "tape") {
+    match ScsiLeaf::from_emu(target.add_memory_lun(64, 512)) {
         Err(BdevError::Scsi { source, .. })
             if matches!(
                 *source,
@@ -360,9 +360,9 @@ fn populate(ch: &mut dyn bdev_stack::CopyChannel, ranges: &[LbaRange]) -> Offloa
 fn copy_channel_runs_extended_copy_and_rod_tokens() {
     let target = EmuTarget::new("cc", EmuConfig::default());
     let src: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512), "cc").expect("src"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512)).expect("src"));
     let dst: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512), "cc").expect("dst"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512)).expect("dst"));
     let data = pattern(21, 200 * 512);
     SyncIo::open(src.as_ref()).write(0, &data).expect("fill");
     let src_naa = src
@@ -516,8 +516,8 @@ fn copy_channel_runs_extended_copy_and_rod_tokens() {
 #[test]
 fn a_copy_aborted_mid_copy_leaves_the_destination_unknown() {
     let target = EmuTarget::new("abort", EmuConfig::default());
-    let src = ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "abort").expect("src");
-    let dst = ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "abort").expect("dst");
+    let src = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("src");
+    let dst = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("dst");
     let naa = src.identity().naa().expect("naa").to_vec();
     target.inject_fault(Fault {
         lun: Some(1),
@@ -573,4 +573,54 @@ fn a_copy_aborted_mid_copy_leaves_the_destination_unknown() {
         matches!(&outcome, OffloadOutcome::NotDone(e) if e.kind == OffloadErrorKind::Unsupported),
         "{outcome:?}"
     );
+}
+
+/// What a leaf advertises for EXTENDED COPY: its copy manager and whether
+/// its designator was verified unique.
+fn xcopy_of(leaf: &dyn BlockDevice) -> (bdev_stack::OffloadDomain, bool) {
+    leaf.info()
+        .copy_offloads
+        .iter()
+        .find_map(|o| match o {
+            CopyOffload::ScsiExtendedCopy {
+                copy_manager,
+                designator_unique,
+                ..
+            } => Some((copy_manager.clone(), *designator_unique)),
+            _ => None,
+        })
+        .expect("EXTENDED COPY offered")
+}
+
+/// The copy manager of an emulated LUN is its target object: LUNs of one
+/// target share it, same-named targets do not. A designator is verified
+/// unique among the target's LUNs, and the leaf's backing names the LUN by
+/// it, so two leaves over one LUN are seen to be one set of blocks.
+#[test]
+fn an_emulated_luns_copy_manager_is_its_target_and_its_backing_its_designator() {
+    let target = EmuTarget::new("same", EmuConfig::default());
+    let namesake = EmuTarget::new("same", EmuConfig::default());
+    let a = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("a");
+    let b = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("b");
+    let a_again = ScsiLeaf::from_emu(target.lun(0).expect("lun 0")).expect("a again");
+    let c = ScsiLeaf::from_emu(namesake.add_memory_lun(64, 512)).expect("c");
+    let (manager_a, unique_a) = xcopy_of(&a);
+    assert!(unique_a);
+    assert_eq!(manager_a, xcopy_of(&b).0);
+    assert_ne!(manager_a, xcopy_of(&c).0);
+    assert_ne!(a.info().id, a_again.info().id);
+    assert_eq!(a.backing(), a_again.backing());
+    assert!(matches!(a.backing(), bdev_stack::Backing::Lun { .. }));
+    assert_ne!(a.backing(), b.backing());
+    assert_ne!(a.backing(), c.backing());
+
+    // A LUN that repeats another's designator is verified by neither; a
+    // leaf opened after the repeat sees it, and its backing is its own.
+    let naa = target.lun_designator(1).expect("designator");
+    let twin =
+        ScsiLeaf::from_emu(target.add_memory_lun_with_designator(64, 512, naa)).expect("twin");
+    let b_again = ScsiLeaf::from_emu(target.lun(1).expect("lun 1")).expect("b again");
+    assert!(!xcopy_of(&twin).1);
+    assert!(!xcopy_of(&b_again).1);
+    assert_eq!(twin.backing(), bdev_stack::Backing::Device(twin.info().id));
 }

@@ -31,7 +31,10 @@ struct EmuTargets {
 /// LUNs that name the same `target` (within one factory, so within one
 /// [`LeafRegistry`](crate::spec::LeafRegistry)) are LUNs of one
 /// [`EmuTarget`], so EXTENDED COPY and ROD tokens pass between them; a LUN
-/// without `target` gets a target of its own. `xcopy` (default on) and
+/// without `target` gets a target of its own. Targets of different
+/// factories are different targets even when they share a name: each is
+/// its own copy manager (the copy-offload domain is the target object,
+/// never its name), so nothing is offloaded between them. `xcopy` (default on) and
 /// `rod` (default off) set what the target's copy manager offers; every
 /// LUN of a target must say the same. The copy engine prefers EXTENDED
 /// COPY where a LUN offers both, so a ROD-token stack says `xcopy=off,rod=on`.
@@ -153,7 +156,7 @@ impl LeafFactory for SgEmuFactory {
         };
         drop(targets);
         let lun = target.add_memory_lun(blocks, block_size);
-        Ok(Arc::new(ScsiLeaf::from_emu(lun, &name)?))
+        Ok(Arc::new(ScsiLeaf::from_emu(lun)?))
     }
 }
 

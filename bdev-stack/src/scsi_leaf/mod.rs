@@ -4,14 +4,14 @@
 //!
 //! - `sg:` — a LUN behind `/dev/sgN`. Data channels run over
 //!   [`SgQueue`] (queued asynchronous sg I/O, several files per LUN): each
-//!   channel owns one page-aligned [`AlignedBuf`] per slot, sized to the
+//!   channel owns one page-aligned [`AlignedBuf`](scsi_sg::AlignedBuf) per slot, sized to the
 //!   leaf's max transfer when it opens, and copies between the caller's
-//!   [`DmaSlice`] and that buffer (the queued interface owns its buffers
+//!   [`DmaSlice`](crate::DmaSlice) and that buffer (the queued interface owns its buffers
 //!   while a command is in flight, so the device never touches caller
 //!   memory). READ(16)/WRITE(16), SYNCHRONIZE CACHE(16), WRITE SAME(16) for
 //!   write zeroes and UNMAP for deallocate where the LUN's VPD pages say it
 //!   supports them.
-//! - `sgemu:` — a LUN of the in-process [`EmuTarget`], for host tests and
+//! - `sgemu:` — a LUN of the in-process [`EmuTarget`](scsi_sg::emu::EmuTarget), for host tests and
 //!   machines without SCSI hardware. Its data channel executes each command
 //!   through the same typed commands when it is submitted (like the memory
 //!   leaf) and completes it at the next poll.
@@ -37,12 +37,23 @@
 //! reused list identifier could describe an earlier command, so a failed
 //! copy is always redone in full.
 //!
+//! Pairing uses identities the library controls. An `sgemu:` LUN's copy
+//! manager is its [`EmuTarget`](scsi_sg::emu::EmuTarget) object ([`OffloadDomain::handle`]), never
+//! the target's name; an `sg:` LUN's is its SCSI target nexus
+//! (`host:channel:target`, resolved from sysfs). EXTENDED COPY names LUNs
+//! by NAA designator, so a leaf marks its designator unique only after
+//! checking every other LUN its copy manager reaches (the target's LUNs;
+//! the nexus's LUNs in sysfs), and its [`Backing`] is the designator only
+//! then (see `designator`).
+//!
 //! Layout: this module probes the LUN and describes the leaf; `io` holds
-//! the data channels, `copy` the copy channel, `emu` the `sgemu:` factory,
-//! and `caller_buf` the only unsafe code (access to a request's buffer).
+//! the data channels, `copy` the copy channel, `designator` the uniqueness
+//! check, `emu` the `sgemu:` factory, and `caller_buf` the only unsafe code
+//! (access to a request's buffer).
 
 mod caller_buf;
 mod copy;
+mod designator;
 mod emu;
 mod io;
 
@@ -56,18 +67,19 @@ use scsi_sg::emu::EmuLun;
 use scsi_sg::tpc::CopyOperatingParameters;
 use scsi_sg::vpd::RodLimits;
 use scsi_sg::{Identity, ScsiDevice, ScsiTransport, SgDevice, SgQueue};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::device::{
     Access, BlockDevice, Channel, CopyOffload, DeviceId, DeviceInfo, DeviceKind, LeafFragment,
     SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError};
-use crate::identity::OffloadDomain;
+use crate::identity::{Backing, OffloadDomain};
 use crate::offload::CopyChannel;
 use crate::spec::{LeafError, LeafFactory, LeafSpec};
 
 use copy::ScsiCopyChannel;
+use designator::{Hctl, Uniqueness};
 use io::{EmuChannel, SgChannel};
 
 /// Largest read or write one sg command carries, whatever VPD 0xB0 allows:
@@ -104,6 +116,9 @@ pub struct ScsiLeaf {
     backend: Backend,
     caps: DataCaps,
     naa: Option<Vec<u8>>,
+    /// The LUN by its designator when that was verified unique within its
+    /// copy manager, else the leaf itself.
+    backing: Backing,
     xcopy: Option<CopyOperatingParameters>,
     rod: Option<RodLimits>,
 }
@@ -128,22 +143,33 @@ fn scsi_error(device: &Path, action: &'static str, source: scsi_sg::Error) -> Bd
     }
 }
 
-/// The copy manager a LUN behind `/dev/sgN` is reached through: its SCSI
-/// target nexus (`host:channel:target` from sysfs), so that the LUNs of
-/// one LIO `tcm_loop` target share one. `None` when sysfs does not say.
-fn sg_copy_manager(path: &Path) -> Option<String> {
-    let node = path.file_name()?.to_str()?;
-    let link = std::fs::read_link(format!("/sys/class/scsi_generic/{node}/device")).ok()?;
-    let hctl = link.file_name()?.to_str()?;
-    let mut parts = hctl.split(':');
-    let (h, c, t, l) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if [h, c, t, l]
-        .iter()
-        .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return None;
+/// The copy manager a leaf's LUN is reached through, and what the leaf
+/// verified about its designator there.
+struct CopyManagerReach {
+    /// Pairing identity: the emulated target's own state, or the SCSI
+    /// target nexus the library resolved from sysfs.
+    domain: OffloadDomain,
+    /// Whether no other LUN reached through it reports this LUN's NAA
+    /// designator.
+    uniqueness: Uniqueness,
+}
+
+impl CopyManagerReach {
+    /// Logs why EXTENDED COPY will not name the LUN, when it will not.
+    fn explain(&self, leaf: &str, offers_xcopy: bool) {
+        let why = match &self.uniqueness {
+            Uniqueness::Verified => return,
+            Uniqueness::Repeated { other } => format!("{other} reports the same NAA designator"),
+            Uniqueness::Unverifiable { reason } => {
+                format!("its NAA designator could not be verified unique: {reason}")
+            }
+        };
+        if offers_xcopy {
+            warn!(leaf, copy_manager = %self.domain, "EXTENDED COPY will not be used for this LUN: {why}");
+        } else {
+            debug!(leaf, copy_manager = %self.domain, "designator not verified unique: {why}");
+        }
     }
-    Some(format!("scsi-nexus:{h}:{c}:{t}"))
 }
 
 impl ScsiLeaf {
@@ -159,15 +185,27 @@ impl ScsiLeaf {
         // queue itself is not kept.
         drop(SgQueue::open(path, 1).map_err(|e| scsi_error(path, "opening the sg node", e))?);
         let lun = ScsiDevice::open(path).map_err(|e| scsi_error(path, "probing the LUN", e))?;
-        let copy_manager = sg_copy_manager(path).unwrap_or_else(|| {
-            warn!(path = %path.display(), "no SCSI nexus in sysfs: EXTENDED COPY limited to this LUN");
-            format!("scsi-lun:{}", path.display())
-        });
+        let sysfs = Path::new("/sys");
+        let reach = match Hctl::of_sg_node(sysfs, path) {
+            Some(hctl) => CopyManagerReach {
+                domain: OffloadDomain::address(&hctl.nexus()),
+                uniqueness: match lun.identity().naa() {
+                    Some(naa) => designator::sysfs(sysfs, hctl, naa),
+                    None => Uniqueness::no_designator(),
+                },
+            },
+            None => CopyManagerReach {
+                domain: OffloadDomain::address(&format!("scsi-lun:{}", path.display())),
+                uniqueness: Uniqueness::Unverifiable {
+                    reason: format!("sysfs names no SCSI nexus for {}", path.display()),
+                },
+            },
+        };
         let name = format!("sg:{}", path.display());
         ScsiLeaf::build(
             name,
             DeviceKind::Scsi,
-            copy_manager,
+            reach,
             lun.identity().clone(),
             SG_MAX_TRANSFER_BYTES,
             Backend::Sg {
@@ -177,17 +215,25 @@ impl ScsiLeaf {
         )
     }
 
-    /// A leaf over LUN `lun` of an emulated target. `copy_manager` names the
-    /// target: LUNs given the same name must belong to the same
-    /// [`EmuTarget`](scsi_sg::emu::EmuTarget), which is what lets EXTENDED
-    /// COPY and ROD tokens pass between them.
-    pub fn from_emu(lun: EmuLun, copy_manager: &str) -> Result<ScsiLeaf, BdevError> {
+    /// A leaf over LUN `lun` of an emulated target. The target is the
+    /// LUN's copy manager: EXTENDED COPY and ROD tokens pass only between
+    /// LUNs of one [`EmuTarget`](scsi_sg::emu::EmuTarget) (one target
+    /// object, whatever the targets are named).
+    pub fn from_emu(lun: EmuLun) -> Result<ScsiLeaf, BdevError> {
         let path = lun.path().to_path_buf();
+        let handle = lun.clone();
         let lun = ScsiDevice::probe(lun).map_err(|e| scsi_error(&path, "probing the LUN", e))?;
+        let reach = CopyManagerReach {
+            domain: OffloadDomain::handle(handle.target().state()),
+            uniqueness: match lun.identity().naa() {
+                Some(naa) => designator::emulated(&handle, naa),
+                None => Uniqueness::no_designator(),
+            },
+        };
         ScsiLeaf::build(
             format!("sgemu:{}", path.display()),
             DeviceKind::Emulated,
-            format!("sgemu-target:{copy_manager}"),
+            reach,
             lun.identity().clone(),
             1 << 20,
             Backend::Emu { lun: Arc::new(lun) },
@@ -197,7 +243,7 @@ impl ScsiLeaf {
     fn build(
         name: String,
         kind: DeviceKind,
-        copy_manager: String,
+        reach: CopyManagerReach,
         identity: Identity,
         max_transfer_bytes: u64,
         backend: Backend,
@@ -245,8 +291,8 @@ impl ScsiLeaf {
             (Some(naa), Some(p)) if naa.len() <= MAX_DESIGNATOR && p.max_cscd_descriptors >= 2 => {
                 copy_offloads.push(CopyOffload::ScsiExtendedCopy {
                     naa: naa.clone(),
-                    copy_manager: OffloadDomain::address(&copy_manager),
-                    designator_unique: true,
+                    copy_manager: reach.domain.clone(),
+                    designator_unique: reach.uniqueness.is_verified(),
                     max_segments: p.max_segment_descriptors,
                     max_segment_bytes: u64::from(p.max_segment_length),
                 });
@@ -258,7 +304,9 @@ impl ScsiLeaf {
             (Some(naa), Some(r)) if r.limits.max_range_descriptors > 0 => {
                 copy_offloads.push(CopyOffload::ScsiRodToken {
                     naa: naa.clone(),
-                    copy_manager: OffloadDomain::address(&copy_manager),
+                    // A token names its ROD by the copy manager's own
+                    // reference, not by designator: no uniqueness needed.
+                    copy_manager: reach.domain.clone(),
                     max_ranges: u32::from(r.limits.max_range_descriptors),
                     // A ROD token counts blocks; 0 means no stated limit.
                     max_token_blocks: r.limits.max_token_transfer_size,
@@ -281,6 +329,7 @@ impl ScsiLeaf {
             ops,
             copy_offloads,
         };
+        reach.explain(&info.name, xcopy.is_some());
         info!(
             leaf = %info.name,
             id = %info.id,
@@ -289,16 +338,24 @@ impl ScsiLeaf {
             max_transfer_blocks,
             xcopy = xcopy.is_some(),
             rod = rod.is_some(),
-            copy_manager = %copy_manager,
+            copy_manager = %reach.domain,
+            designator_unique = reach.uniqueness.is_verified(),
             "SCSI leaf ready"
         );
         Ok(ScsiLeaf {
-            info,
             backend,
             caps: DataCaps {
                 write_same_max,
                 unmap_max,
             },
+            backing: match (&naa, reach.uniqueness.is_verified()) {
+                (Some(naa), true) => Backing::Lun {
+                    copy_manager: reach.domain,
+                    designator: Arc::from(naa.as_slice()),
+                },
+                _ => Backing::Device(info.id),
+            },
+            info,
             naa,
             xcopy,
             rod,
@@ -330,6 +387,10 @@ impl BlockDevice for ScsiLeaf {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn backing(&self) -> Backing {
+        self.backing.clone()
     }
 
     fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {
