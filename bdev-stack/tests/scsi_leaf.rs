@@ -575,6 +575,190 @@ fn a_copy_aborted_mid_copy_leaves_the_destination_unknown() {
     );
 }
 
+/// Two leaves and a ROD-token source of `blocks` blocks on one target, and
+/// a channel on each.
+struct RodPair {
+    target: EmuTarget,
+    src: Arc<dyn BlockDevice>,
+    dst: Arc<dyn BlockDevice>,
+    data: Vec<u8>,
+}
+
+fn rod_pair() -> RodPair {
+    let target = EmuTarget::new("rod", EmuConfig::default());
+    let leaf = |target: &EmuTarget| -> Arc<dyn BlockDevice> {
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512)).expect("leaf"))
+    };
+    let (src, dst) = (leaf(&target), leaf(&target));
+    let data = pattern(41, 256 * 512);
+    SyncIo::open(src.as_ref()).write(0, &data).expect("fill");
+    SyncIo::open(dst.as_ref())
+        .write(0, &vec![0xee; 256 * 512])
+        .expect("fill");
+    RodPair {
+        target,
+        src,
+        dst,
+        data,
+    }
+}
+
+fn token_of(outcome: OffloadOutcome) -> bdev_stack::RodToken {
+    match outcome {
+        OffloadOutcome::Token(t) => t,
+        other => panic!("populate: {other:?}"),
+    }
+}
+
+/// A ROD-token command that ends GOOD having done less than asked.
+fn short_transfer(service_action: u8, blocks: u64) -> Fault {
+    Fault {
+        lun: None,
+        opcode: scsi_sg::cdb::THIRD_PARTY_COPY_OUT,
+        service_action: Some(u16::from(service_action)),
+        action: FaultAction::ShortTransfer { blocks },
+        count: 1,
+    }
+}
+
+/// A POPULATE TOKEN whose ROD represents fewer blocks than asked gives a
+/// token of the blocks RECEIVE ROD TOKEN INFORMATION counts, not of the
+/// blocks asked for.
+#[test]
+fn a_short_populate_token_gives_a_token_of_what_the_rod_holds() {
+    let pair = rod_pair();
+    pair.target
+        .inject_fault(short_transfer(scsi_sg::cdb::TPC_OUT_POPULATE_TOKEN, 13));
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let ranges = [
+        LbaRange { lba: 0, blocks: 10 },
+        LbaRange {
+            lba: 100,
+            blocks: 30,
+        },
+    ];
+    let token = token_of(populate(src_ch.as_mut(), &ranges));
+    assert_eq!(token.blocks(), 13);
+    // Unhurt, the same ranges give a whole token.
+    assert_eq!(token_of(populate(src_ch.as_mut(), &ranges)).blocks(), 40);
+}
+
+/// A WRITE USING TOKEN that ends GOOD while RECEIVE ROD TOKEN INFORMATION
+/// counts fewer blocks is partial at that count, and the blocks past it
+/// are untouched.
+#[test]
+fn a_short_write_using_token_is_partial_at_the_transfer_count() {
+    let pair = rod_pair();
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let token = token_of(populate(
+        src_ch.as_mut(),
+        &[LbaRange { lba: 0, blocks: 64 }],
+    ));
+    let mut ch = pair
+        .dst
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    pair.target
+        .inject_fault(short_transfer(scsi_sg::cdb::TPC_OUT_WRITE_USING_TOKEN, 11));
+    let ranges = [
+        OffloadRange {
+            src: 0,
+            dst: 10,
+            blocks: 8,
+        },
+        OffloadRange {
+            src: 8,
+            dst: 50,
+            blocks: 24,
+        },
+    ];
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &ranges,
+            ctx: 1,
+        },
+    );
+    assert!(
+        matches!(&outcome, OffloadOutcome::Partial { blocks_done: 11, error } if error.dst_lba == 10 && error.blocks == 32),
+        "{outcome:?}"
+    );
+    let mut io = SyncIo::open(pair.dst.as_ref());
+    assert!(io.read(10, 8).expect("read") == pair.data[..8 * 512]);
+    assert!(io.read(50, 3).expect("read") == pair.data[8 * 512..11 * 512]);
+    assert!(
+        io.read(53, 21).expect("read").iter().all(|&b| b == 0xee),
+        "written past the transfer count"
+    );
+    // Unhurt, the same command is done.
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &ranges,
+            ctx: 2,
+        },
+    );
+    assert_eq!(outcome, OffloadOutcome::Done);
+}
+
+/// When RECEIVE ROD TOKEN INFORMATION cannot be read after a WRITE USING
+/// TOKEN that ended GOOD, nobody knows how far it went: the destination
+/// is unknown, not done.
+#[test]
+fn a_write_using_token_without_its_information_leaves_the_destination_unknown() {
+    let pair = rod_pair();
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let token = token_of(populate(
+        src_ch.as_mut(),
+        &[LbaRange { lba: 0, blocks: 16 }],
+    ));
+    let mut ch = pair
+        .dst
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    pair.target.inject_fault(Fault {
+        lun: Some(1),
+        opcode: scsi_sg::cdb::THIRD_PARTY_COPY_IN,
+        service_action: Some(u16::from(
+            scsi_sg::cdb::TPC_IN_RECEIVE_ROD_TOKEN_INFORMATION,
+        )),
+        action: FaultAction::Sense(Sense::new(SenseKey::HardwareError, 0x44, 0x00)),
+        count: 1,
+    });
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &[OffloadRange {
+                src: 0,
+                dst: 0,
+                blocks: 16,
+            }],
+            ctx: 1,
+        },
+    );
+    assert!(
+        matches!(&outcome, OffloadOutcome::DestinationUnknown(e) if e.blocks == 16),
+        "{outcome:?}"
+    );
+}
+
 /// What a leaf advertises for EXTENDED COPY: its copy manager and whether
 /// its designator was verified unique.
 fn xcopy_of(leaf: &dyn BlockDevice) -> (bdev_stack::OffloadDomain, bool) {

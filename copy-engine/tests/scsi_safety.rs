@@ -11,7 +11,8 @@ use bdev_stack::spec::LeafRegistry;
 use bdev_stack::{BlockDevice, CopyOffload, LbaRange, ScsiLeaf, SgEmuFactory};
 use common::{fill, r, read_all};
 use copy_engine::{CopyEngine, CopyOptions, CopyReport, Method, RefusalReason};
-use scsi_sg::emu::{EmuConfig, EmuTarget};
+use scsi_sg::cdb;
+use scsi_sg::emu::{EmuConfig, EmuTarget, Fault, FaultAction};
 
 const BS: usize = 512;
 
@@ -154,6 +155,70 @@ fn a_repeated_designator_is_never_named_by_extended_copy() {
     assert_eq!(
         report.method(Method::ExtendedCopy).bytes,
         40 * BS as u64,
+        "{report}"
+    );
+}
+
+/// A ROD-token stack on one target.
+fn rod_stacks() -> (
+    Arc<SgEmuFactory>,
+    Arc<dyn BlockDevice>,
+    Arc<dyn BlockDevice>,
+) {
+    let (registry, factory) = registry();
+    let src = registry
+        .build("sgemu:512k,target=r,xcopy=off,rod=on")
+        .expect("source");
+    let dst = registry
+        .build("sgemu:1m,target=r,xcopy=off,rod=on")
+        .expect("destination");
+    (factory, src, dst)
+}
+
+fn short(service_action: u8, blocks: u64) -> Fault {
+    Fault {
+        lun: None,
+        opcode: cdb::THIRD_PARTY_COPY_OUT,
+        service_action: Some(u16::from(service_action)),
+        action: FaultAction::ShortTransfer { blocks },
+        count: 1,
+    }
+}
+
+/// A WRITE USING TOKEN that ends GOOD while RECEIVE ROD TOKEN INFORMATION
+/// counts fewer blocks written is partial: the blocks it wrote count as
+/// offloaded, the rest are bounced, and the data is right.
+#[test]
+fn a_short_write_using_token_is_partial_and_the_rest_bounced() {
+    let (factory, src, dst) = rod_stacks();
+    factory
+        .target("r")
+        .expect("target")
+        .inject_fault(short(cdb::TPC_OUT_WRITE_USING_TOKEN, 7));
+    let report = copy_and_check(&src, &[r(5, 120), r(300, 100)], &dst, &[r(40, 220)]);
+    assert!(report.fallbacks > 0, "{report}");
+    let rod = report.method(Method::RodToken).bytes;
+    let bounced = report.method(Method::Bounce).bytes;
+    // One WRITE USING TOKEN per source range's token (120 and 100
+    // blocks); the first wrote 7 blocks, which count as offloaded, and its
+    // other 113 were bounced.
+    assert_eq!(rod, (7 + 100) * BS as u64, "{report}");
+    assert_eq!(bounced, 113 * BS as u64, "{report}");
+}
+
+/// A POPULATE TOKEN whose ROD covers less than asked is not taken as
+/// whole: the copy is still right and complete.
+#[test]
+fn a_short_populate_token_leaves_the_copy_right() {
+    let (factory, src, dst) = rod_stacks();
+    factory
+        .target("r")
+        .expect("target")
+        .inject_fault(short(cdb::TPC_OUT_POPULATE_TOKEN, 9));
+    let report = copy_and_check(&src, &[r(5, 120), r(300, 100)], &dst, &[r(40, 220)]);
+    assert_eq!(
+        report.method(Method::RodToken).bytes + report.method(Method::Bounce).bytes,
+        220 * BS as u64,
         "{report}"
     );
 }

@@ -32,10 +32,12 @@
 //! `Unsupported` otherwise; UNIT ATTENTION, NOT READY and BUSY are
 //! `NotDone(NotExecuted)`; COPY ABORTED, medium and hardware errors,
 //! timeouts and transport failures leave the destination unknown
-//! (`DestinationUnknown`). No partial counts are claimed: LIO has no
-//! RECEIVE COPY STATUS for LID1 lists, and a status read back under a
-//! reused list identifier could describe an earlier command, so a failed
-//! copy is always redone in full.
+//! (`DestinationUnknown`). A failed EXTENDED COPY claims no partial
+//! count: LIO has no RECEIVE COPY STATUS for LID1 lists, so it is redone in
+//! full. A ROD-token command that ends GOOD is checked with RECEIVE ROD
+//! TOKEN INFORMATION under its own list identifier: a short WRITE USING
+//! TOKEN is `Partial` at the transfer count, a short ROD gives a token of
+//! the blocks it represents (see `copy`).
 //!
 //! Pairing uses identities the library controls. An `sgemu:` LUN's copy
 //! manager is its [`EmuTarget`](scsi_sg::emu::EmuTarget) object ([`OffloadDomain::handle`]), never
@@ -78,7 +80,7 @@ use crate::identity::{Backing, OffloadDomain};
 use crate::offload::CopyChannel;
 use crate::spec::{LeafError, LeafFactory, LeafSpec};
 
-use copy::ScsiCopyChannel;
+use copy::{ListIds, ScsiCopyChannel};
 use designator::{Hctl, Uniqueness};
 use io::{EmuChannel, SgChannel};
 
@@ -119,6 +121,9 @@ pub struct ScsiLeaf {
     /// The LUN by its designator when that was verified unique within its
     /// copy manager, else the leaf itself.
     backing: Backing,
+    /// List identifiers for the copy channels' commands, shared so that
+    /// two channels of the leaf never use one at the same time.
+    list_ids: Arc<ListIds>,
     xcopy: Option<CopyOperatingParameters>,
     rod: Option<RodLimits>,
 }
@@ -355,6 +360,7 @@ impl ScsiLeaf {
                 },
                 _ => Backing::Device(info.id),
             },
+            list_ids: Arc::new(ListIds::new(info.id)),
             info,
             naa,
             xcopy,
