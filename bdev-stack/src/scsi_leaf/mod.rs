@@ -4,15 +4,16 @@
 //!
 //! - `sg:` — a LUN behind `/dev/sgN`. Data channels run over
 //!   [`SgQueue`] (queued asynchronous sg I/O, several files per LUN): each
-//!   channel owns one page-aligned [`AlignedBuf`](scsi_sg::AlignedBuf) per slot, sized to the
-//!   leaf's max transfer when it opens, and copies between the caller's
-//!   [`DmaSlice`](crate::DmaSlice) and that buffer (the queued interface owns its buffers
-//!   while a command is in flight, so the device never touches caller
-//!   memory). READ(16)/WRITE(16), SYNCHRONIZE CACHE(16), WRITE SAME(16) for
-//!   write zeroes and UNMAP for deallocate where the LUN's VPD pages say it
-//!   supports them.
-//! - `sgemu:` — a LUN of the in-process [`EmuTarget`](scsi_sg::emu::EmuTarget), for host tests and
-//!   machines without SCSI hardware. Its data channel executes each command
+//!   channel owns one page-aligned [`AlignedBuf`](scsi_sg::AlignedBuf) per
+//!   slot, sized to the leaf's max transfer when it opens, and copies
+//!   between the caller's [`DmaSlice`](crate::DmaSlice) and that buffer
+//!   (the queued interface owns its buffers while a command is in flight,
+//!   so the device never touches caller memory). READ(16)/WRITE(16),
+//!   SYNCHRONIZE CACHE(16), WRITE SAME(16) for write zeroes and UNMAP for
+//!   deallocate where the LUN's VPD pages say it supports them.
+//! - `sgemu:` — a LUN of the in-process
+//!   [`EmuTarget`](scsi_sg::emu::EmuTarget), for host tests and machines
+//!   without SCSI hardware. Its data channel executes each command
 //!   through the same typed commands when it is submitted (like the memory
 //!   leaf) and completes it at the next poll.
 //!
@@ -40,13 +41,13 @@
 //! the blocks it represents (see `copy`).
 //!
 //! Pairing uses identities the library controls. An `sgemu:` LUN's copy
-//! manager is its [`EmuTarget`](scsi_sg::emu::EmuTarget) object ([`OffloadDomain::handle`]), never
-//! the target's name; an `sg:` LUN's is its SCSI target nexus
-//! (`host:channel:target`, resolved from sysfs). EXTENDED COPY names LUNs
-//! by NAA designator, so a leaf marks its designator unique only after
-//! checking every other LUN its copy manager reaches (the target's LUNs;
-//! the nexus's LUNs in sysfs), and its [`Backing`] is the designator only
-//! then (see `designator`).
+//! manager is its [`EmuTarget`](scsi_sg::emu::EmuTarget) object
+//! ([`OffloadDomain::handle`]), never the target's name; an `sg:` LUN's is
+//! its SCSI target nexus (`host:channel:target`, resolved from sysfs).
+//! EXTENDED COPY names LUNs by NAA designator, so a leaf marks its
+//! designator unique only after checking every other LUN its copy manager
+//! reaches (the target's LUNs; the nexus's LUNs in sysfs), and its
+//! [`Backing`] is the designator only then (see `designator`).
 //!
 //! Layout: this module probes the LUN and describes the leaf; `io` holds
 //! the data channels, `copy` the copy channel, `designator` the uniqueness
