@@ -249,7 +249,7 @@ fn a_unit_attention_is_retried_once() {
     // running; the leaf sends it again and the caller sees the data.
     let target = EmuTarget::new("ua", EmuConfig::default());
     let leaf: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512), "ua").expect("leaf"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512)).expect("leaf"));
     let mut io = SyncIo::open(leaf.as_ref());
     io.write(3, &pattern(8, 512)).expect("write");
     target.raise_unit_attention(0, None);
@@ -280,7 +280,7 @@ fn a_device_that_is_not_direct_access_is_refused() {
             ..EmuConfig::default()
         },
     );
-    match ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "tape") {
+    match ScsiLeaf::from_emu(target.add_memory_lun(64, 512)) {
         Err(BdevError::Scsi { source, .. })
             if matches!(
                 *source,
@@ -360,9 +360,9 @@ fn populate(ch: &mut dyn bdev_stack::CopyChannel, ranges: &[LbaRange]) -> Offloa
 fn copy_channel_runs_extended_copy_and_rod_tokens() {
     let target = EmuTarget::new("cc", EmuConfig::default());
     let src: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512), "cc").expect("src"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512)).expect("src"));
     let dst: Arc<dyn BlockDevice> =
-        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512), "cc").expect("dst"));
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(512, 512)).expect("dst"));
     let data = pattern(21, 200 * 512);
     SyncIo::open(src.as_ref()).write(0, &data).expect("fill");
     let src_naa = src
@@ -516,8 +516,8 @@ fn copy_channel_runs_extended_copy_and_rod_tokens() {
 #[test]
 fn a_copy_aborted_mid_copy_leaves_the_destination_unknown() {
     let target = EmuTarget::new("abort", EmuConfig::default());
-    let src = ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "abort").expect("src");
-    let dst = ScsiLeaf::from_emu(target.add_memory_lun(64, 512), "abort").expect("dst");
+    let src = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("src");
+    let dst = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("dst");
     let naa = src.identity().naa().expect("naa").to_vec();
     target.inject_fault(Fault {
         lun: Some(1),
@@ -573,4 +573,238 @@ fn a_copy_aborted_mid_copy_leaves_the_destination_unknown() {
         matches!(&outcome, OffloadOutcome::NotDone(e) if e.kind == OffloadErrorKind::Unsupported),
         "{outcome:?}"
     );
+}
+
+/// Two leaves and a ROD-token source of `blocks` blocks on one target, and
+/// a channel on each.
+struct RodPair {
+    target: EmuTarget,
+    src: Arc<dyn BlockDevice>,
+    dst: Arc<dyn BlockDevice>,
+    data: Vec<u8>,
+}
+
+fn rod_pair() -> RodPair {
+    let target = EmuTarget::new("rod", EmuConfig::default());
+    let leaf = |target: &EmuTarget| -> Arc<dyn BlockDevice> {
+        Arc::new(ScsiLeaf::from_emu(target.add_memory_lun(256, 512)).expect("leaf"))
+    };
+    let (src, dst) = (leaf(&target), leaf(&target));
+    let data = pattern(41, 256 * 512);
+    SyncIo::open(src.as_ref()).write(0, &data).expect("fill");
+    SyncIo::open(dst.as_ref())
+        .write(0, &vec![0xee; 256 * 512])
+        .expect("fill");
+    RodPair {
+        target,
+        src,
+        dst,
+        data,
+    }
+}
+
+fn token_of(outcome: OffloadOutcome) -> bdev_stack::RodToken {
+    match outcome {
+        OffloadOutcome::Token(t) => t,
+        other => panic!("populate: {other:?}"),
+    }
+}
+
+/// A ROD-token command that ends GOOD having done less than asked.
+fn short_transfer(service_action: u8, blocks: u64) -> Fault {
+    Fault {
+        lun: None,
+        opcode: scsi_sg::cdb::THIRD_PARTY_COPY_OUT,
+        service_action: Some(u16::from(service_action)),
+        action: FaultAction::ShortTransfer { blocks },
+        count: 1,
+    }
+}
+
+/// A POPULATE TOKEN whose ROD represents fewer blocks than asked gives a
+/// token of the blocks RECEIVE ROD TOKEN INFORMATION counts, not of the
+/// blocks asked for.
+#[test]
+fn a_short_populate_token_gives_a_token_of_what_the_rod_holds() {
+    let pair = rod_pair();
+    pair.target
+        .inject_fault(short_transfer(scsi_sg::cdb::TPC_OUT_POPULATE_TOKEN, 13));
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let ranges = [
+        LbaRange { lba: 0, blocks: 10 },
+        LbaRange {
+            lba: 100,
+            blocks: 30,
+        },
+    ];
+    let token = token_of(populate(src_ch.as_mut(), &ranges));
+    assert_eq!(token.blocks(), 13);
+    // Unhurt, the same ranges give a whole token.
+    assert_eq!(token_of(populate(src_ch.as_mut(), &ranges)).blocks(), 40);
+}
+
+/// A WRITE USING TOKEN that ends GOOD while RECEIVE ROD TOKEN INFORMATION
+/// counts fewer blocks is partial at that count, and the blocks past it
+/// are untouched.
+#[test]
+fn a_short_write_using_token_is_partial_at_the_transfer_count() {
+    let pair = rod_pair();
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let token = token_of(populate(
+        src_ch.as_mut(),
+        &[LbaRange { lba: 0, blocks: 64 }],
+    ));
+    let mut ch = pair
+        .dst
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    pair.target
+        .inject_fault(short_transfer(scsi_sg::cdb::TPC_OUT_WRITE_USING_TOKEN, 11));
+    let ranges = [
+        OffloadRange {
+            src: 0,
+            dst: 10,
+            blocks: 8,
+        },
+        OffloadRange {
+            src: 8,
+            dst: 50,
+            blocks: 24,
+        },
+    ];
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &ranges,
+            ctx: 1,
+        },
+    );
+    assert!(
+        matches!(&outcome, OffloadOutcome::Partial { blocks_done: 11, error } if error.dst_lba == 10 && error.blocks == 32),
+        "{outcome:?}"
+    );
+    let mut io = SyncIo::open(pair.dst.as_ref());
+    assert!(io.read(10, 8).expect("read") == pair.data[..8 * 512]);
+    assert!(io.read(50, 3).expect("read") == pair.data[8 * 512..11 * 512]);
+    assert!(
+        io.read(53, 21).expect("read").iter().all(|&b| b == 0xee),
+        "written past the transfer count"
+    );
+    // Unhurt, the same command is done.
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &ranges,
+            ctx: 2,
+        },
+    );
+    assert_eq!(outcome, OffloadOutcome::Done);
+}
+
+/// When RECEIVE ROD TOKEN INFORMATION cannot be read after a WRITE USING
+/// TOKEN that ended GOOD, nobody knows how far it went: the destination
+/// is unknown, not done.
+#[test]
+fn a_write_using_token_without_its_information_leaves_the_destination_unknown() {
+    let pair = rod_pair();
+    let mut src_ch = pair
+        .src
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    let token = token_of(populate(
+        src_ch.as_mut(),
+        &[LbaRange { lba: 0, blocks: 16 }],
+    ));
+    let mut ch = pair
+        .dst
+        .open_copy_channel(1)
+        .expect("open")
+        .expect("a channel");
+    pair.target.inject_fault(Fault {
+        lun: Some(1),
+        opcode: scsi_sg::cdb::THIRD_PARTY_COPY_IN,
+        service_action: Some(u16::from(
+            scsi_sg::cdb::TPC_IN_RECEIVE_ROD_TOKEN_INFORMATION,
+        )),
+        action: FaultAction::Sense(Sense::new(SenseKey::HardwareError, 0x44, 0x00)),
+        count: 1,
+    });
+    let outcome = run_copy(
+        ch.as_mut(),
+        &OffloadRequest {
+            source: OffloadSource::RodToken(&token),
+            ranges: &[OffloadRange {
+                src: 0,
+                dst: 0,
+                blocks: 16,
+            }],
+            ctx: 1,
+        },
+    );
+    assert!(
+        matches!(&outcome, OffloadOutcome::DestinationUnknown(e) if e.blocks == 16),
+        "{outcome:?}"
+    );
+}
+
+/// What a leaf advertises for EXTENDED COPY: its copy manager and whether
+/// its designator was verified unique.
+fn xcopy_of(leaf: &dyn BlockDevice) -> (bdev_stack::OffloadDomain, bool) {
+    leaf.info()
+        .copy_offloads
+        .iter()
+        .find_map(|o| match o {
+            CopyOffload::ScsiExtendedCopy {
+                copy_manager,
+                designator_unique,
+                ..
+            } => Some((copy_manager.clone(), *designator_unique)),
+            _ => None,
+        })
+        .expect("EXTENDED COPY offered")
+}
+
+/// The copy manager of an emulated LUN is its target object: LUNs of one
+/// target share it, same-named targets do not. A designator is verified
+/// unique among the target's LUNs, and the leaf's backing names the LUN by
+/// it, so two leaves over one LUN are seen to be one set of blocks.
+#[test]
+fn an_emulated_luns_copy_manager_is_its_target_and_its_backing_its_designator() {
+    let target = EmuTarget::new("same", EmuConfig::default());
+    let namesake = EmuTarget::new("same", EmuConfig::default());
+    let a = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("a");
+    let b = ScsiLeaf::from_emu(target.add_memory_lun(64, 512)).expect("b");
+    let a_again = ScsiLeaf::from_emu(target.lun(0).expect("lun 0")).expect("a again");
+    let c = ScsiLeaf::from_emu(namesake.add_memory_lun(64, 512)).expect("c");
+    let (manager_a, unique_a) = xcopy_of(&a);
+    assert!(unique_a);
+    assert_eq!(manager_a, xcopy_of(&b).0);
+    assert_ne!(manager_a, xcopy_of(&c).0);
+    assert_ne!(a.info().id, a_again.info().id);
+    assert_eq!(a.backing(), a_again.backing());
+    assert!(matches!(a.backing(), bdev_stack::Backing::Lun { .. }));
+    assert_ne!(a.backing(), b.backing());
+    assert_ne!(a.backing(), c.backing());
+
+    // A LUN that repeats another's designator is verified by neither; a
+    // leaf opened after the repeat sees it, and its backing is its own.
+    let naa = target.lun_designator(1).expect("designator");
+    let twin =
+        ScsiLeaf::from_emu(target.add_memory_lun_with_designator(64, 512, naa)).expect("twin");
+    let b_again = ScsiLeaf::from_emu(target.lun(1).expect("lun 1")).expect("b again");
+    assert!(!xcopy_of(&twin).1);
+    assert!(!xcopy_of(&b_again).1);
+    assert_eq!(twin.backing(), bdev_stack::Backing::Device(twin.info().id));
 }

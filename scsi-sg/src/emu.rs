@@ -14,7 +14,14 @@
 //! honoured), RECEIVE ROD TOKEN INFORMATION returns it. A token expires
 //! when unused for its inactivity timeout (the target's clock can be
 //! advanced by tests), is revoked when a source block is written after it
-//! was made, and is deleted by DEL_TKN. Faults can be injected per command.
+//! was made, and is deleted by DEL_TKN. Faults can be injected per command,
+//! including a ROD-token command that ends GOOD having done less than asked
+//! ([`FaultAction::ShortTransfer`]).
+//!
+//! Each target is its own copy manager, and its LUNs' NAA designators come
+//! from the target's identity in this process (the address of its shared
+//! state), not from its name: two targets given one name are still two,
+//! and EXTENDED COPY on one cannot reach a LUN of the other.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,9 +36,9 @@ use crate::cdb::{self, Command};
 use crate::sense::{Sense, SenseKey};
 use crate::status::ScsiStatus;
 use crate::tpc::{
-    BlockRange, CopyOperatingParameters, CopyStatusLid1, ExtendedCopy, PopulateToken,
-    ROD_TOKEN_LEN, ROD_TYPE_PIT_DEFAULT, RodToken, RodTokenInformation, WriteUsingToken,
-    XcopyParseError,
+    BlockRange, COPY_STATUS_COMPLETED, COPY_STATUS_COMPLETED_WITH_RESIDUAL,
+    CopyOperatingParameters, CopyStatusLid1, ExtendedCopy, PopulateToken, ROD_TOKEN_LEN,
+    ROD_TYPE_PIT_DEFAULT, RodToken, RodTokenInformation, WriteUsingToken, XcopyParseError,
 };
 use crate::vpd::{self, BlockLimits, Designator, Provisioning, RodLimits, ThirdPartyCopy};
 use crate::{Capacity16, CommandOutcome, DataTransfer, Error, ScsiTransport};
@@ -82,6 +89,16 @@ pub enum FaultAction {
     Status(ScsiStatus),
     /// The transport reports a timeout.
     Timeout,
+    /// The command runs on only the first `blocks` blocks of its ranges
+    /// and ends GOOD, as a copy manager that stops early or caps a ROD
+    /// does; RECEIVE ROD TOKEN INFORMATION reports the smaller TRANSFER
+    /// COUNT with COPY OPERATION STATUS "completed with residual data".
+    /// WRITE USING TOKEN writes that many blocks; POPULATE TOKEN makes a
+    /// token that represents that many. Other commands run unchanged.
+    ShortTransfer {
+        /// Blocks the command gets through.
+        blocks: u64,
+    },
 }
 
 /// A fault injected into matching commands.
@@ -140,20 +157,38 @@ struct Inner {
     clock_base: Instant,
     clock_offset: Duration,
     commands: u64,
+    /// Set by a [`FaultAction::ShortTransfer`] for the command it hit.
+    short_transfer: Option<u64>,
+}
+
+/// What every handle of one emulated target shares. Opaque: outside this
+/// module it serves as the target's identity, e.g. as the copy-offload
+/// domain of the target's LUNs (two handles are one target exactly when
+/// their states are one allocation; see [`EmuTarget::state`]).
+pub struct EmuTargetState {
+    inner: Mutex<Inner>,
+    name: Box<str>,
+}
+
+impl std::fmt::Debug for EmuTargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmuTargetState")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The emulated target: a set of LUNs sharing one copy manager. Cheap to
 /// clone (a handle).
 #[derive(Clone)]
 pub struct EmuTarget {
-    inner: Arc<Mutex<Inner>>,
-    name: Arc<str>,
+    state: Arc<EmuTargetState>,
 }
 
 impl std::fmt::Debug for EmuTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmuTarget")
-            .field("name", &self.name)
+            .field("name", &self.state.name)
             .finish()
     }
 }
@@ -209,72 +244,119 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 impl EmuTarget {
-    /// A target with no LUNs yet.
+    /// A target with no LUNs yet. `name` shows in paths, serial numbers
+    /// and logs; it need not be unique and names no copy manager.
     pub fn new(name: &str, config: EmuConfig) -> EmuTarget {
+        let inner = Inner {
+            config,
+            luns: Vec::new(),
+            tokens: HashMap::new(),
+            next_token: 1,
+            rrti: HashMap::new(),
+            copy_status: HashMap::new(),
+            faults: Vec::new(),
+            clock_base: Instant::now(),
+            clock_offset: Duration::ZERO,
+            commands: 0,
+            short_transfer: None,
+        };
         EmuTarget {
-            inner: Arc::new(Mutex::new(Inner {
-                config,
-                luns: Vec::new(),
-                tokens: HashMap::new(),
-                next_token: 1,
-                rrti: HashMap::new(),
-                copy_status: HashMap::new(),
-                faults: Vec::new(),
-                clock_base: Instant::now(),
-                clock_offset: Duration::ZERO,
-                commands: 0,
-            })),
-            name: Arc::from(name),
+            state: Arc::new(EmuTargetState {
+                inner: Mutex::new(inner),
+                name: Box::from(name),
+            }),
         }
+    }
+
+    /// The state this handle shares with every other handle of the
+    /// target: its identity in this process.
+    pub fn state(&self) -> &Arc<EmuTargetState> {
+        &self.state
+    }
+
+    /// The name given to [`EmuTarget::new`].
+    pub fn name(&self) -> &str {
+        &self.state.name
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock only means another test thread panicked while
         // holding it; the state is still consistent per command.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, backing: Backing, blocks: u64, block_len: u32) -> EmuLun {
+    /// The NAA designator LUN `index` of this target reports: NAA 6 (IEEE
+    /// registered extended) with a made-up OUI, then the address of the
+    /// target's shared state, then the LUN index. The address is unique
+    /// among live targets, and every LUN handle (and any copy-offload
+    /// domain made from the state) keeps the allocation alive, so no other
+    /// target reports this designator while anything can name it. Not
+    /// derived from the name: two targets may be given one.
+    fn designator(&self, index: usize) -> [u8; 16] {
+        let mut naa = [0u8; 16];
+        naa[..4].copy_from_slice(&[0x60, 0x01, 0x40, 0x5e]);
+        let id = Arc::as_ptr(&self.state) as usize as u64;
+        naa[4..12].copy_from_slice(&id.to_be_bytes());
+        naa[12..16].copy_from_slice(&u32::try_from(index).unwrap_or(u32::MAX).to_be_bytes());
+        naa
+    }
+
+    fn add(&self, backing: Backing, blocks: u64, block_len: u32, naa: Option<[u8; 16]>) -> EmuLun {
         let mut inner = self.lock();
         let index = inner.luns.len();
-        // NAA 6 (IEEE registered extended), a made-up OUI, then the
-        // target name hash and LUN index: distinct per LUN and target.
-        let mut naa = [0u8; 16];
-        naa[0] = 0x60;
-        naa[1] = 0x01;
-        naa[2] = 0x40;
-        naa[3] = 0x5e;
-        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        naa[4..12].copy_from_slice(&h.to_be_bytes());
-        naa[12..16].copy_from_slice(&u32::try_from(index).unwrap_or(u32::MAX).to_be_bytes());
         inner.luns.push(LunState {
             backing,
             block_len,
             blocks,
-            naa,
-            serial: format!("{}-{index:04}", self.name),
+            naa: naa.unwrap_or_else(|| self.designator(index)),
+            serial: format!("{}-{index:04}", self.state.name),
             unit_attention: None,
         });
         EmuLun {
             target: self.clone(),
             index,
-            path: PathBuf::from(format!("emu:{}/{index}", self.name)),
+            path: self.lun_path(index),
         }
+    }
+
+    fn lun_path(&self, index: usize) -> PathBuf {
+        PathBuf::from(format!("emu:{}/{index}", self.state.name))
     }
 
     /// Add a LUN of `blocks` blocks of `block_len` bytes held in memory
     /// (zero-filled).
     pub fn add_memory_lun(&self, blocks: u64, block_len: u32) -> EmuLun {
-        let len = usize::try_from(blocks.saturating_mul(u64::from(block_len))).unwrap_or(0);
-        self.add(Backing::Memory(vec![0; len]), blocks, block_len)
+        self.add(memory(blocks, block_len), blocks, block_len, None)
+    }
+
+    /// Add a memory LUN that reports `naa` as its NAA designator, even if
+    /// another LUN of the target reports it too. Real targets do repeat
+    /// designators (LIO builds its NAA from only the first 25 hex digits
+    /// of the unit serial), and an initiator must not let EXTENDED COPY
+    /// name such a LUN; this lets tests show that it does not.
+    pub fn add_memory_lun_with_designator(
+        &self,
+        blocks: u64,
+        block_len: u32,
+        naa: [u8; 16],
+    ) -> EmuLun {
+        self.add(memory(blocks, block_len), blocks, block_len, Some(naa))
+    }
+
+    /// The NAA designator LUN `index` reports, if the LUN exists.
+    pub fn lun_designator(&self, index: usize) -> Option<[u8; 16]> {
+        self.lock().luns.get(index).map(|l| l.naa)
     }
 
     /// Add a LUN backed by `file`, sized to the file's whole blocks.
     pub fn add_file_lun(&self, file: File, block_len: u32) -> std::io::Result<EmuLun> {
         let blocks = file.metadata()?.len() / u64::from(block_len.max(1));
-        Ok(self.add(Backing::File(file), blocks, block_len))
+        Ok(self.add(Backing::File(file), blocks, block_len, None))
+    }
+
+    /// LUNs the target has.
+    pub fn lun_count(&self) -> usize {
+        self.lock().luns.len()
     }
 
     /// Inject a fault.
@@ -308,7 +390,7 @@ impl EmuTarget {
         (index < self.lock().luns.len()).then(|| EmuLun {
             target: self.clone(),
             index,
-            path: PathBuf::from(format!("emu:{}/{index}", self.name)),
+            path: self.lun_path(index),
         })
     }
 }
@@ -355,32 +437,41 @@ impl ScsiTransport for EmuLun {
                 && f.service_action
                     .is_none_or(|sa| Some(sa) == command.service_action)
         });
+        let mut short_transfer = None;
         if let Some(f) = hit {
             f.count -= 1;
             let action = f.action;
             debug!(path = %self.path.display(), %command, ?action, "injected fault");
-            return match action {
-                FaultAction::Timeout => Err(Error::Timeout {
-                    path: self.path.clone(),
-                    command,
-                    timeout,
-                }),
-                FaultAction::Status(status) => Ok(CommandOutcome::from_parts(
-                    command,
-                    status,
-                    requested,
-                    0,
-                    &[],
-                )),
-                FaultAction::Sense(sense) => Ok(CommandOutcome::from_parts(
-                    command,
-                    ScsiStatus::CheckCondition,
-                    requested,
-                    0,
-                    &sense.to_fixed(),
-                )),
-            };
+            match action {
+                FaultAction::Timeout => {
+                    return Err(Error::Timeout {
+                        path: self.path.clone(),
+                        command,
+                        timeout,
+                    });
+                }
+                FaultAction::Status(status) => {
+                    return Ok(CommandOutcome::from_parts(
+                        command,
+                        status,
+                        requested,
+                        0,
+                        &[],
+                    ));
+                }
+                FaultAction::Sense(sense) => {
+                    return Ok(CommandOutcome::from_parts(
+                        command,
+                        ScsiStatus::CheckCondition,
+                        requested,
+                        0,
+                        &sense.to_fixed(),
+                    ));
+                }
+                FaultAction::ShortTransfer { blocks } => short_transfer = Some(blocks),
+            }
         }
+        inner.short_transfer = short_transfer;
         let (answer, transferred) = match data {
             DataTransfer::None => (inner.run(self.index, cdb, &[]).map(|_| Vec::new()), 0),
             DataTransfer::ToDevice(buf) => (
@@ -396,6 +487,7 @@ impl ScsiTransport for EmuLun {
                 Err(s) => (Err(s), 0),
             },
         };
+        inner.short_transfer = None;
         trace!(path = %self.path.display(), %command, ok = answer.is_ok(), "emu command");
         Ok(match answer {
             Ok(_) => {
@@ -855,14 +947,20 @@ impl Inner {
         if pt.inactivity_timeout > limits.max_inactivity_timeout {
             return Err(bad_param_field(4));
         }
-        let mut total = 0u64;
+        let mut asked = 0u64;
         for r in &pt.ranges {
             self.check(lun, r.lba, u64::from(r.blocks))?;
-            total += u64::from(r.blocks);
+            asked += u64::from(r.blocks);
         }
-        if total > limits.max_token_transfer_size {
+        if asked > limits.max_token_transfer_size {
             return Err(bad_param_field(16));
         }
+        // A capped ROD represents the first blocks of the ranges, in order.
+        let ranges = match self.short_transfer {
+            Some(limit) if limit < asked => first_blocks(&pt.ranges, limit),
+            _ => pt.ranges,
+        };
+        let total: u64 = ranges.iter().map(|r| u64::from(r.blocks)).sum();
         let timeout = if pt.inactivity_timeout == 0 {
             limits.default_inactivity_timeout
         } else {
@@ -886,7 +984,7 @@ impl Inner {
             TokenEntry {
                 bytes,
                 lun,
-                ranges: pt.ranges,
+                ranges,
                 timeout: Duration::from_secs(u64::from(timeout)),
                 last_used: now,
                 state: TokenState::Valid,
@@ -896,7 +994,7 @@ impl Inner {
             list_id,
             RodTokenInformation {
                 response_to_service_action: cdb::TPC_OUT_POPULATE_TOKEN,
-                copy_operation_status: 0x01,
+                copy_operation_status: completion_status(total, asked),
                 operation_counter: 0,
                 completion_status: 0,
                 transfer_count_units: 0xf1,
@@ -956,8 +1054,9 @@ impl Inner {
         }
         // Gather the ROD's bytes from the offset on, then scatter them over
         // the destination ranges; reading all first keeps overlapping
-        // source and destination correct.
-        let want: u64 = wut.ranges.iter().map(|r| u64::from(r.blocks)).sum();
+        // source and destination correct. A short transfer stops early.
+        let asked: u64 = wut.ranges.iter().map(|r| u64::from(r.blocks)).sum();
+        let want = asked.min(self.short_transfer.unwrap_or(u64::MAX));
         let mut data = Vec::new();
         let mut skip = wut.offset_into_rod;
         let mut left = want;
@@ -1001,7 +1100,7 @@ impl Inner {
             list_id,
             RodTokenInformation {
                 response_to_service_action: cdb::TPC_OUT_WRITE_USING_TOKEN,
-                copy_operation_status: if written == want { 0x01 } else { 0x03 },
+                copy_operation_status: completion_status(written, asked),
                 operation_counter: 0,
                 completion_status: 0,
                 transfer_count_units: 0xf1,
@@ -1012,6 +1111,40 @@ impl Inner {
             },
         );
         Ok(Vec::new())
+    }
+}
+
+/// Zero-filled memory for a LUN.
+fn memory(blocks: u64, block_len: u32) -> Backing {
+    let len = usize::try_from(blocks.saturating_mul(u64::from(block_len))).unwrap_or(0);
+    Backing::Memory(vec![0; len])
+}
+
+/// The first `limit` blocks of `ranges`, in order.
+fn first_blocks(ranges: &[BlockRange], limit: u64) -> Vec<BlockRange> {
+    let mut left = limit;
+    let mut out = Vec::new();
+    for r in ranges {
+        if left == 0 {
+            break;
+        }
+        let take = u64::from(r.blocks).min(left);
+        out.push(BlockRange {
+            lba: r.lba,
+            blocks: u32::try_from(take).unwrap_or(r.blocks),
+        });
+        left -= take;
+    }
+    out
+}
+
+/// COPY OPERATION STATUS of a ROD-token command that got through `done`
+/// of `asked` blocks.
+fn completion_status(done: u64, asked: u64) -> u8 {
+    if done >= asked {
+        COPY_STATUS_COMPLETED
+    } else {
+        COPY_STATUS_COMPLETED_WITH_RESIDUAL
     }
 }
 

@@ -567,12 +567,31 @@ impl<T: ScsiTransport> ScsiDevice<T> {
     /// INFORMATION to fetch the token. `inactivity_timeout` 0 selects the
     /// device's default. Fails with [`Error::Unsupported`] (no command
     /// sent) when the probe found no ROD-token support.
+    ///
+    /// The token may represent fewer blocks than `ranges` hold: use
+    /// [`ScsiDevice::populate_token_information`] to learn how many.
     pub fn populate_token(
         &self,
         list_id: u32,
         ranges: &[BlockRange],
         inactivity_timeout: u32,
     ) -> Result<RodToken, Error> {
+        let info = self.populate_token_information(list_id, ranges, inactivity_timeout)?;
+        info.token.ok_or_else(|| self.no_token_error())
+    }
+
+    /// POPULATE TOKEN for `ranges` under `list_id`, then the whole RECEIVE
+    /// ROD TOKEN INFORMATION response for it: the token (checked present)
+    /// and the TRANSFER COUNT, which says how many blocks, from the start
+    /// of `ranges`, the token represents. A copy manager may represent
+    /// fewer than asked; a target may keep the response for one read
+    /// only, so this is the one place to learn the count.
+    pub fn populate_token_information(
+        &self,
+        list_id: u32,
+        ranges: &[BlockRange],
+        inactivity_timeout: u32,
+    ) -> Result<RodTokenInformation, Error> {
         let command = Command::with_service_action(cdb::THIRD_PARTY_COPY_OUT, 0x10);
         self.require_tokens()?;
         for r in ranges {
@@ -587,16 +606,21 @@ impl<T: ScsiTransport> ScsiDevice<T> {
         .to_bytes();
         self.send_token_parameters(command, &params, |len| cdb::populate_token(list_id, len))?;
         let info = self.receive_rod_token_information(list_id)?;
-        info.token.ok_or_else(|| {
-            parse_err(
-                self.path(),
-                Command::with_service_action(cdb::THIRD_PARTY_COPY_IN, 0x07),
-                ParseError::Invalid {
-                    what: "ROD token information",
-                    reason: "no ROD token after POPULATE TOKEN",
-                },
-            )
-        })
+        if info.token.is_none() {
+            return Err(self.no_token_error());
+        }
+        Ok(info)
+    }
+
+    fn no_token_error(&self) -> Error {
+        parse_err(
+            self.path(),
+            Command::with_service_action(cdb::THIRD_PARTY_COPY_IN, 0x07),
+            ParseError::Invalid {
+                what: "ROD token information",
+                reason: "no ROD token after POPULATE TOKEN",
+            },
+        )
     }
 
     /// RECEIVE ROD TOKEN INFORMATION for `list_id`.
@@ -622,6 +646,12 @@ impl<T: ScsiTransport> ScsiDevice<T> {
     /// starting `offset_into_rod` blocks into it. A token the copy manager
     /// no longer honours is [`Error::Token`] (expired, revoked because its
     /// source was written, deleted, unknown): nothing is written then.
+    ///
+    /// GOOD status does not mean every block was written: a copy manager
+    /// may stop early (the ROD ran out, it chose to) and end GOOD. RECEIVE
+    /// ROD TOKEN INFORMATION for `list_id` then tells how many blocks, from
+    /// the start of `ranges`, it wrote; read it before taking the write as
+    /// whole.
     pub fn write_using_token(
         &self,
         list_id: u32,

@@ -719,6 +719,17 @@ impl WriteUsingToken {
     }
 }
 
+/// TRANSFER COUNT UNITS of RECEIVE ROD TOKEN INFORMATION: logical blocks
+/// (SPC-4 table "TRANSFER COUNT UNITS field"; FreeBSD CTL answers in it).
+pub const TRANSFER_COUNT_UNITS_BLOCKS: u8 = 0xf1;
+
+/// COPY OPERATION STATUS: the operation completed without errors.
+pub const COPY_STATUS_COMPLETED: u8 = 0x01;
+
+/// COPY OPERATION STATUS: the operation completed with residual data
+/// (fewer blocks moved or represented than the ranges asked for).
+pub const COPY_STATUS_COMPLETED_WITH_RESIDUAL: u8 = 0x03;
+
 /// RECEIVE ROD TOKEN INFORMATION response (SPC-4 6.18.7, SBC-3 table for
 /// POPULATE TOKEN / WRITE USING TOKEN).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -746,6 +757,23 @@ pub struct RodTokenInformation {
 }
 
 impl RodTokenInformation {
+    /// The TRANSFER COUNT in logical blocks, when the copy manager counted
+    /// in blocks; `None` for any other unit (bytes, KiB, ...), which a
+    /// caller must not convert by guessing.
+    pub fn transfer_count_blocks(&self) -> Option<u64> {
+        (self.transfer_count_units == TRANSFER_COUNT_UNITS_BLOCKS).then_some(self.transfer_count)
+    }
+
+    /// Whether COPY OPERATION STATUS says the command finished (with or
+    /// without residual data) rather than failed, was aborted or is still
+    /// running.
+    pub fn completed(&self) -> bool {
+        matches!(
+            self.copy_operation_status,
+            COPY_STATUS_COMPLETED | COPY_STATUS_COMPLETED_WITH_RESIDUAL
+        )
+    }
+
     /// Parse the response.
     pub fn parse(bytes: &[u8]) -> Result<RodTokenInformation, ParseError> {
         const WHAT: &str = "ROD token information";

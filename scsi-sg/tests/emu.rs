@@ -614,3 +614,119 @@ mod properties {
         }
     }
 }
+
+/// Designators come from the target's identity, not its name: two targets
+/// given one name report different designators, and EXTENDED COPY on one
+/// cannot name a LUN of the other.
+#[test]
+fn targets_with_one_name_report_different_designators() {
+    let first = EmuTarget::new("same", EmuConfig::default());
+    let second = EmuTarget::new("same", EmuConfig::default());
+    let a = ScsiDevice::probe(first.add_memory_lun(BLOCKS, 512)).unwrap();
+    let b = ScsiDevice::probe(second.add_memory_lun(BLOCKS, 512)).unwrap();
+    assert_ne!(a.identity().naa(), b.identity().naa());
+    assert_eq!(a.identity().naa().map(<[u8]>::len), Some(16));
+    assert_eq!(
+        first.lun_designator(0).as_ref().map(|d| &d[..]),
+        a.identity().naa()
+    );
+    assert!(!std::sync::Arc::ptr_eq(first.state(), second.state()));
+    assert!(std::sync::Arc::ptr_eq(first.state(), first.clone().state()));
+    b.write(0, &[0x5a; 512], false).unwrap();
+    let e = a.copy_to(0, &b, 0, 1).unwrap_err();
+    assert_eq!(sense_of(&e), (SenseKey::CopyAborted, 0x0d, 0x02));
+    let mut back = [0u8; 512];
+    b.read(0, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&x| x == 0x5a),
+        "the other target's LUN was written"
+    );
+}
+
+/// A LUN added with another LUN's designator reports it: the target then
+/// resolves EXTENDED COPY's identification descriptor to the first LUN
+/// that has it, as a target with repeated designators would.
+#[test]
+fn a_repeated_designator_is_reported_as_given() {
+    let t = EmuTarget::new("dup", EmuConfig::default());
+    let a = ScsiDevice::probe(t.add_memory_lun(BLOCKS, 512)).unwrap();
+    let naa = t.lun_designator(0).unwrap();
+    let twin = ScsiDevice::probe(t.add_memory_lun_with_designator(BLOCKS, 512, naa)).unwrap();
+    assert_eq!(a.identity().naa(), twin.identity().naa());
+    assert_eq!(t.lun_count(), 2);
+}
+
+/// A WRITE USING TOKEN hit by a short transfer ends GOOD having written
+/// only the first blocks; RECEIVE ROD TOKEN INFORMATION says how many.
+#[test]
+fn a_short_write_using_token_ends_good_with_a_smaller_transfer_count() {
+    let (t, a, b) = target(EmuConfig::default());
+    let src = pattern(31, 512 * 32);
+    a.write(0, &src, false).unwrap();
+    b.write(0, &[0xee; 512 * 32], false).unwrap();
+    let token = a
+        .populate_token(1, &[BlockRange { lba: 0, blocks: 32 }], 0)
+        .unwrap();
+    t.inject_fault(Fault {
+        lun: Some(1),
+        opcode: cdb::THIRD_PARTY_COPY_OUT,
+        service_action: Some(u16::from(cdb::TPC_OUT_WRITE_USING_TOKEN)),
+        action: FaultAction::ShortTransfer { blocks: 10 },
+        count: 1,
+    });
+    b.write_using_token(2, &token, 0, &[BlockRange { lba: 0, blocks: 32 }], false)
+        .unwrap();
+    let info = b.receive_rod_token_information(2).unwrap();
+    assert_eq!(info.transfer_count_blocks(), Some(10));
+    assert_eq!(info.copy_operation_status, 0x03);
+    assert!(info.completed());
+    let mut back = vec![0u8; 512 * 32];
+    b.read(0, &mut back).unwrap();
+    assert_eq!(back[..512 * 10], src[..512 * 10]);
+    assert!(
+        back[512 * 10..].iter().all(|&x| x == 0xee),
+        "wrote past the count"
+    );
+}
+
+/// A POPULATE TOKEN hit by a short transfer makes a token for the first
+/// blocks of its ranges only, and says so in the transfer count.
+#[test]
+fn a_short_populate_token_represents_the_first_blocks() {
+    let (t, a, b) = target(EmuConfig::default());
+    let src = pattern(32, 512 * 64);
+    a.write(0, &src, false).unwrap();
+    t.inject_fault(Fault {
+        lun: Some(0),
+        opcode: cdb::THIRD_PARTY_COPY_OUT,
+        service_action: Some(u16::from(cdb::TPC_OUT_POPULATE_TOKEN)),
+        action: FaultAction::ShortTransfer { blocks: 20 },
+        count: 1,
+    });
+    let info = a
+        .populate_token_information(
+            3,
+            &[
+                BlockRange { lba: 0, blocks: 16 },
+                BlockRange {
+                    lba: 40,
+                    blocks: 16,
+                },
+            ],
+            0,
+        )
+        .unwrap();
+    assert_eq!(info.transfer_count_blocks(), Some(20));
+    let token = info.token.unwrap();
+    // The ROD is 16 blocks from 0, then 4 from 40: an offset past it is
+    // refused, and the last block it has is block 43.
+    let e = b
+        .write_using_token(4, &token, 20, &[BlockRange { lba: 0, blocks: 1 }], false)
+        .unwrap_err();
+    assert_eq!(sense_of(&e), (SenseKey::IllegalRequest, 0x26, 0x00));
+    b.write_using_token(5, &token, 19, &[BlockRange { lba: 0, blocks: 1 }], false)
+        .unwrap();
+    let mut back = vec![0u8; 512];
+    b.read(0, &mut back).unwrap();
+    assert_eq!(back, src[512 * 43..512 * 44]);
+}
