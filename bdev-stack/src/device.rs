@@ -127,9 +127,8 @@ pub enum CopyOffload {
     },
     /// SCSI EXTENDED COPY (LID1) through a copy manager.
     ScsiExtendedCopy {
-        /// The LUN's NAA designator from VPD page 0x83, verified unique
-        /// among the LUNs the copy manager reaches (a leaf whose designator
-        /// is not unique advertises no EXTENDED COPY).
+        /// The LUN's NAA designator from VPD page 0x83 (EXTENDED COPY
+        /// names LUNs by it: see `designator_unique`).
         naa: Vec<u8>,
         /// The copy manager that reaches the LUN.
         copy_manager: OffloadDomain,

@@ -794,7 +794,7 @@ fn an_emulated_luns_copy_manager_is_its_target_and_its_backing_its_designator() 
     assert_ne!(manager_a, xcopy_of(&c).0);
     assert_ne!(a.info().id, a_again.info().id);
     assert_eq!(a.backing(), a_again.backing());
-    assert!(matches!(a.backing(), bdev_stack::Backing::Lun { .. }));
+    assert!(matches!(a.backing(), bdev_stack::BackingId::Lun { .. }));
     assert_ne!(a.backing(), b.backing());
     assert_ne!(a.backing(), c.backing());
 
@@ -806,5 +806,8 @@ fn an_emulated_luns_copy_manager_is_its_target_and_its_backing_its_designator() 
     let b_again = ScsiLeaf::from_emu(target.lun(1).expect("lun 1")).expect("b again");
     assert!(!xcopy_of(&twin).1);
     assert!(!xcopy_of(&b_again).1);
-    assert_eq!(twin.backing(), bdev_stack::Backing::Device(twin.info().id));
+    assert_eq!(
+        twin.backing(),
+        bdev_stack::BackingId::Device(twin.info().id)
+    );
 }

@@ -47,7 +47,7 @@
 //! EXTENDED COPY names LUNs by NAA designator, so a leaf marks its
 //! designator unique only after checking every other LUN its copy manager
 //! reaches (the target's LUNs; the nexus's LUNs in sysfs), and its
-//! [`Backing`] is the designator only then (see `designator`).
+//! [`BackingId`] is the designator only then (see `designator`).
 //!
 //! Layout: this module probes the LUN and describes the leaf; `io` holds
 //! the data channels, `copy` the copy channel, `designator` the uniqueness
@@ -77,7 +77,7 @@ use crate::device::{
     SupportedOps, map_leaf,
 };
 use crate::error::{BdevError, IoError};
-use crate::identity::{Backing, OffloadDomain};
+use crate::identity::{BackingId, OffloadDomain};
 use crate::offload::CopyChannel;
 use crate::spec::{LeafError, LeafFactory, LeafSpec};
 
@@ -121,7 +121,7 @@ pub struct ScsiLeaf {
     naa: Option<Vec<u8>>,
     /// The LUN by its designator when that was verified unique within its
     /// copy manager, else the leaf itself.
-    backing: Backing,
+    backing: BackingId,
     /// List identifiers for the copy channels' commands, shared so that
     /// two channels of the leaf never use one at the same time.
     list_ids: Arc<ListIds>,
@@ -355,11 +355,11 @@ impl ScsiLeaf {
                 unmap_max,
             },
             backing: match (&naa, reach.uniqueness.is_verified()) {
-                (Some(naa), true) => Backing::Lun {
+                (Some(naa), true) => BackingId::Lun {
                     copy_manager: reach.domain,
                     designator: Arc::from(naa.as_slice()),
                 },
-                _ => Backing::Device(info.id),
+                _ => BackingId::Device(info.id),
             },
             list_ids: Arc::new(ListIds::new(info.id)),
             info,
@@ -396,7 +396,7 @@ impl BlockDevice for ScsiLeaf {
         Vec::new()
     }
 
-    fn backing(&self) -> Backing {
+    fn backing(&self) -> BackingId {
         self.backing.clone()
     }
 
