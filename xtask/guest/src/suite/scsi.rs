@@ -76,6 +76,13 @@ pub(super) static TESTS: &[GuestTest] = &[
         run: sg_stack_copy_engine_lun0_to_lun1_is_extended_copy,
     },
     GuestTest {
+        name: "sg_copy_into_a_mirror_of_two_luns_offloads_on_both_legs",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(120),
+        run: sg_copy_into_a_mirror_of_two_luns_offloads_on_both_legs,
+    },
+    GuestTest {
         name: "scsi_bench_queue_qd16_vs_fio_sg",
         kind: Kind::Bench,
         topology: DEFAULT,
@@ -941,5 +948,63 @@ fn sg_stack_copy_engine_lun0_to_lun1_is_extended_copy(env: &GuestEnv) -> Result<
         ));
     }
     println!("ok {blocks} blocks {a}@{from} -> {b}@{to} by EXTENDED COPY, sg_dd agrees");
+    Ok(())
+}
+
+/// A copy from LUN 0 into mirror(LUN 0, LUN 1) on LIO: one EXTENDED COPY
+/// per leg (the source and the mirror's first leg are two handles of one
+/// LUN, seen as one by its verified designator), nothing bounced; `sg_dd`
+/// finds the copy on both LUNs.
+fn sg_copy_into_a_mirror_of_two_luns_offloads_on_both_legs(env: &GuestEnv) -> Result<(), String> {
+    use ustor::bdev_stack::LbaRange;
+    use ustor::copy_engine::{CopyEngine, CopyOptions, Method};
+    let (a, b) = lio_sg_paths(env)?;
+    let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
+    let src = registry
+        .build(&format!("sg:{a}"))
+        .map_err(|e| e.to_string())?;
+    let mirror = registry
+        .build(&format!("mirror(sg:{a}, sg:{b})"))
+        .map_err(|e| e.to_string())?;
+    let (from, to, blocks) = (30_000u64, 90_000u64, 2048u64);
+    let data = conformance::pattern(seed(), (blocks * 512) as usize);
+    stack_write(src.as_ref(), from, &data)?;
+    stack_write(mirror.as_ref(), to, &vec![0xa5; data.len()])?;
+    let mut engine = CopyEngine::new(CopyOptions::default()).map_err(|e| e.to_string())?;
+    let report = engine
+        .copy(
+            &src,
+            &[LbaRange { lba: from, blocks }],
+            &mirror,
+            &[LbaRange { lba: to, blocks }],
+        )
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    if !report.is_complete() || report.host_bytes() != 0 {
+        return Err(format!(
+            "expected a complete copy, nothing bounced: {report}"
+        ));
+    }
+    let legs: Vec<_> = report
+        .per_leaf
+        .iter()
+        .filter(|l| l.method == Method::ExtendedCopy && l.bytes == blocks * 512)
+        .collect();
+    if legs.len() != 2 {
+        return Err(format!(
+            "expected EXTENDED COPY of every block on both legs: {report}"
+        ));
+    }
+    drop(engine);
+    drop(src);
+    drop(mirror);
+    for lun in [&a, &b] {
+        if sg_dd_read(lun, to, blocks)? != data {
+            return Err(format!("{lun} blocks {to}.. do not hold the copy"));
+        }
+    }
+    println!(
+        "ok {blocks} blocks {a}@{from} -> mirror({a}, {b})@{to}: EXTENDED COPY on both legs, sg_dd agrees"
+    );
     Ok(())
 }
