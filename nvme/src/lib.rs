@@ -72,6 +72,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cmd;
 pub mod conformance;
 pub mod dma;
 mod driver;
