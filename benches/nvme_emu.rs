@@ -23,6 +23,7 @@ fn submit_complete(c: &mut Criterion) {
         .create_qpair(QueueOptions {
             entries: 256,
             timeout: None,
+            ..QueueOptions::default()
         })
         .expect("queue pair");
     let buf = ctrl.dma_alloc(4096).expect("buffer");

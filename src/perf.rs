@@ -616,6 +616,7 @@ fn worker<T: Transport>(
     let mut qp = ctrl.create_qpair(QueueOptions {
         entries,
         timeout: None,
+        ..QueueOptions::default()
     })?;
     qp.set_sq_doorbell_every(cfg.sq_doorbell_every);
     let qd = qd.min(qp.depth());

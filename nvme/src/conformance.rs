@@ -96,6 +96,7 @@ fn qpair<T: Transport>(ctrl: &Controller<T>, entries: u16) -> Result<QueuePair<T
     ctrl.create_qpair(QueueOptions {
         entries,
         timeout: Some(Duration::from_secs(30)),
+        ..QueueOptions::default()
     })
     .map_err(|e| format!("creating a queue pair of {entries} entries: {e}"))
 }

@@ -353,6 +353,9 @@ struct Core {
     power_left: Option<u64>,
     /// Shadow doorbell and EventIdx pages (Doorbell Buffer Config).
     dbbuf: Option<DbBuf>,
+    /// I/O submission queues whose doorbells are held back
+    /// ([`EmuController::hold_queue`]): their commands wait unfetched.
+    held: u64,
     errors: Vec<ErrorLogEntry>,
     error_count: u64,
     reads: u64,
@@ -476,6 +479,7 @@ impl EmuController {
                 faults: Vec::new(),
                 fatal: false,
                 power_left: None,
+                held: 0,
                 dbbuf: None,
                 errors: Vec::new(),
                 error_count: 0,
@@ -532,6 +536,28 @@ impl EmuController {
     /// bring it back: open a new controller over the same backing file.
     pub fn power_cut_after(&self, commands: u64) {
         self.shared().lock().power_left = Some(commands);
+    }
+
+    /// Holds back I/O submission queue `qid` (`held`), as a device stuck on
+    /// it would: commands rung in wait unfetched and unexecuted, so their
+    /// buffers may still be touched long after the host gave up on them.
+    /// Releasing it executes them then, unless the host deleted the queue
+    /// meanwhile (Delete I/O SQ discards them, as the specification has a
+    /// controller abort what a deleted queue holds) or reset the
+    /// controller.
+    pub fn hold_queue(&self, qid: u16, held: bool) {
+        let shared = self.shared();
+        let mut core = shared.lock();
+        let bit = 1u64.checked_shl(u32::from(qid)).unwrap_or(0);
+        if held {
+            core.held |= bit;
+        } else {
+            core.held &= !bit;
+            match shared.mode {
+                EmuMode::Inline => shared.process(&mut core),
+                EmuMode::Thread => shared.pending.store(true, Ordering::Release),
+            }
+        }
     }
 
     /// MMIO doorbell writes received so far (shadow doorbell updates are
@@ -833,6 +859,9 @@ impl Shared {
     }
 
     fn process_sq(&self, core: &mut Core, qid: usize) {
+        if qid != 0 && core.held & 1u64.checked_shl(qid as u32).unwrap_or(0) != 0 {
+            return;
+        }
         let shadow_slot = 2 * qid * self.stride;
         let tail = match (&core.dbbuf, qid) {
             (Some(d), 1..) => d.read(shadow_slot).unwrap_or(u32::MAX),

@@ -276,7 +276,15 @@ impl<T: Transport> Controller<T> {
     /// re-enables. Each queue pair then reports its outstanding requests as
     /// [`IoError::Aborted`] on its next `poll` and re-creates its queues.
     pub fn reset(&self) -> Result<()> {
-        let s = &self.shared;
+        self.shared.reset()
+    }
+}
+
+impl<T: Transport> Shared<T> {
+    /// [`Controller::reset`]; also used by a queue pair whose queues could
+    /// not be deleted.
+    pub(super) fn reset(&self) -> Result<()> {
+        let s = self;
         // The admin lock is held throughout: a queue pair that notices the
         // reset re-creates its queues only once the controller is back.
         let mut admin = s.lock_admin();

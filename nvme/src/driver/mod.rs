@@ -96,8 +96,13 @@ pub struct QueueOptions {
     pub entries: u16,
     /// Per-command timeout, counted from the doorbell write that hands the
     /// command to the controller (one clock read per doorbell batch);
-    /// `None` disables the check.
+    /// `None` disables the check. A command past it is asked to abort.
     pub timeout: Option<Duration>,
+    /// How long a timed-out command has, once asked to abort, before the
+    /// queue pair is deleted and re-created (or the controller reset, if
+    /// that fails). Its request is reported only then, once the device can
+    /// no longer touch its memory.
+    pub abort_timeout: Duration,
 }
 
 impl Default for QueueOptions {
@@ -105,6 +110,7 @@ impl Default for QueueOptions {
         QueueOptions {
             entries: 256,
             timeout: Some(Duration::from_secs(30)),
+            abort_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -160,12 +166,16 @@ pub enum IoError {
     /// The device completed a command with an error status.
     #[error("{0}")]
     Status(NvmeStatus),
-    /// No completion within the queue's timeout.
-    #[error("command timed out")]
+    /// No completion within the queue's timeout, nor after an Abort: the
+    /// queue (or the controller) was reset, so the device no longer touches
+    /// the request's memory. The command may have executed, wholly or in
+    /// part: a write's or a Copy's destination is unknown.
+    #[error("command timed out (it may have executed; its destination is unknown)")]
     Timeout,
-    /// Outstanding when the controller was reset: not known to have been
-    /// executed (reported with Command Aborted due to SQ Deletion).
-    #[error("aborted by controller reset")]
+    /// Outstanding when its queue was deleted or the controller reset: the
+    /// device no longer touches its memory, but the command may have
+    /// executed in part (reported with Command Aborted due to SQ Deletion).
+    #[error("aborted by a queue or controller reset (it may have executed in part)")]
     Aborted,
 }
 

@@ -2,13 +2,18 @@
 //! doorbells, completion harvesting, timeouts and recovery.
 
 use super::*;
+use crate::cmd;
+
+/// Polls that made progress between two timeout checks of a busy queue.
+const BUSY_CHECK_POLLS: u32 = 256;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum SlotState {
     Free,
     Busy,
-    /// Reported as timed out; the CID stays out of use until a reset, since
-    /// the device may still complete it.
+    /// Past its timeout and asked to abort: still the device's (its CID,
+    /// pool page and buffer stay reserved) until it completes or its queue
+    /// is deleted.
     TimedOut,
 }
 
@@ -36,7 +41,11 @@ pub(super) struct Req {
     pub(super) dw0: u32,
     /// Keeps the data buffer alive while the device owns it.
     pub(super) buf: Option<DmaSlice>,
+    /// Failed by a queue deletion or controller reset; reported by the
+    /// next `poll`.
     pub(super) aborted: bool,
+    /// A command of it passed its timeout.
+    pub(super) timed_out: bool,
 }
 
 /// An I/O submission/completion queue pair, owned by one thread: `Send`,
@@ -57,6 +66,15 @@ pub struct QueuePair<T: Transport> {
     pub(super) reqs: Box<[Req]>,
     pub(super) free_reqs: Vec<u16>,
     pub(super) timeout: Option<Duration>,
+    /// How long a timed-out command has to complete once asked to abort
+    /// before its queue is deleted.
+    pub(super) abort_timeout: Duration,
+    /// When the queue is deleted and re-created unless its timed-out
+    /// commands have completed by then.
+    pub(super) recovery_deadline: Option<Instant>,
+    /// Polls that made progress since the last timeout check: a busy queue
+    /// looks at its timeouts every so many, not only when idle.
+    pub(super) busy_polls: u32,
     pub(super) outstanding: usize,
     pub(super) aborted_pending: usize,
     pub(super) idle_polls: u32,
@@ -137,10 +155,14 @@ impl<T: Transport> QueuePair<T> {
                     dw0: 0,
                     buf: None,
                     aborted: false,
+                    timed_out: false,
                 })
                 .collect(),
             free_reqs: (0..depth as u16).rev().collect(),
             timeout: opts.timeout,
+            abort_timeout: opts.abort_timeout,
+            recovery_deadline: None,
+            busy_polls: 0,
             outstanding: 0,
             aborted_pending: 0,
             idle_polls: 0,
@@ -189,11 +211,21 @@ impl<T: Transport> QueuePair<T> {
         self.shared.generation.load(Ordering::Acquire) != self.generation
     }
 
-    /// After a controller reset: every outstanding request becomes
-    /// Aborted (reported by the next poll), the ring restarts, the queues
-    /// are re-created.
+    /// After a controller reset: every outstanding request fails (reported
+    /// by the next poll), the ring restarts, the queues are re-created.
     pub(super) fn recover(&mut self) -> Result<()> {
         let gen_now = self.shared.generation.load(Ordering::SeqCst);
+        self.fail_outstanding();
+        self.ring.clear();
+        self.generation = gen_now;
+        self.shared.create_queues(&self.ring)
+    }
+
+    /// Once the device can no longer touch them (queue deleted, controller
+    /// reset): every request in flight fails, with [`IoError::Timeout`]
+    /// where a command of it timed out and [`IoError::Aborted`] otherwise,
+    /// reported by the next poll; every slot is free again.
+    fn fail_outstanding(&mut self) {
         for r in self.reqs.iter_mut().filter(|r| r.busy && !r.aborted) {
             r.aborted = true;
             self.aborted_pending += 1;
@@ -207,9 +239,7 @@ impl<T: Transport> QueuePair<T> {
         self.outstanding = 0;
         self.unstamped.clear();
         self.staged = 0;
-        self.ring.clear();
-        self.generation = gen_now;
-        self.shared.create_queues(&self.ring)
+        self.recovery_deadline = None;
     }
 
     pub(super) fn alloc_req(&mut self, tag: u64, parts: u16, buf: Option<DmaSlice>) -> u16 {
@@ -225,6 +255,7 @@ impl<T: Transport> QueuePair<T> {
         req.dw0 = 0;
         req.buf = buf;
         req.aborted = false;
+        req.timed_out = false;
         r
     }
 
@@ -371,7 +402,11 @@ impl<T: Transport> QueuePair<T> {
                     reported += 1;
                     on_done(Completion {
                         tag: req.tag,
-                        result: Err(IoError::Aborted),
+                        result: Err(if req.timed_out {
+                            IoError::Timeout
+                        } else {
+                            IoError::Aborted
+                        }),
                         dw0: 0,
                     });
                 }
@@ -399,15 +434,12 @@ impl<T: Transport> QueuePair<T> {
                 });
                 continue;
             };
+            // A timed-out command that completes after all (done late, or
+            // aborted on request) is done with its memory now: its request
+            // goes on as any other, failed unless the command succeeded.
+            let late = slot.state == SlotState::TimedOut;
             match slot.state {
-                SlotState::Busy => {}
-                SlotState::TimedOut => {
-                    // Late completion of a command already reported as
-                    // timed out: the CID is usable again.
-                    slot.state = SlotState::Free;
-                    self.free_cids.push(cid);
-                    continue;
-                }
+                SlotState::Busy | SlotState::TimedOut => {}
                 SlotState::Free => {
                     bad.get_or_insert_with(|| {
                         format!("queue {}: CQE for idle CID {cid}", self.ring.qid)
@@ -422,7 +454,13 @@ impl<T: Transport> QueuePair<T> {
             let req = &mut self.reqs[r];
             let st = NvmeStatus::from_field(status);
             if !st.is_success() && req.error.is_none() {
-                req.error = Some(IoError::Status(st));
+                req.error = Some(if late {
+                    // Whatever the status (Command Abort Requested, ...),
+                    // how much it did is not known.
+                    IoError::Timeout
+                } else {
+                    IoError::Status(st)
+                });
             }
             req.dw0 = dw0;
             req.remaining = req.remaining.saturating_sub(1);
@@ -451,6 +489,16 @@ impl<T: Transport> QueuePair<T> {
             }
             self.idle_polls = 0;
             self.idle_check_at = None;
+            // A queue that keeps completing never goes idle: look at the
+            // timeouts every BUSY_CHECK_POLLS polls too (one clock read),
+            // so one stuck command among many is not missed.
+            self.busy_polls = self.busy_polls.wrapping_add(1);
+            if self.timeout.is_some()
+                && self.outstanding > 0
+                && self.busy_polls.is_multiple_of(BUSY_CHECK_POLLS)
+            {
+                self.expire(Instant::now());
+            }
         } else if self.outstanding > 0 {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             // Look at the controller (CSTS, expired commands) once the
@@ -480,11 +528,14 @@ impl<T: Transport> QueuePair<T> {
                             self.ring.doorbell_writes.sq += 1;
                         }
                         self.shared.check_fatal()?;
-                        reported += self.expire(max - reported, &mut on_done);
+                        self.expire(now);
                     }
                     Some(_) => {}
                 }
             }
+        }
+        if let Some(deadline) = self.recovery_deadline {
+            self.settle_timeouts(deadline)?;
         }
         if let Some(what) = bad {
             return Err(Error::BadDeviceData {
@@ -495,17 +546,15 @@ impl<T: Transport> QueuePair<T> {
         Ok(reported)
     }
 
-    /// Reports requests whose commands exceeded the timeout.
-    pub(super) fn expire(&mut self, max: usize, on_done: &mut impl FnMut(Completion)) -> usize {
+    /// Commands past their timeout, as the Linux driver treats them: each
+    /// is asked to abort (Abort), and stays the device's, with its CID,
+    /// pool page and buffer, until it completes or its queue goes (see
+    /// [`QueuePair::settle_timeouts`]). Nothing is reported here.
+    pub(super) fn expire(&mut self, now: Instant) {
         let Some(timeout) = self.timeout else {
-            return 0;
+            return;
         };
-        let now = Instant::now();
-        let mut reported = 0;
         for cid in 0..self.slots.len() {
-            if reported >= max {
-                break;
-            }
             let slot = self.slots[cid];
             if slot.state != SlotState::Busy
                 || slot
@@ -515,25 +564,61 @@ impl<T: Transport> QueuePair<T> {
                 continue;
             }
             self.slots[cid].state = SlotState::TimedOut;
-            self.outstanding -= 1;
-            let r = slot.req as usize;
-            let req = &mut self.reqs[r];
-            req.error = Some(IoError::Timeout);
-            req.remaining = req.remaining.saturating_sub(1);
-            tracing::warn!(device = %self.shared.name, qid = self.ring.qid, cid, "command timed out");
-            if req.remaining == 0 && req.busy {
-                req.busy = false;
-                req.buf = None;
-                self.free_reqs.push(r as u16);
-                reported += 1;
-                on_done(Completion {
-                    tag: req.tag,
-                    result: Err(IoError::Timeout),
-                    dw0: 0,
-                });
+            self.reqs[slot.req as usize].timed_out = true;
+            let qid = self.ring.qid;
+            tracing::warn!(device = %self.shared.name, qid, cid, "command timed out; asking the controller to abort it");
+            let abort = cmd::Abort::new(qid, cid as u16).build();
+            match self
+                .shared
+                .admin(&format!("Abort of CID {cid} on SQ {qid}"), abort, 0, None)
+            {
+                // DW0 bit 0 clear: the controller will complete it (with
+                // Command Abort Requested); set: it did not abort it.
+                Ok((dw0, _)) => tracing::debug!(qid, cid, aborted = dw0 & 1 == 0, "abort answered"),
+                Err(error) => {
+                    tracing::warn!(device = %self.shared.name, qid, cid, %error, "abort failed; the queue will be re-created");
+                    self.recovery_deadline = Some(now);
+                    continue;
+                }
+            }
+            self.recovery_deadline
+                .get_or_insert(now + self.abort_timeout);
+        }
+    }
+
+    /// Once the timed-out commands have all completed, nothing is left to
+    /// do; if some have not by `deadline`, the queue pair is deleted and
+    /// re-created (Delete I/O SQ makes the controller abort what the queue
+    /// holds and let go of its memory) or, if that fails, the controller
+    /// is reset. Only then are the requests reported, as timed out (they
+    /// may have executed) or aborted.
+    fn settle_timeouts(&mut self, deadline: Instant) -> Result<()> {
+        if !self.slots.iter().any(|s| s.state == SlotState::TimedOut) {
+            self.recovery_deadline = None;
+            return Ok(());
+        }
+        if Instant::now() < deadline {
+            return Ok(());
+        }
+        let qid = self.ring.qid;
+        tracing::warn!(device = %self.shared.name, qid, "timed-out commands not aborted; deleting and re-creating the queue pair");
+        match self.shared.delete_queues(qid) {
+            Ok(()) => {
+                self.fail_outstanding();
+                self.ring.clear();
+                if let Err(error) = self.shared.create_queues(&self.ring) {
+                    tracing::warn!(device = %self.shared.name, qid, %error, "re-creating the queue pair failed; resetting the controller");
+                    self.shared.reset()?;
+                    self.recover()?;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(device = %self.shared.name, qid, %error, "deleting the queue pair failed; resetting the controller");
+                self.shared.reset()?;
+                self.recover()?;
             }
         }
-        reported
+        Ok(())
     }
 
     /// Polls until every outstanding request is reported or `timeout`
