@@ -81,6 +81,10 @@ pub enum IoErrorKind {
     /// channel completes what it held with this and takes nothing more.
     #[error("controller failed")]
     DeviceFailed,
+    /// The device is gone (surprise removal, or its removal was
+    /// requested): nothing more is sent to it. A mirror fails the leg.
+    #[error("device removed")]
+    DeviceRemoved,
 }
 
 /// One failed I/O: which device, which operation, which blocks, and why.

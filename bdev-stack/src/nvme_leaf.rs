@@ -314,6 +314,7 @@ fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
     match e {
         nvme::IoError::Timeout => IoErrorKind::Timeout,
         nvme::IoError::Aborted => IoErrorKind::Aborted,
+        nvme::IoError::Removed => IoErrorKind::DeviceRemoved,
         nvme::IoError::Status(s) => {
             if s.sct == nvme::spec::sct::MEDIA {
                 IoErrorKind::Medium
@@ -453,6 +454,9 @@ impl<T: Transport> Channel for NvmeChannel<T> {
                 self.free.push(slot);
                 match e {
                     nvme::SubmitError::QueueFull => Err(SubmitError::Busy),
+                    nvme::SubmitError::Removed => Err(SubmitError::Invalid(
+                        self.error(&req, IoErrorKind::DeviceRemoved),
+                    )),
                     nvme::SubmitError::Invalid(why) => {
                         tracing::warn!(device = %self.info.name, why, op = %req.op, lba = req.lba, "NVMe queue pair refused a request");
                         Err(SubmitError::Invalid(
@@ -694,6 +698,14 @@ impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
             Err(nvme::SubmitError::QueueFull) => {
                 self.free.push(slot);
                 Err(OffloadSubmitError::Busy)
+            }
+            Err(nvme::SubmitError::Removed) => {
+                self.free.push(slot);
+                Err(OffloadSubmitError::Invalid(self.error(
+                    req,
+                    OffloadErrorKind::NotExecuted,
+                    DeviceStatus::None,
+                )))
             }
             Err(nvme::SubmitError::Invalid(why)) => {
                 self.free.push(slot);

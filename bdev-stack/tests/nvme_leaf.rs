@@ -697,3 +697,49 @@ fn the_nvme_path_allocates_nothing_per_io() {
     assert_eq!(ios, 400);
     assert_eq!(allocations, 0, "allocations on the NVMe leaf path");
 }
+
+/// A controller that disappears (registers read all ones) under a mirror:
+/// I/O to its leg fails with `DeviceRemoved` within a bounded time, the
+/// mirror fails that leg and keeps serving reads and writes from the other.
+#[test]
+fn a_removed_controller_fails_its_mirror_leg_and_the_mirror_serves_on() {
+    let a = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu a"));
+    let b = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu b"));
+    let mirror = Arc::new(
+        bdev_stack::Mirror::new(vec![a.clone() as Arc<dyn BlockDevice>, b.clone() as _], 64)
+            .expect("mirror"),
+    );
+    let mut io = DmaIo::open(mirror.as_ref());
+    let first = pattern(1, 256 * 512);
+    io.write(0, &first).expect("write before the removal");
+
+    a.controller().transport().remove();
+    let started = std::time::Instant::now();
+    // Reads spread over both legs: every one still returns the data.
+    for _ in 0..4 {
+        assert!(io.read(0, 256).expect("read after the removal") == first);
+    }
+    let second = pattern(2, 128 * 512);
+    io.write(64, &second).expect("write after the removal");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let health = mirror.health();
+    assert_eq!(
+        health.legs,
+        vec![
+            bdev_stack::LegHealth::Failed,
+            bdev_stack::LegHealth::Healthy
+        ]
+    );
+    let back = io.read(64, 128).expect("read");
+    assert!(back == second);
+    // The removed leaf itself opens no new channel, with the typed error.
+    match OwnedChannel::<NvmeDmaBuffer>::open(a.as_ref(), 1) {
+        Err(BdevError::Nvme { source, .. }) => {
+            assert!(
+                matches!(*source, nvme::Error::DeviceRemoved { .. }),
+                "{source}"
+            )
+        }
+        other => panic!("a removed device opened a channel: {:?}", other.err()),
+    }
+}

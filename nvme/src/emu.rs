@@ -207,6 +207,9 @@ struct Shared {
     doorbells: Box<[AtomicU32]>,
     /// Set by a doorbell write in thread mode; the thread clears it.
     pending: AtomicBool,
+    /// Gone from the bus ([`EmuController::remove`]): registers read all
+    /// ones, writes are dropped, nothing is processed.
+    removed: AtomicBool,
     /// MMIO doorbell writes so far.
     doorbell_writes: AtomicU64,
     stop: AtomicBool,
@@ -466,6 +469,7 @@ impl EmuController {
             intms: AtomicU32::new(0),
             doorbells: (0..2 * qpairs).map(|_| AtomicU32::new(0)).collect(),
             pending: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             doorbell_writes: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             core: Mutex::new(Core {
@@ -536,6 +540,16 @@ impl EmuController {
     /// bring it back: open a new controller over the same backing file.
     pub fn power_cut_after(&self, commands: u64) {
         self.shared().lock().power_left = Some(commands);
+    }
+
+    /// Takes the controller off the bus, as a surprise removal: from now on
+    /// its registers read all ones, register writes are dropped and no
+    /// command is fetched, executed or completed. Memory is never touched
+    /// again.
+    pub fn remove(&self) {
+        let shared = self.shared();
+        let _core = shared.lock();
+        shared.removed.store(true, Ordering::SeqCst);
     }
 
     /// Holds back I/O submission queue `qid` (`held`), as a device stuck on
@@ -638,6 +652,9 @@ impl RegisterAccess for EmuRegs {
 
     fn read32(&self, offset: usize) -> u32 {
         let s = &self.shared;
+        if s.removed.load(Ordering::Acquire) {
+            return u32::MAX;
+        }
         match offset {
             regs::CAP => s.cap as u32,
             o if o == regs::CAP + 4 => (s.cap >> 32) as u32,
@@ -658,6 +675,9 @@ impl RegisterAccess for EmuRegs {
 
     fn write32(&self, offset: usize, value: u32) {
         let s = &self.shared;
+        if s.removed.load(Ordering::Acquire) {
+            return;
+        }
         if offset >= regs::DOORBELL_BASE {
             match self.doorbell_index(offset) {
                 Some(i) => {
@@ -850,7 +870,7 @@ impl Shared {
     /// Processes every submission queue until it is empty or its
     /// completion queue is full.
     fn process(&self, core: &mut Core) {
-        if core.fatal || !self.ready() {
+        if core.fatal || !self.ready() || self.removed.load(Ordering::Acquire) {
             return;
         }
         for qid in 0..core.sqs.len() {

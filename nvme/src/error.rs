@@ -236,6 +236,18 @@ pub enum Error {
         device: String,
     },
 
+    /// The controller is gone: its registers read all ones (surprise
+    /// removal, a link down), or its removal was requested (VFIO device
+    /// request). Every outstanding command was failed; nothing more is
+    /// sent to it.
+    #[error(
+        "{device}: controller removed (registers read all ones, or removal requested); open another device or re-attach it"
+    )]
+    DeviceRemoved {
+        /// The controller.
+        device: String,
+    },
+
     /// An admin command completed with an error status.
     #[error("{device}: admin command {command} failed: {status}")]
     AdminCommand {

@@ -332,6 +332,11 @@ impl MirrorChannel {
         let current = child.generation == self.leg_generation[child.leg];
         if op == IoOp::Read {
             if let Err(error) = result {
+                // A leg whose device is gone is failed on a read too: it
+                // will take no writes, so it must serve no reads.
+                if current && error.kind == IoErrorKind::DeviceRemoved {
+                    self.shared.fail_leg(child.leg, &error);
+                }
                 let tried = child.tried | 1 << child.leg;
                 let region = self.shared.dirty.region_of(child.lba);
                 if let Some(leg) = self.next_readable(region, tried) {

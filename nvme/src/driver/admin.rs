@@ -92,7 +92,21 @@ impl<T: Transport> Shared<T> {
     }
 
     pub(super) fn check_fatal(&self) -> Result<()> {
+        if self.removed.load(Ordering::Acquire) {
+            return Err(Error::DeviceRemoved {
+                device: self.name.clone(),
+            });
+        }
         let csts = self.transport.regs().csts();
+        if csts.bits() == u32::MAX {
+            // No controller reads CSTS as all ones: the device is gone.
+            if !self.removed.swap(true, Ordering::SeqCst) {
+                tracing::error!(device = %self.name, "controller removed: registers read all ones");
+            }
+            return Err(Error::DeviceRemoved {
+                device: self.name.clone(),
+            });
+        }
         if csts.contains(Csts::CFS) {
             self.failed.store(true, Ordering::SeqCst);
             return Err(Error::ControllerFatal {

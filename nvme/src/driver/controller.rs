@@ -18,6 +18,8 @@ pub(super) struct Shared<T: Transport> {
     pub(super) max_transfer: usize,
     pub(super) opts: ControllerOptions,
     pub(super) failed: AtomicBool,
+    /// The controller is gone (see [`Error::DeviceRemoved`]).
+    pub(super) removed: AtomicBool,
     /// Shadow doorbell and EventIdx pages, once configured.
     pub(super) dbbuf: Option<(Arc<Region>, Arc<Region>)>,
 }
@@ -82,6 +84,7 @@ impl<T: Transport> Controller<T> {
                 max_transfer: 0,
                 opts: opts.clone(),
                 failed: AtomicBool::new(false),
+                removed: AtomicBool::new(false),
                 dbbuf: None,
                 transport,
             }),

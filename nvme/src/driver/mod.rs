@@ -158,6 +158,10 @@ pub enum SubmitError {
     /// The request is malformed (reason given).
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    /// The controller is gone (surprise removal or removal requested):
+    /// nothing more is sent to it.
+    #[error("controller removed")]
+    Removed,
 }
 
 /// How a request failed.
@@ -177,6 +181,11 @@ pub enum IoError {
     /// executed in part (reported with Command Aborted due to SQ Deletion).
     #[error("aborted by a queue or controller reset (it may have executed in part)")]
     Aborted,
+    /// Outstanding when the controller went away (registers reading all
+    /// ones, or removal requested and the controller stopped): it may have
+    /// executed in part; the device touches its memory no more.
+    #[error("controller removed (the command may have executed in part)")]
+    Removed,
 }
 
 impl IoError {
@@ -185,7 +194,7 @@ impl IoError {
         match self {
             IoError::Status(s) => Some(*s),
             IoError::Aborted => Some(NvmeStatus::ABORTED_SQ_DELETION),
-            IoError::Timeout => None,
+            IoError::Timeout | IoError::Removed => None,
         }
     }
 }

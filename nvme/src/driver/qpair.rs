@@ -206,6 +206,12 @@ impl<T: Transport> QueuePair<T> {
         self.ring.doorbell_writes
     }
 
+    /// The controller is gone: nothing more goes to it.
+    #[inline]
+    pub(super) fn removed(&self) -> bool {
+        self.shared.removed.load(Ordering::Acquire)
+    }
+
     #[inline]
     pub(super) fn stale(&self) -> bool {
         self.shared.generation.load(Ordering::Acquire) != self.generation
@@ -216,6 +222,10 @@ impl<T: Transport> QueuePair<T> {
     pub(super) fn recover(&mut self) -> Result<()> {
         let gen_now = self.shared.generation.load(Ordering::SeqCst);
         self.fail_outstanding();
+        if self.removed() {
+            self.generation = gen_now;
+            return Ok(());
+        }
         self.ring.clear();
         self.generation = gen_now;
         self.shared.create_queues(&self.ring)
@@ -261,6 +271,9 @@ impl<T: Transport> QueuePair<T> {
 
     #[inline]
     pub(super) fn check_submit(&mut self, parts: usize) -> std::result::Result<(), SubmitError> {
+        if self.removed() {
+            return Err(SubmitError::Removed);
+        }
         if self.stale() && self.recover().is_err() {
             return Err(SubmitError::Invalid("queue pair lost by controller reset"));
         }
@@ -383,9 +396,14 @@ impl<T: Transport> QueuePair<T> {
     /// [`Error::BadDeviceData`] for a completion with an impossible CID or
     /// SQ head (the entry is consumed and ignored).
     pub fn poll(&mut self, max: usize, mut on_done: impl FnMut(Completion)) -> Result<usize> {
+        if self.removed() && self.outstanding > 0 {
+            // Nothing can complete, and nothing touches memory any more.
+            self.fail_outstanding();
+        }
         if self.stale() {
             self.recover()?;
         }
+        let removed = self.removed();
         let mut reported = 0;
         if self.aborted_pending > 0 {
             for r in 0..self.reqs.len() {
@@ -402,7 +420,9 @@ impl<T: Transport> QueuePair<T> {
                     reported += 1;
                     on_done(Completion {
                         tag: req.tag,
-                        result: Err(if req.timed_out {
+                        result: Err(if removed {
+                            IoError::Removed
+                        } else if req.timed_out {
                             IoError::Timeout
                         } else {
                             IoError::Aborted
@@ -411,6 +431,9 @@ impl<T: Transport> QueuePair<T> {
                     });
                 }
             }
+        }
+        if removed {
+            return Ok(reported);
         }
         self.ring_and_stamp();
         let mut consumed = 0;
@@ -527,8 +550,12 @@ impl<T: Transport> QueuePair<T> {
                                 .write32(self.ring.sq_db, self.ring.sq_tail as u32);
                             self.ring.doorbell_writes.sq += 1;
                         }
-                        self.shared.check_fatal()?;
-                        self.expire(now);
+                        match self.shared.check_fatal() {
+                            Ok(()) => self.expire(now),
+                            // Reported by the next poll.
+                            Err(Error::DeviceRemoved { .. }) => self.fail_outstanding(),
+                            Err(e) => return Err(e),
+                        }
                     }
                     Some(_) => {}
                 }
@@ -593,6 +620,10 @@ impl<T: Transport> QueuePair<T> {
     /// is reset. Only then are the requests reported, as timed out (they
     /// may have executed) or aborted.
     fn settle_timeouts(&mut self, deadline: Instant) -> Result<()> {
+        if self.removed() {
+            self.fail_outstanding();
+            return Ok(());
+        }
         if !self.slots.iter().any(|s| s.state == SlotState::TimedOut) {
             self.recovery_deadline = None;
             return Ok(());
@@ -644,6 +675,7 @@ impl<T: Transport> QueuePair<T> {
 impl<T: Transport> Drop for QueuePair<T> {
     fn drop(&mut self) {
         if !self.stale()
+            && !self.removed()
             && !self.shared.failed.load(Ordering::SeqCst)
             && let Err(e) = self.shared.delete_queues(self.ring.qid)
         {
