@@ -203,17 +203,22 @@ impl<T: Transport> Shared<T> {
         }
     }
 
-    pub(super) fn create_queues(&self, ring: &Ring) -> Result<()> {
+    /// Creates `ring`'s CQ and SQ under one hold of the admin queue, so
+    /// no reset falls between them; returns the reset generation they
+    /// belong to.
+    pub(super) fn create_queues(&self, ring: &Ring) -> Result<u64> {
+        let mut q = self.lock_admin();
+        let generation = self.generation.load(Ordering::SeqCst);
         let qid = ring.qid;
         let cq = cmd::CreateIoCq::new(qid, ring.entries, ring.cq.iova()).build();
-        self.admin(&format!("Create I/O CQ {qid}"), cq, 0, None)?;
+        self.admin_locked(&mut q, &format!("Create I/O CQ {qid}"), cq, 0, None)?;
         let sq = cmd::CreateIoSq::new(qid, ring.entries, qid, ring.sq.iova()).build();
-        if let Err(e) = self.admin(&format!("Create I/O SQ {qid}"), sq, 0, None) {
+        if let Err(e) = self.admin_locked(&mut q, &format!("Create I/O SQ {qid}"), sq, 0, None) {
             let del = cmd::DeleteIoCq::new(qid).build();
-            let _ = self.admin(&format!("Delete I/O CQ {qid}"), del, 0, None);
+            let _ = self.admin_locked(&mut q, &format!("Delete I/O CQ {qid}"), del, 0, None);
             return Err(e);
         }
-        Ok(())
+        Ok(generation)
     }
 
     pub(super) fn delete_queues(&self, qid: u16) -> Result<()> {

@@ -120,17 +120,16 @@ impl<T: Transport> QueuePair<T> {
             }
             let depth = entries as usize - 1;
             let pool = shared.transport.dma().alloc(depth * PAGE_SIZE as usize)?;
-            shared.create_queues(&ring)?;
-            Ok((ring, pool, depth))
+            let generation = shared.create_queues(&ring)?;
+            Ok((ring, pool, depth, generation))
         })();
-        let (ring, pool, depth) = match built {
+        let (ring, pool, depth, generation) = match built {
             Ok(b) => b,
             Err(e) => {
                 release(&shared);
                 return Err(e);
             }
         };
-        let generation = shared.generation.load(Ordering::SeqCst);
         let max_transfer = shared.max_transfer;
         Ok(QueuePair {
             generation,
@@ -220,15 +219,20 @@ impl<T: Transport> QueuePair<T> {
     /// After a controller reset: every outstanding request fails (reported
     /// by the next poll), the ring restarts, the queues are re-created.
     pub(super) fn recover(&mut self) -> Result<()> {
-        let gen_now = self.shared.generation.load(Ordering::SeqCst);
+        // The resetter holds the admin queue from before it bumps the
+        // generation until the controller is back: waiting for it here
+        // means CC.EN = 0 has taken effect, so the controller can no longer
+        // touch what this queue held. Failing the requests any earlier
+        // would hand back buffers the controller may still be writing.
+        drop(self.shared.lock_admin());
         self.fail_outstanding();
         if self.removed() {
-            self.generation = gen_now;
+            self.generation = self.shared.generation.load(Ordering::SeqCst);
             return Ok(());
         }
         self.ring.clear();
-        self.generation = gen_now;
-        self.shared.create_queues(&self.ring)
+        self.generation = self.shared.create_queues(&self.ring)?;
+        Ok(())
     }
 
     /// Once the device can no longer touch them (queue deleted, controller
@@ -637,10 +641,13 @@ impl<T: Transport> QueuePair<T> {
             Ok(()) => {
                 self.fail_outstanding();
                 self.ring.clear();
-                if let Err(error) = self.shared.create_queues(&self.ring) {
-                    tracing::warn!(device = %self.shared.name, qid, %error, "re-creating the queue pair failed; resetting the controller");
-                    self.shared.reset()?;
-                    self.recover()?;
+                match self.shared.create_queues(&self.ring) {
+                    Ok(generation) => self.generation = generation,
+                    Err(error) => {
+                        tracing::warn!(device = %self.shared.name, qid, %error, "re-creating the queue pair failed; resetting the controller");
+                        self.shared.reset()?;
+                        self.recover()?;
+                    }
                 }
             }
             Err(error) => {
