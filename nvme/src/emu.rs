@@ -210,6 +210,8 @@ struct Shared {
     /// Gone from the bus ([`EmuController::remove`]): registers read all
     /// ones, writes are dropped, nothing is processed.
     removed: AtomicBool,
+    /// The platform wants the device back ([`EmuController::request_removal`]).
+    removal_requested: AtomicBool,
     /// MMIO doorbell writes so far.
     doorbell_writes: AtomicU64,
     stop: AtomicBool,
@@ -470,6 +472,7 @@ impl EmuController {
             doorbells: (0..2 * qpairs).map(|_| AtomicU32::new(0)).collect(),
             pending: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            removal_requested: AtomicBool::new(false),
             doorbell_writes: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             core: Mutex::new(Core {
@@ -552,6 +555,17 @@ impl EmuController {
         shared.removed.store(true, Ordering::SeqCst);
     }
 
+    /// Asks the host to give the device back, as the kernel does through
+    /// VFIO's device request on hot unplug: the controller keeps working
+    /// until the host stops it and releases it
+    /// ([`Transport::release`](crate::Transport::release)), after which it
+    /// is gone as after [`EmuController::remove`].
+    pub fn request_removal(&self) {
+        self.shared()
+            .removal_requested
+            .store(true, Ordering::SeqCst);
+    }
+
     /// Holds back I/O submission queue `qid` (`held`), as a device stuck on
     /// it would: commands rung in wait unfetched and unexecuted, so their
     /// buffers may still be touched long after the host gave up on them.
@@ -632,6 +646,14 @@ impl Transport for EmuController {
 
     fn max_doorbell_qid(&self) -> u16 {
         max_doorbell_qid(self.shared().window_len, self.shared().stride).unwrap_or(0)
+    }
+
+    fn removal_requested(&self) -> bool {
+        self.shared().removal_requested.load(Ordering::Acquire)
+    }
+
+    fn release(&self) {
+        self.remove();
     }
 }
 

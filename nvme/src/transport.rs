@@ -28,6 +28,16 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Highest queue id whose doorbells fit in the register window.
     fn max_doorbell_qid(&self) -> u16;
+
+    /// True once the platform asked for the device back (VFIO's device
+    /// request on hot unplug or unbind): the driver then stops the
+    /// controller and calls [`Transport::release`].
+    fn removal_requested(&self) -> bool;
+
+    /// Hands the device back after the controller was stopped: from then
+    /// on the register window reads all ones and takes writes harmlessly,
+    /// and nothing of the device is held.
+    fn release(&self);
 }
 
 impl Transport for VfioPci {
@@ -48,5 +58,13 @@ impl Transport for VfioPci {
 
     fn max_doorbell_qid(&self) -> u16 {
         VfioPci::max_doorbell_qid(self)
+    }
+
+    fn removal_requested(&self) -> bool {
+        VfioPci::removal_requested(self)
+    }
+
+    fn release(&self) {
+        VfioPci::release(self)
     }
 }

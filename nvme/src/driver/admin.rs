@@ -92,6 +92,9 @@ impl<T: Transport> Shared<T> {
     }
 
     pub(super) fn check_fatal(&self) -> Result<()> {
+        if !self.removed.load(Ordering::Acquire) && self.transport.removal_requested() {
+            self.stop_and_release();
+        }
         if self.removed.load(Ordering::Acquire) {
             return Err(Error::DeviceRemoved {
                 device: self.name.clone(),
@@ -206,6 +209,21 @@ impl<T: Transport> Shared<T> {
     /// Creates `ring`'s CQ and SQ under one hold of the admin queue, so
     /// no reset falls between them; returns the reset generation they
     /// belong to.
+    /// The platform wants the device back: nothing more is sent, the
+    /// controller is disabled (CC.EN = 0: it stops fetching commands and
+    /// moving data, bounded by CAP.TO) and the device released. Queue
+    /// pairs then fail what they hold with [`IoError::Removed`].
+    pub(super) fn stop_and_release(&self) {
+        if self.removed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(device = %self.name, "removal requested: stopping the controller and releasing it");
+        if let Err(error) = disable(&self.transport, &self.name, self.cap) {
+            tracing::warn!(device = %self.name, %error, "the controller did not stop cleanly before its release");
+        }
+        self.transport.release();
+    }
+
     pub(super) fn create_queues(&self, ring: &Ring) -> Result<u64> {
         let mut q = self.lock_admin();
         let generation = self.generation.load(Ordering::SeqCst);

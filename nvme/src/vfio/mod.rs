@@ -21,14 +21,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use memmap2::{MmapOptions, MmapRaw};
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::dma::{BASE_PAGE_SIZE, DmaBuffer, DmaContext, HUGE_PAGE_SIZE};
 pub use iova::{IovaAllocator, IovaRange};
@@ -80,6 +81,13 @@ pub struct Bar {
 impl Bar {
     fn from_map(map: MmapRaw) -> Bar {
         Bar { map }
+    }
+
+    /// Lets go of the device's registers: the window becomes memory that
+    /// reads all ones (as a removed device does) and takes writes
+    /// harmlessly, so handles still holding the `Bar` keep working.
+    fn retire(&self) -> io::Result<()> {
+        sys::replace_with_ones(self.map.as_mut_ptr(), self.map.len())
     }
 
     #[inline]
@@ -163,7 +171,11 @@ pub struct VfioPci {
     // Field order is drop order: BAR first, then the device (which detaches
     // the group from the container), then our handle on the container.
     bar0: Arc<Bar>,
-    device: VfioDevice,
+    /// `None` once released ([`Transport::release`](crate::Transport)).
+    device: Mutex<Option<VfioDevice>>,
+    /// Signalled by the kernel when it wants the device back (hot unplug,
+    /// unbind): VFIO's device request interrupt.
+    request: Option<EventFd>,
     dma: Arc<DmaContext>,
     addr: PciAddress,
     group: u32,
@@ -361,9 +373,11 @@ impl VfioPci {
             "opened NVMe controller through VFIO"
         );
 
+        let request = device_request_notifier(&device, &target);
         Ok(VfioPci {
             bar0,
-            device,
+            device: Mutex::new(Some(device)),
+            request,
             dma: Arc::clone(ctx),
             addr,
             group,
@@ -423,26 +437,100 @@ impl VfioPci {
 
     /// The PCI Command register.
     pub fn pci_command(&self) -> Result<u16> {
-        self.config_space().config_read_u16(PCI_COMMAND)
+        self.config_space()?.config_read_u16(PCI_COMMAND)
     }
 
     /// Reads `buf.len()` bytes of PCI configuration space at `offset`.
     pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.config_space().config_read(offset, buf)
+        self.config_space()?.config_read(offset, buf)
     }
 
     /// Writes `buf` to PCI configuration space at `offset` (VFIO filters
     /// what reaches the device).
     pub fn config_write(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.config_space().config_write(offset, buf)
+        self.config_space()?.config_write(offset, buf)
     }
 
-    fn config_space(&self) -> ConfigSpace {
-        ConfigSpace {
-            fd: self.device.as_raw_fd(),
+    fn device(&self) -> std::sync::MutexGuard<'_, Option<VfioDevice>> {
+        // The slot is either the device or nothing: valid, poisoned or not.
+        self.device.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn config_space(&self) -> Result<ConfigSpace> {
+        let fd = self
+            .device()
+            .as_ref()
+            .map(|d| d.as_raw_fd())
+            .ok_or_else(|| Error::DeviceRemoved {
+                device: self.addr.to_string(),
+            })?;
+        Ok(ConfigSpace {
+            fd,
             addr: self.addr,
             config_offset: self.config_offset,
             config_size: self.config_size,
+        })
+    }
+
+    /// True once the kernel asked for the device back (VFIO device
+    /// request: hot unplug or unbind). One non-blocking read.
+    pub fn removal_requested(&self) -> bool {
+        self.request.as_ref().is_some_and(|e| e.read().is_ok())
+    }
+
+    /// Hands the device back to the kernel: BAR0 becomes memory that reads
+    /// all ones, the device request interrupt is disabled and the device
+    /// closed, so an unplug can complete. Stop the controller first.
+    pub fn release(&self) {
+        let Some(device) = self.device().take() else {
+            return;
+        };
+        if let Err(error) = self.bar0.retire() {
+            tracing::error!(addr = %self.addr, %error, "cannot retire BAR0; keeping the device");
+            *self.device() = Some(device);
+            return;
+        }
+        if self.request.is_some()
+            && let Err(error) = device.disable_irq(VFIO_PCI_REQ_IRQ_INDEX)
+        {
+            tracing::warn!(addr = %self.addr, ?error, "disabling the device request interrupt failed");
+        }
+        // Closing the device may detach its group from the container.
+        self.dma.detach();
+        drop(device);
+        tracing::info!(addr = %self.addr, "device released to the kernel");
+    }
+}
+
+/// An eventfd the kernel signals when it wants the device back, if the
+/// device has VFIO's request interrupt.
+fn device_request_notifier(device: &VfioDevice, target: &str) -> Option<EventFd> {
+    let count = device
+        .get_irq_info(VFIO_PCI_REQ_IRQ_INDEX)
+        .map_or(0, |irq| irq.count);
+    if count == 0 {
+        tracing::info!(
+            target,
+            "no VFIO device request interrupt: removal is seen only as all-ones registers"
+        );
+        return None;
+    }
+    let event = match EventFd::new(libc::EFD_NONBLOCK) {
+        Ok(e) => e,
+        Err(error) => {
+            tracing::warn!(target, %error, "eventfd for device requests failed");
+            return None;
+        }
+    };
+    match device.enable_irq(VFIO_PCI_REQ_IRQ_INDEX, vec![&event]) {
+        Ok(()) => Some(event),
+        Err(error) => {
+            tracing::warn!(
+                target,
+                ?error,
+                "enabling the device request interrupt failed"
+            );
+            None
         }
     }
 }
@@ -452,7 +540,9 @@ impl Drop for VfioPci {
         // Runs before the fields drop: closing the device detaches its group,
         // and the kernel then drops every DMA mapping of the container, so
         // buffers that outlive us must not try to unmap.
-        self.dma.detach();
+        if self.device().is_some() {
+            self.dma.detach();
+        }
     }
 }
 

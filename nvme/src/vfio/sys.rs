@@ -211,6 +211,34 @@ pub(crate) fn pwrite_all(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
     }
 }
 
+/// Replaces the mapping at `ptr..ptr + len` (page-aligned, a BAR mapping
+/// this process made) with private anonymous memory filled with ones, in
+/// one `mmap(MAP_FIXED)`: a thread accessing the range meanwhile meets
+/// either the device or the new memory, never an unmapped hole, and the
+/// device's mapping is gone.
+pub(crate) fn replace_with_ones(ptr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: MAP_FIXED over a range this process mapped (the caller's BAR
+    // mapping, which it keeps owning and unmaps on drop) atomically swaps
+    // it for fresh anonymous memory of the same size; no other mapping is
+    // touched.
+    let got = unsafe {
+        libc::mmap(
+            ptr.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the range is now private anonymous memory of `len` bytes.
+    unsafe { std::ptr::write_bytes(ptr, 0xff, len) };
+    Ok(())
+}
+
 /// `madvise(MADV_DONTFORK)`: keep DMA memory out of children, so a fork
 /// cannot make the parent's pinned pages copy-on-write.
 pub(crate) fn dontfork(ptr: *mut u8, len: usize) -> io::Result<()> {
