@@ -168,6 +168,8 @@ impl<T: Transport> Channel for NvmeChannel<T> {
                 self.error(&req, IoErrorKind::DeviceFailed),
             ));
         }
+        // Refuses, among others, a buffer of another DMA context
+        // (`DeviceInfo::dma_context` is the controller's).
         self.info.validate(&req).map_err(SubmitError::Invalid)?;
         match req.op {
             IoOp::WriteZeroes

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use nvme::{DmaBuffer, DmaContext};
 
-use super::env::{emu_dma_allocator, vfio_dma_allocator};
-use crate::buffer::{DmaAllocator, DmaMemory, DmaSlice};
-use crate::device::{BlockDevice, DeviceKind};
+use crate::buffer::{DmaAddress, DmaAllocator, DmaContextId, DmaMemory, DmaSlice};
+use crate::device::BlockDevice;
 use crate::error::BdevError;
 
 /// Allocates buffers from an NVMe [`DmaContext`]: every controller of the
@@ -44,6 +43,10 @@ impl DmaAllocator for NvmeDmaAllocator {
     fn allocate(&self, len: usize) -> Result<Box<dyn DmaMemory>, BdevError> {
         Ok(Box::new(self.alloc(len)?))
     }
+
+    fn dma_context(&self) -> Option<DmaContextId> {
+        Some(self.ctx.id())
+    }
 }
 
 /// A DMA buffer of an NVMe context as stack I/O memory. Its bytes are only
@@ -75,6 +78,12 @@ impl NvmeDmaBuffer {
         self.buf.write_bytes(offset, src).map_err(dma_error)
     }
 
+    /// The context the buffer is mapped in: only leaves of this context
+    /// take it.
+    pub fn dma_context(&self) -> DmaContextId {
+        self.buf.context_id()
+    }
+
     /// The driver's buffer.
     pub fn inner(&self) -> &DmaBuffer {
         &self.buf
@@ -95,45 +104,62 @@ fn dma_error(source: nvme::Error) -> BdevError {
 unsafe impl DmaMemory for NvmeDmaBuffer {
     fn dma_slice(&mut self) -> DmaSlice {
         let ptr = NonNull::new(self.buf.as_ptr()).unwrap_or(NonNull::dangling());
+        let dma = DmaAddress {
+            iova: self.buf.iova(),
+            context: self.buf.context_id(),
+        };
         // SAFETY: `ptr..ptr + len` is the buffer's own mapping (library
-        // memory, never caller stack or heap) and `iova` maps it.
-        unsafe { DmaSlice::from_raw_parts(ptr, self.buf.len(), Some(self.buf.iova())) }
+        // memory, never caller stack or heap) and `iova` maps it in the
+        // buffer's context.
+        unsafe { DmaSlice::from_raw_parts(ptr, self.buf.len(), Some(dma)) }
     }
 }
 
-/// The allocator whose buffers every leaf under `device` accepts: the
-/// emulators' context for stacks with `emu:` leaves, the VFIO container for
-/// stacks with `nvme:` leaves, host memory when no leaf needs an IOVA.
+/// The allocator whose buffers every leaf under `device` accepts: that of
+/// the DMA context its NVMe leaves share (the host context of the registry
+/// that opened its `emu:` leaves, or its VFIO container for `nvme:`
+/// leaves), host memory when no leaf needs an IOVA. This is where a stack's
+/// buffers should come from: a buffer of another context is refused.
 ///
-/// Errors: [`BdevError::InvalidParameter`] for a stack that mixes `emu:`
-/// and `nvme:` leaves (no one context serves both), and the VFIO
-/// container's error.
+/// Errors: [`BdevError::InvalidParameter`] for a stack whose leaves are in
+/// different DMA contexts (opened by different registries, or `emu:` with
+/// `nvme:` leaves: no one buffer serves both), or with a leaf that needs
+/// IOVAs but names no allocator.
 pub fn dma_allocator_for(
     device: &Arc<dyn BlockDevice>,
 ) -> Result<Arc<dyn DmaAllocator>, BdevError> {
-    fn walk(d: &Arc<dyn BlockDevice>, emu: &mut bool, vfio: &mut bool) {
+    let mut found: Option<(String, Arc<dyn DmaAllocator>)> = None;
+    let mut stack = vec![Arc::clone(device)];
+    while let Some(d) = stack.pop() {
         let members = d.members();
         let info = d.info();
         if members.is_empty() && info.needs_iova {
-            match info.kind {
-                DeviceKind::Emulated => *emu = true,
-                _ => *vfio = true,
+            let Some(alloc) = d.iova_allocator() else {
+                return Err(BdevError::InvalidParameter {
+                    device: info.name.clone(),
+                    parameter: "DMA allocator",
+                    reason: "the leaf needs DMA-mapped buffers but names no allocator of them"
+                        .into(),
+                });
+            };
+            match &found {
+                None => found = Some((info.name.clone(), alloc)),
+                Some((first, a)) if a.dma_context() != alloc.dma_context() => {
+                    return Err(BdevError::InvalidParameter {
+                        device: device.info().name.clone(),
+                        parameter: "leaves",
+                        reason: format!(
+                            "{first} and {} are in different DMA contexts, so no buffer \
+                             serves both: build the stack with one leaf registry, and do not \
+                             mix emu: and nvme: leaves",
+                            info.name
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
         }
-        for m in &members {
-            walk(m, emu, vfio);
-        }
+        stack.extend(members);
     }
-    let (mut emu, mut vfio) = (false, false);
-    walk(device, &mut emu, &mut vfio);
-    match (emu, vfio) {
-        (true, true) => Err(BdevError::InvalidParameter {
-            device: device.info().name.clone(),
-            parameter: "leaves",
-            reason: "mixes emu: and nvme: leaves; no DMA context serves both".into(),
-        }),
-        (true, false) => Ok(emu_dma_allocator()),
-        (false, true) => vfio_dma_allocator(),
-        (false, false) => Ok(Arc::new(crate::buffer::HostAllocator)),
-    }
+    Ok(found.map_or_else(|| Arc::new(crate::buffer::HostAllocator) as _, |(_, a)| a))
 }

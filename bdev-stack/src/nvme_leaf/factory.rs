@@ -1,27 +1,18 @@
-//! Opening `emu:` and `nvme:` leaves, directly and from spec strings.
+//! The `emu:` and `nvme:` leaf factories: spec strings to leaves opened
+//! in the registry's [`NvmeEnvironment`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nvme::emu::{Backing, EmuConfig, EmuController, EmuMode, NamespaceConfig};
-use nvme::vfio::{PciAddress, VfioPci};
-use nvme::{Controller, ControllerOptions, Transport};
+use nvme::vfio::PciAddress;
 
-use super::env::{emu_dma_context, vfio_controller};
-use super::namespace::NvmeNamespace;
-use crate::device::{BlockDevice, DeviceId, DeviceKind};
-use crate::error::BdevError;
+use super::env::NvmeEnvironment;
+use crate::device::BlockDevice;
 use crate::spec::{
     LeafError, LeafFactory, LeafSpec, bytes_of, option_value, parse_size, size_option,
 };
 
-/// Opens namespace `nsid` of the controller at PCI address `addr` (bound
-/// to vfio-pci) as a leaf.
-pub fn open_vfio_namespace(addr: &str, nsid: u32) -> Result<NvmeNamespace<VfioPci>, BdevError> {
-    NvmeNamespace::new(vfio_controller(addr)?, nsid)
-}
-
-/// An emulated namespace for [`open_emu_namespace`].
+/// An emulated namespace for [`NvmeEnvironment::open_emu_namespace`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmuNamespace {
     /// Size in bytes (a multiple of the block size).
@@ -58,80 +49,17 @@ impl EmuNamespace {
     }
 }
 
-/// Opens an in-process emulated controller (inline: a doorbell write
-/// processes the queue) with one namespace, in the process's emulator DMA
-/// context, as a leaf.
-pub fn open_emu_namespace(cfg: EmuNamespace) -> Result<NvmeNamespace<EmuController>, BdevError> {
-    let bs = u64::from(cfg.block_size);
-    let invalid = |parameter, reason: String| BdevError::InvalidParameter {
-        device: "emu".into(),
-        parameter,
-        reason,
-    };
-    if cfg.block_size != 512 && cfg.block_size != 4096 {
-        return Err(invalid(
-            "block size",
-            format!(
-                "{}: emulated namespaces have 512 or 4096-byte blocks",
-                cfg.block_size
-            ),
-        ));
-    }
-    if cfg.size == 0 || !cfg.size.is_multiple_of(bs) {
-        return Err(invalid(
-            "size",
-            format!("{} is not a non-zero multiple of {bs}", cfg.size),
-        ));
-    }
-    let blocks = cfg.size / bs;
-    let mut ns = match (&cfg.file, cfg.null) {
-        (Some(_), true) => {
-            return Err(invalid(
-                "backing",
-                "a null namespace keeps no data, so it takes no file".into(),
-            ));
-        }
-        (None, true) => NamespaceConfig::null(cfg.block_size, blocks),
-        (file, false) => NamespaceConfig {
-            backing: file.clone().map_or(Backing::Memory, Backing::File),
-            ..NamespaceConfig::memory(cfg.block_size, blocks)
-        },
-    };
-    (ns.msrc, ns.mssrl, ns.mcl) = cfg.copy;
-    let ctx = emu_dma_context();
-    let id = DeviceId::fresh();
-    let emu = EmuController::new(
-        &ctx,
-        EmuConfig {
-            serial: format!("EMU{:05}", id.0),
-            mqes: 4095,
-            namespaces: vec![ns],
-            mode: if cfg.threaded {
-                EmuMode::Thread
-            } else {
-                EmuMode::Inline
-            },
-            ..EmuConfig::default()
-        },
-    )
-    .map_err(|source| BdevError::Nvme {
-        device: "emu".into(),
-        action: "create the emulated controller",
-        source: Box::new(source),
-    })?;
-    let name = emu.name();
-    let ctrl =
-        Controller::new(emu, ControllerOptions::default()).map_err(|source| BdevError::Nvme {
-            device: name,
-            action: "bring the emulated controller up",
-            source: Box::new(source),
-        })?;
-    Ok(NvmeNamespace::new(Arc::new(ctrl), 1)?.with_kind(DeviceKind::Emulated))
+/// Opens `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N][,file=PATH][,thread]`
+/// leaves in an environment.
+pub(crate) struct EmuFactory {
+    env: NvmeEnvironment,
 }
 
-/// Opens `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N][,file=PATH][,thread]`
-/// leaves.
-pub(crate) struct EmuFactory;
+impl EmuFactory {
+    pub(crate) fn new(env: NvmeEnvironment) -> EmuFactory {
+        EmuFactory { env }
+    }
+}
 
 impl LeafFactory for EmuFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
@@ -186,7 +114,7 @@ impl LeafFactory for EmuFactory {
             number("mssrl", u64::from(u16::MAX))?.map_or(rig.1, |n| n as u16),
             number("mcl", u64::from(u32::MAX))?.map_or(rig.2, |n| n as u32),
         );
-        let ns = open_emu_namespace(EmuNamespace {
+        let ns = self.env.open_emu_namespace(EmuNamespace {
             size,
             block_size,
             null,
@@ -198,8 +126,16 @@ impl LeafFactory for EmuFactory {
     }
 }
 
-/// Opens `nvme:DDDD:BB:DD.F/NSID` leaves.
-pub(crate) struct NvmeFactory;
+/// Opens `nvme:DDDD:BB:DD.F/NSID` leaves in an environment.
+pub(crate) struct NvmeFactory {
+    env: NvmeEnvironment,
+}
+
+impl NvmeFactory {
+    pub(crate) fn new(env: NvmeEnvironment) -> NvmeFactory {
+        NvmeFactory { env }
+    }
+}
 
 impl LeafFactory for NvmeFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
@@ -225,6 +161,6 @@ impl LeafFactory for NvmeFactory {
                 )));
             }
         };
-        Ok(Arc::new(open_vfio_namespace(addr, nsid)?))
+        Ok(Arc::new(self.env.open_vfio_namespace(addr, nsid)?))
     }
 }

@@ -100,6 +100,7 @@ impl<T: Transport> NvmeNamespace<T> {
             // PRP entries must be dword aligned.
             buf_align: 4,
             needs_iova: true,
+            dma_context: Some(ctrl.transport().dma().id()),
             optimal_boundary_blocks: u64::from(id_ns.noiob.get()),
             ops,
             copy_offloads,
@@ -178,6 +179,10 @@ impl<T: Transport> BlockDevice for NvmeNamespace<T> {
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn iova_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        Some(self.dma_allocator())
     }
 
     fn backing(&self) -> BackingId {
