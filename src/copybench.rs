@@ -29,10 +29,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev_stack::nvme_leaf::{emu_dma_allocator, emu_dma_context, vfio_dma_context};
+use bdev_stack::nvme_leaf::dma_allocator_for;
 use bdev_stack::{
-    BdevError, BlockDevice, DeviceKind, DmaAllocator, DmaMemory, HostAllocator, HostBuffer,
-    LbaRange, NvmeDmaAllocator, OwnedChannel, SubmitError,
+    BdevError, BlockDevice, DmaAllocator, DmaMemory, LbaRange, OwnedChannel, SubmitError,
 };
 use copy_engine::{
     CopyEngine, CopyError, CopyOptions, CopyReport, DEFAULT_BOUNCE_BYTES, DEFAULT_BUFFER_BYTES,
@@ -303,38 +302,6 @@ mod sys {
     }
 }
 
-/// Where a stack's I/O buffers come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum BufferClass {
-    Host,
-    Emu,
-    Vfio,
-}
-
-fn buffer_class(device: &Arc<dyn BlockDevice>) -> BufferClass {
-    let members = device.members();
-    let info = device.info();
-    let mut class = if members.is_empty() && info.needs_iova {
-        if info.kind == DeviceKind::Emulated {
-            BufferClass::Emu
-        } else {
-            BufferClass::Vfio
-        }
-    } else {
-        BufferClass::Host
-    };
-    for m in &members {
-        class = class.max(buffer_class(m));
-    }
-    class
-}
-
-/// Buffers for filling and reading back.
-enum IoBuffers {
-    Host,
-    Nvme(NvmeDmaAllocator),
-}
-
 /// A workload set up on its devices, ready to run copies.
 pub struct Bench {
     workload: Workload,
@@ -343,7 +310,7 @@ pub struct Bench {
     src_ranges: Vec<LbaRange>,
     dst_ranges: Vec<LbaRange>,
     block_size: u64,
-    io: IoBuffers,
+    /// Buffers both stacks take: for filling, reading back and bouncing.
     allocator: Arc<dyn DmaAllocator>,
     /// One engine per mode (bounce, offload), kept across runs as an
     /// application keeps its engine: buffers and channels are set up by
@@ -491,24 +458,18 @@ impl Bench {
             lba: dst_lba,
             blocks: total,
         }];
-        let (sc, dc) = (buffer_class(&src), buffer_class(&dst));
-        let class = sc.max(dc);
-        if class == BufferClass::Vfio && sc.min(dc) == BufferClass::Emu {
-            return Err(CopyBenchError::Config(
-                "source and destination mix emu: and nvme: leaves; no DMA context serves both"
-                    .into(),
-            ));
-        }
-        let (io, allocator): (IoBuffers, Arc<dyn DmaAllocator>) = match class {
-            BufferClass::Host => (IoBuffers::Host, Arc::new(HostAllocator)),
-            BufferClass::Emu => (
-                IoBuffers::Nvme(NvmeDmaAllocator::new(emu_dma_context())),
-                emu_dma_allocator(),
-            ),
-            BufferClass::Vfio => {
-                let a = NvmeDmaAllocator::new(vfio_dma_context()?);
-                (IoBuffers::Nvme(a.clone()), Arc::new(a))
+        let allocator = dma_allocator_for(&src)?;
+        let dst_allocator = dma_allocator_for(&dst)?;
+        let allocator = match (allocator.dma_context(), dst_allocator.dma_context()) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(CopyBenchError::Config(format!(
+                    "{} and {} are in different DMA contexts, so no buffer serves both: \
+                     build them with one leaf registry, and do not mix emu: and nvme: leaves",
+                    si.name, di.name
+                )));
             }
+            (None, Some(_)) => dst_allocator,
+            _ => allocator,
         };
         info!(
             src = %si.name,
@@ -525,7 +486,6 @@ impl Bench {
             src_ranges,
             dst_ranges,
             block_size: bs,
-            io,
             allocator,
             engines: [None, None],
         })
@@ -624,26 +584,12 @@ impl Bench {
             write,
             action,
         };
-        match &self.io {
-            IoBuffers::Host => io.run(
-                data,
-                HostBuffer::new,
-                |b: &mut HostBuffer, src| {
-                    b.as_mut_slice()[..src.len()].copy_from_slice(src);
-                    Ok(())
-                },
-                |b, dst| {
-                    dst.copy_from_slice(&b.as_slice()[..dst.len()]);
-                    Ok(())
-                },
-            ),
-            IoBuffers::Nvme(a) => io.run(
-                data,
-                |len| a.alloc(len),
-                |b, src| b.write_bytes(0, src),
-                |b, dst| b.read_bytes(0, dst),
-            ),
-        }
+        io.run(
+            data,
+            |len| self.allocator.allocate(len),
+            |b, src| b.fill_from(0, src),
+            |b, dst| b.copy_to(0, dst),
+        )
     }
 }
 
@@ -720,7 +666,7 @@ impl Transfer<'_> {
         data: &mut [u8],
         alloc: impl Fn(usize) -> Result<B, BdevError>,
         load: impl Fn(&mut B, &[u8]) -> Result<(), BdevError>,
-        store: impl Fn(&B, &mut [u8]) -> Result<(), BdevError>,
+        store: impl Fn(&mut B, &mut [u8]) -> Result<(), BdevError>,
     ) -> Result<(), CopyBenchError> {
         let bs = self.block_size;
         let max_blocks = (IO_BYTES / bs)
@@ -758,10 +704,10 @@ impl Transfer<'_> {
                 if let Err(e) = result {
                     failures.push(format!("{lba}+{n}: {e}"));
                 }
-                let Some(buf) = buf else { return };
+                let Some(mut buf) = buf else { return };
                 if !self.write
                     && let Some(out) = data.get_mut(off as usize..(off + n * bs) as usize)
-                    && let Err(e) = store(&buf, out)
+                    && let Err(e) = store(&mut buf, out)
                 {
                     failures.push(e.to_string());
                 }

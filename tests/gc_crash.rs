@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ustor::bdev_stack::BlockDevice;
-use ustor::bdev_stack::NvmeNamespace;
-use ustor::bdev_stack::nvme_leaf::{EmuNamespace, open_emu_namespace};
+use ustor::bdev_stack::nvme_leaf::EmuNamespace;
+use ustor::bdev_stack::{NvmeEnvironment, NvmeNamespace};
 use ustor::gc::{GcError, LogStore, Policy, StoreOptions, Workload, check_block};
 use ustor::nvme::emu::EmuController;
 
@@ -32,15 +32,17 @@ fn scratch(name: &str) -> Scratch {
     Scratch(dir.join(format!("ustor-gc-crash-{}-{name}.img", std::process::id())))
 }
 
-/// A controller over `file`.
+/// A controller over `file`, in an environment of its own (the store
+/// takes its buffers from the device).
 fn device(file: &Scratch, block_size: u32) -> Arc<NvmeNamespace<EmuController>> {
     Arc::new(
-        open_emu_namespace(EmuNamespace {
-            file: Some(file.0.clone()),
-            // 2048 blocks: 127 segments of 16.
-            ..EmuNamespace::memory(2048 * u64::from(block_size), block_size)
-        })
-        .expect("emulated namespace"),
+        NvmeEnvironment::new()
+            .open_emu_namespace(EmuNamespace {
+                file: Some(file.0.clone()),
+                // 2048 blocks: 127 segments of 16.
+                ..EmuNamespace::memory(2048 * u64::from(block_size), block_size)
+            })
+            .expect("emulated namespace"),
     )
 }
 

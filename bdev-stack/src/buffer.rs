@@ -1,8 +1,10 @@
 //! I/O buffers: library-owned, page-aligned memory described by host
-//! pointer, length and, when a DMA context mapped it, a device address.
+//! pointer, length and, when a DMA context mapped it, a device address:
+//! the IOVA and the context it is valid in ([`DmaAddress`]).
 //!
 //! [`DmaSlice`] is the descriptor every channel takes: it is what an NVMe
-//! leaf turns into PRPs (from [`DmaSlice::iova`]) and what a SCSI or file
+//! leaf turns into PRPs (from [`DmaSlice::iova`], after checking
+//! [`DmaSlice::dma_context`] is its controller's) and what a SCSI or file
 //! leaf hands to `SG_IO`/`pread` for direct I/O (from [`DmaSlice::host_ptr`]).
 //! It is `Copy` and carries no lifetime, so splitting a request into
 //! children is pointer arithmetic; the promise that the memory lives and is
@@ -17,20 +19,37 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
+pub use nvme::DmaContextId;
+
 use crate::error::BdevError;
 
 /// Alignment of [`HostBuffer`]s: a page, which satisfies `O_DIRECT` on every
 /// Linux filesystem and NVMe's PRP rules for the first entry.
 pub const PAGE_SIZE: usize = 4096;
 
+/// Where a device finds memory: an IOVA, and the DMA context (IOMMU
+/// domain, or the emulators' table) it means something in. The same IOVA
+/// in another context is another buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaAddress {
+    /// The I/O virtual address of the first byte.
+    pub iova: u64,
+    /// The context that maps it.
+    pub context: DmaContextId,
+}
+
 /// Describes a run of I/O memory: host pointer, length and optional device
-/// address (IOVA).
+/// address ([`DmaAddress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaSlice {
     ptr: NonNull<u8>,
     len: usize,
-    iova: Option<u64>,
+    dma: Option<DmaAddress>,
 }
+
+// The I/O path copies slices around by value: keep one at four words (the
+// context id's niche keeps the `Option` free).
+const _: () = assert!(std::mem::size_of::<DmaSlice>() == 32);
 
 // SAFETY: a DmaSlice is a description (address, length), not access. Whoever
 // dereferences it does so under the contract of `Channel::submit`, which
@@ -43,17 +62,21 @@ impl DmaSlice {
     pub const EMPTY: DmaSlice = DmaSlice {
         ptr: NonNull::dangling(),
         len: 0,
-        iova: None,
+        dma: None,
     };
 
-    /// Describes `len` bytes at `ptr`, mapped at `iova` for devices if given.
+    /// Describes `len` bytes at `ptr`, mapped for devices at `dma` if given.
     ///
     /// # Safety
     /// `ptr..ptr+len` must be one allocation owned by the library's buffer
-    /// type (not caller stack or heap a device must never see), and `iova`,
-    /// when given, must map exactly that memory for the device.
-    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, iova: Option<u64>) -> DmaSlice {
-        DmaSlice { ptr, len, iova }
+    /// type (not caller stack or heap a device must never see), and `dma`,
+    /// when given, must map exactly that memory in that context.
+    pub unsafe fn from_raw_parts(
+        ptr: NonNull<u8>,
+        len: usize,
+        dma: Option<DmaAddress>,
+    ) -> DmaSlice {
+        DmaSlice { ptr, len, dma }
     }
 
     /// Host address of the first byte.
@@ -72,8 +95,19 @@ impl DmaSlice {
     }
 
     /// Device address of the first byte, when the memory is DMA-mapped.
+    /// Valid only for devices of [`DmaSlice::dma_context`].
     pub fn iova(&self) -> Option<u64> {
-        self.iova
+        self.dma.map(|d| d.iova)
+    }
+
+    /// The DMA context the IOVA belongs to, when the memory is DMA-mapped.
+    pub fn dma_context(&self) -> Option<DmaContextId> {
+        self.dma.map(|d| d.context)
+    }
+
+    /// IOVA and context together.
+    pub fn dma_address(&self) -> Option<DmaAddress> {
+        self.dma
     }
 
     /// The sub-run `[offset, offset + len)`, or `None` if it does not fit.
@@ -88,7 +122,10 @@ impl DmaSlice {
         Some(DmaSlice {
             ptr,
             len,
-            iova: self.iova.map(|iova| iova + offset as u64),
+            dma: self.dma.map(|d| DmaAddress {
+                iova: d.iova + offset as u64,
+                context: d.context,
+            }),
         })
     }
 }
@@ -197,7 +234,7 @@ unsafe impl DmaMemory for HostBuffer {
         DmaSlice {
             ptr: self.ptr,
             len: self.len,
-            iova: None,
+            dma: None,
         }
     }
 }
@@ -224,6 +261,10 @@ impl std::fmt::Debug for HostBuffer {
 pub trait DmaAllocator: Send + Sync {
     /// `len` bytes of page-aligned I/O memory.
     fn allocate(&self, len: usize) -> Result<Box<dyn DmaMemory>, BdevError>;
+
+    /// The DMA context the buffers are mapped in; `None` for host memory
+    /// without an IOVA.
+    fn dma_context(&self) -> Option<DmaContextId>;
 }
 
 /// Allocates [`HostBuffer`]s.
@@ -233,6 +274,10 @@ pub struct HostAllocator;
 impl DmaAllocator for HostAllocator {
     fn allocate(&self, len: usize) -> Result<Box<dyn DmaMemory>, BdevError> {
         Ok(Box::new(HostBuffer::new(len)?))
+    }
+
+    fn dma_context(&self) -> Option<DmaContextId> {
+        None
     }
 }
 

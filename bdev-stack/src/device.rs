@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::buffer::DmaSlice;
+use crate::buffer::{DmaAllocator, DmaContextId, DmaSlice};
 use crate::error::{BdevError, IoError, IoErrorKind};
 use crate::identity::{BackingId, OffloadDomain};
 use crate::offload::CopyChannel;
@@ -197,10 +197,18 @@ pub struct DeviceInfo {
     /// Required alignment of buffer addresses, in bytes.
     pub buf_align: usize,
     /// True when buffers must carry a device address ([`DmaSlice::iova`]):
-    /// NVMe over VFIO builds PRPs from it. The stack assumes one DMA
-    /// context (VFIO container) per process, as SPDK does, so one IOVA per
-    /// buffer serves every leaf.
+    /// NVMe builds PRPs from it. Such a leaf takes only buffers of its own
+    /// DMA context ([`BlockDevice::iova_allocator`]); a stack over several
+    /// of them works when they share one context (one leaf registry), so
+    /// that one IOVA per buffer serves every leaf.
     pub needs_iova: bool,
+    /// With [`DeviceInfo::needs_iova`], the DMA context buffers must be in
+    /// ([`DmaSlice::dma_context`]): the leaf's own, or the one every leaf
+    /// of a stack shares, so a stack refuses a buffer of another context
+    /// before any leaf sees it. `None` when host memory serves, or when a
+    /// stack's leaves are in several contexts (no buffer serves them all;
+    /// each leaf still refuses what is not its own).
+    pub dma_context: Option<DmaContextId>,
     /// Requests that do not cross a multiple of this many blocks perform
     /// best (stripe chunk, NVMe NOIOB); 0 when there is none.
     pub optimal_boundary_blocks: u64,
@@ -264,8 +272,15 @@ impl DeviceInfo {
                     align: self.buf_align,
                 });
             }
-            if self.needs_iova && req.buf.iova().is_none() {
-                return fail(IoErrorKind::NotDmaMapped);
+            if self.needs_iova {
+                match (req.buf.dma_context(), self.dma_context) {
+                    (None, _) => return fail(IoErrorKind::NotDmaMapped),
+                    // Its IOVA would name someone else's memory here.
+                    (Some(buffer), Some(device)) if buffer != device => {
+                        return fail(IoErrorKind::WrongDmaContext { buffer, device });
+                    }
+                    _ => {}
+                }
             }
         }
         Ok(())
@@ -425,6 +440,14 @@ pub trait BlockDevice: Send + Sync {
     /// The devices this one is built from (empty for a leaf).
     fn members(&self) -> Vec<Arc<dyn BlockDevice>>;
 
+    /// For a leaf that needs IOVAs ([`DeviceInfo::needs_iova`]), the
+    /// allocator of the buffers it takes: those of its DMA context. `None`
+    /// for every other device; for a stack, ask
+    /// [`crate::nvme_leaf::dma_allocator_for`].
+    fn iova_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        None
+    }
+
     /// Opens a channel for offloaded copies onto this device, for the
     /// calling thread, holding `depth` commands in flight; `None` when the
     /// device executes no copy offload (every virtual device: the copy
@@ -474,6 +497,19 @@ pub trait BlockDevice: Send + Sync {
         access: Access,
         out: &mut Vec<LeafFragment>,
     ) -> Result<(), IoError>;
+}
+
+/// The DMA context buffers of a device over `members` must be in: the one
+/// every member that needs IOVAs names, `None` if they name several (or
+/// none).
+pub(crate) fn shared_dma_context(members: &[Arc<dyn BlockDevice>]) -> Option<DmaContextId> {
+    let mut contexts = members
+        .iter()
+        .map(|m| m.info())
+        .filter(|i| i.needs_iova)
+        .map(|i| i.dma_context);
+    let first = contexts.next()??;
+    contexts.all(|c| c == Some(first)).then_some(first)
 }
 
 /// Checks that a mapped range lies inside `info`'s device.

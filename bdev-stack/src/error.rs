@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use crate::buffer::DmaContextId;
 use crate::device::{DeviceId, IoOp};
 
 /// Why one I/O failed.
@@ -42,6 +43,19 @@ pub enum IoErrorKind {
     /// memory.
     #[error("buffer is not DMA-mapped")]
     NotDmaMapped,
+    /// The buffer is mapped in another DMA context than the device's (a
+    /// buffer of another registry's stack): its IOVA would reach someone
+    /// else's memory. Nothing was sent to the device.
+    #[error(
+        "buffer belongs to {buffer}, not the device's {device}: allocate buffers from this \
+         stack's allocator (bdev_stack::nvme_leaf::dma_allocator_for(&stack))"
+    )]
+    WrongDmaContext {
+        /// The buffer's context.
+        buffer: DmaContextId,
+        /// The device's context.
+        device: DmaContextId,
+    },
     /// The device does not support the operation.
     #[error("operation not supported by the device")]
     Unsupported,

@@ -106,6 +106,7 @@ impl FileDevice {
                 // O_DIRECT needs buffers aligned to the logical block size.
                 buf_align: if direct { block_size as usize } else { 1 },
                 needs_iova: false,
+                dma_context: None,
                 optimal_boundary_blocks: 0,
                 ops: SupportedOps::all(),
                 copy_offloads: Vec::new(),

@@ -14,7 +14,10 @@
 //!   [`Channel::poll`]. [`OwnedChannel`] is its safe face, which holds
 //!   buffers while devices own them.
 //! - Buffers are described by [`DmaSlice`] (host pointer, length, optional
-//!   IOVA) over library-owned memory ([`DmaMemory`], [`HostBuffer`]).
+//!   IOVA with the DMA context it is valid in) over library-owned memory
+//!   ([`DmaMemory`], [`HostBuffer`]). NVMe leaves take buffers of their
+//!   own context only: get them from
+//!   [`nvme_leaf::dma_allocator_for`]`(&stack)`.
 //! - Copy offload: a leaf that can copy opens a [`CopyChannel`] (NVMe Copy,
 //!   EXTENDED COPY, WRITE USING TOKEN all fit its [`OffloadRequest`]);
 //!   [`MemDevice::with_copy_offload`] gives a memory leaf an NVMe-Copy-like
@@ -64,7 +67,10 @@ mod scsi_leaf;
 pub mod spec;
 mod split;
 
-pub use buffer::{DmaAllocator, DmaMemory, DmaSlice, HostAllocator, HostBuffer, PAGE_SIZE};
+pub use buffer::{
+    DmaAddress, DmaAllocator, DmaContextId, DmaMemory, DmaSlice, HostAllocator, HostBuffer,
+    PAGE_SIZE,
+};
 pub use device::{
     Access, BlockDevice, Channel, Completion, CopyOffload, DeviceId, DeviceInfo, DeviceKind, IoOp,
     IoRequest, LeafFragment, SubmitError, SupportedOps, find_device,
@@ -81,7 +87,7 @@ pub use mirror::{
     DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
     ResyncReport, ResyncStep,
 };
-pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeNamespace};
+pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace};
 pub use offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, RodToken,

@@ -204,6 +204,7 @@ impl MemDevice {
                 max_transfer_blocks: max_transfer_bytes / bs,
                 buf_align: 1,
                 needs_iova: false,
+                dma_context: None,
                 optimal_boundary_blocks: 0,
                 ops: SupportedOps::all(),
                 copy_offloads: Vec::new(),

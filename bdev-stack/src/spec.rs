@@ -37,6 +37,7 @@ use crate::error::BdevError;
 use crate::file::FileDevice;
 use crate::mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice};
 use crate::mirror::{DEFAULT_REGION_BYTES, Mirror};
+use crate::nvme_leaf::NvmeEnvironment;
 use crate::split::{Concat, Stripe};
 
 /// Leaf kinds reserved for drivers that register later.
@@ -154,10 +155,14 @@ pub trait LeafFactory: Send + Sync {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError>;
 }
 
-/// Which factory opens which leaf kind.
+/// Which factory opens which leaf kind, and the [`NvmeEnvironment`] its
+/// NVMe leaves are opened in: the stacks one registry builds share DMA
+/// contexts (one buffer serves them all), those of two registries do not.
+/// Clones share the factories and the environment.
 #[derive(Clone)]
 pub struct LeafRegistry {
     factories: HashMap<String, Arc<dyn LeafFactory>>,
+    nvme: NvmeEnvironment,
 }
 
 impl Default for LeafRegistry {
@@ -168,18 +173,35 @@ impl Default for LeafRegistry {
 
 impl LeafRegistry {
     /// A registry with the `mem`, `file`, `emu`, `nvme`, `sg` and `sgemu`
-    /// leaves.
+    /// leaves, in a fresh [`NvmeEnvironment`] of its own.
     pub fn with_defaults() -> LeafRegistry {
+        LeafRegistry::with_environment(NvmeEnvironment::new())
+    }
+
+    /// A registry with the default leaves whose `emu:` and `nvme:` leaves
+    /// are opened in `env`: its stacks share DMA contexts with every other
+    /// registry over `env`.
+    pub fn with_environment(env: NvmeEnvironment) -> LeafRegistry {
         let mut registry = LeafRegistry {
             factories: HashMap::new(),
+            nvme: env.clone(),
         };
         registry.register("mem", Arc::new(MemFactory));
         registry.register("file", Arc::new(FileFactory));
-        registry.register("emu", Arc::new(crate::nvme_leaf::EmuFactory));
-        registry.register("nvme", Arc::new(crate::nvme_leaf::NvmeFactory));
+        registry.register(
+            "emu",
+            Arc::new(crate::nvme_leaf::EmuFactory::new(env.clone())),
+        );
+        registry.register("nvme", Arc::new(crate::nvme_leaf::NvmeFactory::new(env)));
         registry.register("sg", Arc::new(crate::scsi_leaf::SgFactory));
         registry.register("sgemu", Arc::new(crate::scsi_leaf::SgEmuFactory::new()));
         registry
+    }
+
+    /// The environment the `emu:` and `nvme:` leaves are opened in: its
+    /// allocators give buffers those leaves take.
+    pub fn nvme_environment(&self) -> &NvmeEnvironment {
+        &self.nvme
     }
 
     /// Registers (or replaces) the factory for `kind`.
@@ -212,7 +234,9 @@ impl LeafRegistry {
 }
 
 /// Builds `spec` with the default leaves (`mem`, `file`, `emu`, `nvme`,
-/// `sg`, `sgemu`).
+/// `sg`, `sgemu`), in a fresh registry: NVMe leaves of two such stacks are
+/// in different DMA contexts. Build stacks that share buffers (a copy's
+/// source and destination) with one [`LeafRegistry`].
 pub fn build(spec: &str) -> Result<Arc<dyn BlockDevice>, SpecError> {
     LeafRegistry::with_defaults().build(spec)
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::buffer::DmaSlice;
+use crate::buffer::{DmaContextId, DmaSlice};
 use crate::device::{
     Access, BlockDevice, Channel, Completion, DeviceId, DeviceInfo, DeviceKind, IoOp, IoRequest,
     LeafFragment, NotSync, SubmitError, SupportedOps, check_map_range, common_block_size,
@@ -238,6 +238,7 @@ impl<L: Layout> SplitDevice<L> {
                 max_transfer_blocks: u64::MAX,
                 buf_align,
                 needs_iova: members_need_iova,
+                dma_context: crate::device::shared_dma_context(&members),
                 optimal_boundary_blocks: layout.optimal_boundary(),
                 ops,
                 copy_offloads: Vec::new(),
@@ -420,6 +421,7 @@ struct QuickCheck {
     /// a power of two).
     align_mask: usize,
     needs_iova: bool,
+    dma_context: Option<DmaContextId>,
 }
 
 impl QuickCheck {
@@ -433,6 +435,7 @@ impl QuickCheck {
             max_transfer_blocks: info.max_transfer_blocks,
             align_mask: info.buf_align.wrapping_sub(1),
             needs_iova: info.needs_iova,
+            dma_context: info.dma_context,
         }
     }
 
@@ -456,7 +459,11 @@ impl QuickCheck {
                 .checked_mul(self.block_size)
                 .is_some_and(|bytes| bytes == req.buf.len() as u64)
             && (req.buf.host_ptr() as usize) & self.align_mask == 0
-            && (!self.needs_iova || req.buf.iova().is_some())
+            && (!self.needs_iova
+                || req
+                    .buf
+                    .dma_context()
+                    .is_some_and(|c| self.dma_context.is_none_or(|d| d == c)))
     }
 }
 
@@ -768,6 +775,7 @@ mod tests {
                     max_transfer_blocks: 64,
                     buf_align: 1,
                     needs_iova: false,
+                    dma_context: None,
                     optimal_boundary_blocks: 0,
                     ops: SupportedOps::all(),
                     copy_offloads: Vec::new(),

@@ -157,13 +157,17 @@ fn devices_that_need_an_iova_refuse_host_memory() {
         .validate(&IoRequest::write(0, 1, host, 0))
         .expect_err("host memory has no IOVA");
     assert_eq!(error.kind, IoErrorKind::NotDmaMapped);
+    let context = nvme::DmaContext::host().id();
     // SAFETY: describes `buf` itself, with a made-up IOVA that nothing
     // dereferences: only validation looks at it.
     let mapped = unsafe {
         bdev_stack::DmaSlice::from_raw_parts(
             std::ptr::NonNull::new(host.host_ptr()).expect("non-null"),
             host.len(),
-            Some(0x1000_0000),
+            Some(bdev_stack::DmaAddress {
+                iova: 0x1000_0000,
+                context,
+            }),
         )
     };
     info.validate(&IoRequest::write(0, 1, mapped, 0))
@@ -171,5 +175,22 @@ fn devices_that_need_an_iova_refuse_host_memory() {
     assert_eq!(
         mapped.sub(256, 256).and_then(|s| s.iova()),
         Some(0x1000_0100)
+    );
+    assert_eq!(
+        mapped.sub(256, 256).and_then(|s| s.dma_context()),
+        Some(context)
+    );
+    // A device of another context refuses it: its IOVA means nothing there.
+    let theirs = nvme::DmaContext::host().id();
+    info.dma_context = Some(theirs);
+    let error = info
+        .validate(&IoRequest::write(0, 1, mapped, 0))
+        .expect_err("another context");
+    assert_eq!(
+        error.kind,
+        IoErrorKind::WrongDmaContext {
+            buffer: context,
+            device: theirs
+        }
     );
 }

@@ -9,12 +9,13 @@ mod common;
 
 use std::sync::Arc;
 
-use bdev_stack::nvme_leaf::{EmuNamespace, emu_dma_allocator, emu_dma_context, open_emu_namespace};
-use bdev_stack::spec::{self, SpecErrorKind};
+use bdev_stack::nvme_leaf::EmuNamespace;
+use bdev_stack::spec::{self, LeafRegistry, SpecErrorKind};
 use bdev_stack::{
     BdevError, BlockDevice, CopyOffload, DeviceKind, HostBuffer, IoErrorKind, IoOp,
-    NvmeDmaAllocator, NvmeDmaBuffer, NvmeNamespace, OffloadErrorKind, OffloadOutcome, OffloadRange,
-    OffloadRequest, OffloadSource, OffloadSubmitError, OwnedChannel, SupportedOps,
+    NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace, OffloadErrorKind,
+    OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, OwnedChannel,
+    SupportedOps,
 };
 use common::pattern;
 use nvme::NvmeStatus;
@@ -31,7 +32,20 @@ use counting::{CountingAllocator, counted};
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
-/// Synchronous I/O with DMA buffers of the emulators' context.
+/// Builds `spec` in `env`.
+fn build(env: &NvmeEnvironment, spec: &str) -> Arc<dyn BlockDevice> {
+    LeafRegistry::with_environment(env.clone())
+        .build(spec)
+        .expect("stack builds")
+}
+
+/// An emulated namespace opened in `env`.
+fn emu(env: &NvmeEnvironment, size: u64, block_size: u32) -> NvmeNamespace<EmuController> {
+    env.open_emu_namespace(EmuNamespace::memory(size, block_size))
+        .expect("emu")
+}
+
+/// Synchronous I/O with DMA buffers of an environment's emulator context.
 struct DmaIo {
     ch: OwnedChannel<NvmeDmaBuffer>,
     alloc: NvmeDmaAllocator,
@@ -40,10 +54,10 @@ struct DmaIo {
 }
 
 impl DmaIo {
-    fn open(device: &dyn BlockDevice) -> DmaIo {
+    fn open(device: &dyn BlockDevice, env: &NvmeEnvironment) -> DmaIo {
         DmaIo {
             ch: OwnedChannel::open(device, 8).expect("open channel"),
-            alloc: NvmeDmaAllocator::new(emu_dma_context()),
+            alloc: env.emu_allocator(),
             bs: device.info().block_size as usize,
             max_blocks: device.info().max_transfer_blocks.min(512),
         }
@@ -136,11 +150,14 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// Runs `ops` with up to 4 in flight (no overlap with a modification in
 /// flight), checking each read against the reference; returns the
 /// reference.
-fn run(device: &Arc<dyn BlockDevice>, ops: &[Op]) -> Result<Vec<u8>, TestCaseError> {
+fn run(
+    device: &Arc<dyn BlockDevice>,
+    alloc: &NvmeDmaAllocator,
+    ops: &[Op],
+) -> Result<Vec<u8>, TestCaseError> {
     let bs = device.info().block_size as usize;
     let total = device.info().block_count;
     let mut reference = vec![0u8; total as usize * bs];
-    let alloc = NvmeDmaAllocator::new(emu_dma_context());
     let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(device.as_ref(), 4).expect("channel");
     // (lba, blocks, modifies, expected bytes of a read)
     type Flight = Option<(u64, u64, bool, Option<Vec<u8>>)>;
@@ -226,25 +243,29 @@ proptest! {
 
     #[test]
     fn emu_stacks_read_back_the_reference(which in 0usize..STACKS.len(), ops in ops()) {
-        let device = spec::build(STACKS[which]).expect("stack builds");
-        let reference = run(&device, &ops)?;
+        let env = NvmeEnvironment::new();
+        let device = build(&env, STACKS[which]);
+        let reference = run(&device, &env.emu_allocator(), &ops)?;
         let total = device.info().block_count;
-        let back = DmaIo::open(device.as_ref()).read(0, total).expect("read back");
+        let back = DmaIo::open(device.as_ref(), &env).read(0, total).expect("read back");
         prop_assert!(back == reference, "{}: full read-back differs", STACKS[which]);
     }
 }
 
 #[test]
 fn writes_land_in_the_namespace_at_their_lba() {
-    let leaf = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 4096)).expect("emu"));
-    let other = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 4096)).expect("emu"));
+    let env = NvmeEnvironment::new();
+    let leaf = Arc::new(emu(&env, 1 << 20, 4096));
+    let other = Arc::new(emu(&env, 1 << 20, 4096));
     let stripe: Arc<dyn BlockDevice> = Arc::new(
         bdev_stack::Stripe::new(vec![leaf.clone() as _, other.clone() as _], 2).expect("stripe"),
     );
     let data = pattern(7, 6 * 4096);
     // Stripe blocks 2..8: chunk 1 (leaf `other`, its blocks 0..2), chunk 2
     // (leaf `leaf`, its blocks 2..4), chunk 3 (`other`, blocks 2..4).
-    DmaIo::open(stripe.as_ref()).write(2, &data).expect("write");
+    DmaIo::open(stripe.as_ref(), &env)
+        .write(2, &data)
+        .expect("write");
     let raw = |ns: &NvmeNamespace<EmuController>, lba: u64, blocks: usize| {
         ns.controller()
             .transport()
@@ -300,14 +321,15 @@ fn identify_shapes_the_description() {
 
 #[test]
 fn host_memory_is_refused_and_limits_hold() {
-    let dev = spec::build("emu:1m").expect("emu");
+    let env = NvmeEnvironment::new();
+    let dev = build(&env, "emu:1m");
     let mut ch = OwnedChannel::<HostBuffer>::open(dev.as_ref(), 2).expect("channel");
     let buf = HostBuffer::new(4096).expect("buffer");
     let rejected = ch.write(0, 8, buf, 1).expect_err("no IOVA");
     assert_eq!(invalid(rejected.error), IoErrorKind::NotDmaMapped);
-    let mut io = DmaIo::open(dev.as_ref());
+    let mut io = DmaIo::open(dev.as_ref(), &env);
     let max = dev.info().max_transfer_blocks;
-    let alloc = NvmeDmaAllocator::new(emu_dma_context());
+    let alloc = env.emu_allocator();
     let big = alloc.alloc((max as usize + 1) * 512).expect("buffer");
     let rejected = io.ch.read(0, max + 1, big, 1).expect_err("too large");
     assert_eq!(
@@ -331,7 +353,8 @@ fn host_memory_is_refused_and_limits_hold() {
 
 #[test]
 fn device_errors_reach_the_caller_typed() {
-    let leaf = open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu");
+    let env = NvmeEnvironment::new();
+    let leaf = emu(&env, 1 << 20, 512);
     leaf.controller().transport().inject(Fault {
         admin: false,
         opcode: nvm_opc::READ,
@@ -345,7 +368,7 @@ fn device_errors_reach_the_caller_typed() {
         action: FaultAction::Status(NvmeStatus::INTERNAL_ERROR),
     });
     let id = leaf.info().id;
-    let mut io = DmaIo::open(&leaf);
+    let mut io = DmaIo::open(&leaf, &env);
     let e = io.read(8, 4).expect_err("injected");
     assert_eq!((e.device, e.op, e.lba, e.blocks), (id, IoOp::Read, 8, 4));
     assert_eq!(e.kind, IoErrorKind::Medium);
@@ -365,11 +388,12 @@ fn device_errors_reach_the_caller_typed() {
 
 #[test]
 fn a_mirror_hides_a_failing_emu_leg() {
-    let leg = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu"));
+    let env = NvmeEnvironment::new();
+    let leg = Arc::new(emu(&env, 1 << 20, 512));
     let mem: Arc<dyn BlockDevice> = spec::build("mem:1m").expect("mem");
     let mirror: Arc<dyn BlockDevice> =
         Arc::new(bdev_stack::Mirror::new(vec![leg.clone() as _, mem], 256).expect("mirror"));
-    let mut io = DmaIo::open(mirror.as_ref());
+    let mut io = DmaIo::open(mirror.as_ref(), &env);
     io.write(0, &pattern(9, 128 * 512)).expect("write");
     for nth in 1..=2 {
         leg.controller().transport().inject(Fault {
@@ -448,9 +472,9 @@ fn block_size_mismatch_and_bad_leaves_are_pointed_at() {
 
 #[test]
 fn absent_namespaces_are_named() {
-    let ctx = emu_dma_context();
+    let env = NvmeEnvironment::new();
     let emu = EmuController::new(
-        &ctx,
+        env.emu_context(),
         EmuConfig {
             serial: "ABSENT".into(),
             namespaces: vec![
@@ -480,11 +504,11 @@ fn absent_namespaces_are_named() {
         other => panic!("{other:?}"),
     };
     assert_eq!(controller(&one), controller(&two));
-    DmaIo::open(&two)
+    DmaIo::open(&two, &env)
         .write(3, &pattern(5, 4096))
         .expect("write");
     assert_eq!(
-        DmaIo::open(&two).read(3, 1).expect("read"),
+        DmaIo::open(&two, &env).read(3, 1).expect("read"),
         pattern(5, 4096)
     );
 }
@@ -508,8 +532,9 @@ fn copy_wait(ch: &mut dyn bdev_stack::CopyChannel) -> OffloadOutcome {
 
 #[test]
 fn copy_channel_executes_and_maps_device_verdicts() {
-    let leaf = open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu");
-    let mut io = DmaIo::open(&leaf);
+    let env = NvmeEnvironment::new();
+    let leaf = emu(&env, 1 << 20, 512);
+    let mut io = DmaIo::open(&leaf, &env);
     let data = pattern(11, 64 * 512);
     io.write(0, &data).expect("write");
     let mut ch = leaf
@@ -638,7 +663,6 @@ fn copy_channel_executes_and_maps_device_verdicts() {
         OffloadOutcome::NotDone(e) if e.kind == OffloadErrorKind::Unsupported
     ));
     assert_eq!(ch.outstanding(), 0);
-    let _ = emu_dma_allocator();
 }
 
 /// Runs `rounds` of 8 requests in flight (writes, reads, write zeroes that
@@ -681,13 +705,14 @@ fn steady_rounds(
 
 #[test]
 fn the_nvme_path_allocates_nothing_per_io() {
-    let dev = spec::build("stripe(chunk=16, emu:1m, emu:1m)").expect("stack");
+    let env = NvmeEnvironment::new();
+    let dev = build(&env, "stripe(chunk=16, emu:1m, emu:1m)");
     let blocks = dev.info().block_count;
     // Every block written once: the emulator's sparse store has its chunks.
-    DmaIo::open(dev.as_ref())
+    DmaIo::open(dev.as_ref(), &env)
         .write(0, &pattern(4, blocks as usize * 512))
         .expect("fill");
-    let alloc = NvmeDmaAllocator::new(emu_dma_context());
+    let alloc = env.emu_allocator();
     let mut buffers: Vec<NvmeDmaBuffer> = (0..8)
         .map(|_| alloc.alloc(48 * 512).expect("buffer"))
         .collect();
@@ -703,13 +728,20 @@ fn the_nvme_path_allocates_nothing_per_io() {
 /// mirror fails that leg and keeps serving reads and writes from the other.
 #[test]
 fn a_removed_controller_fails_its_mirror_leg_and_the_mirror_serves_on() {
-    let a = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu a"));
-    let b = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu b"));
+    let env = NvmeEnvironment::new();
+    let a = Arc::new(
+        env.open_emu_namespace(EmuNamespace::memory(1 << 20, 512))
+            .expect("emu a"),
+    );
+    let b = Arc::new(
+        env.open_emu_namespace(EmuNamespace::memory(1 << 20, 512))
+            .expect("emu b"),
+    );
     let mirror = Arc::new(
         bdev_stack::Mirror::new(vec![a.clone() as Arc<dyn BlockDevice>, b.clone() as _], 64)
             .expect("mirror"),
     );
-    let mut io = DmaIo::open(mirror.as_ref());
+    let mut io = DmaIo::open(mirror.as_ref(), &env);
     let first = pattern(1, 256 * 512);
     io.write(0, &first).expect("write before the removal");
 

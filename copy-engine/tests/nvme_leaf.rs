@@ -7,10 +7,9 @@
 use std::sync::Arc;
 
 use bdev_stack::NvmeNamespace;
-use bdev_stack::nvme_leaf::{EmuNamespace, emu_dma_allocator, emu_dma_context, open_emu_namespace};
-use bdev_stack::{
-    BlockDevice, LbaRange, NvmeDmaAllocator, NvmeDmaBuffer, OwnedChannel, Stripe, spec,
-};
+use bdev_stack::nvme_leaf::EmuNamespace;
+use bdev_stack::spec::LeafRegistry;
+use bdev_stack::{BlockDevice, LbaRange, NvmeDmaBuffer, NvmeEnvironment, OwnedChannel, Stripe};
 use copy_engine::{CopyEngine, CopyOptions, CopyReport, Method, RefusalReason};
 use nvme::emu::{EmuConfig, EmuController, Fault, FaultAction, NamespaceConfig};
 use nvme::spec::nvm_opc;
@@ -30,9 +29,16 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Whole-device synchronous I/O with DMA buffers.
-fn io(device: &dyn BlockDevice, write: Option<&[u8]>) -> Vec<u8> {
-    let alloc = NvmeDmaAllocator::new(emu_dma_context());
+/// Builds `spec` in `env`: the stacks of one test share its DMA context.
+fn build(env: &NvmeEnvironment, spec: &str) -> Arc<dyn BlockDevice> {
+    LeafRegistry::with_environment(env.clone())
+        .build(spec)
+        .expect("stack")
+}
+
+/// Whole-device synchronous I/O with DMA buffers of `env`.
+fn io(device: &dyn BlockDevice, env: &NvmeEnvironment, write: Option<&[u8]>) -> Vec<u8> {
+    let alloc = env.emu_allocator();
     let mut ch = OwnedChannel::<NvmeDmaBuffer>::open(device, 2).expect("channel");
     let total = device.info().block_count;
     let step = device.info().max_transfer_blocks.min(256);
@@ -72,9 +78,9 @@ fn io(device: &dyn BlockDevice, write: Option<&[u8]>) -> Vec<u8> {
     out
 }
 
-fn fill(device: &Arc<dyn BlockDevice>, seed: u64) -> Vec<u8> {
+fn fill(device: &Arc<dyn BlockDevice>, env: &NvmeEnvironment, seed: u64) -> Vec<u8> {
     let data = pattern(seed, device.info().size_bytes() as usize);
-    io(device.as_ref(), Some(&data));
+    io(device.as_ref(), env, Some(&data));
     data
 }
 
@@ -91,9 +97,9 @@ fn model_copy(reference: &mut [u8], src: &[LbaRange], dst: &[LbaRange]) {
     }
 }
 
-fn engine() -> CopyEngine {
+fn engine(env: &NvmeEnvironment) -> CopyEngine {
     CopyEngine::new(CopyOptions {
-        allocator: emu_dma_allocator(),
+        allocator: Arc::new(env.emu_allocator()),
         ..CopyOptions::default()
     })
     .expect("engine")
@@ -107,15 +113,16 @@ fn r(lba: u64, blocks: u64) -> LbaRange {
 /// report.
 fn copy_checked(
     dev: &Arc<dyn BlockDevice>,
+    env: &NvmeEnvironment,
     reference: &mut [u8],
     src: &[LbaRange],
     dst: &[LbaRange],
 ) -> CopyReport {
-    let report = engine().copy(dev, src, dev, dst).expect("copy");
+    let report = engine(env).copy(dev, src, dev, dst).expect("copy");
     assert!(report.is_complete(), "{report}");
     model_copy(reference, src, dst);
     assert!(
-        io(dev.as_ref(), None) == reference,
+        io(dev.as_ref(), env, None) == reference,
         "bytes differ from the model\n{report}"
     );
     report
@@ -123,11 +130,12 @@ fn copy_checked(
 
 #[test]
 fn same_namespace_pieces_are_nvme_copies_and_the_rest_bounce() {
-    let dev = spec::build("stripe(chunk=64, emu:1m, emu:1m)").expect("stack");
-    let mut reference = fill(&dev, 1);
+    let env = NvmeEnvironment::new();
+    let dev = build(&env, "stripe(chunk=64, emu:1m, emu:1m)");
+    let mut reference = fill(&dev, &env, 1);
     // Chunks 0 (leaf 0) and 1 (leaf 1) to chunks 4 (leaf 0) and 5 (leaf 1):
     // each piece stays in its namespace.
-    let report = copy_checked(&dev, &mut reference, &[r(0, 128)], &[r(256, 128)]);
+    let report = copy_checked(&dev, &env, &mut reference, &[r(0, 128)], &[r(256, 128)]);
     assert_eq!(
         report.method(Method::NvmeCopy).bytes,
         128 * BS as u64,
@@ -140,7 +148,7 @@ fn same_namespace_pieces_are_nvme_copies_and_the_rest_bounce() {
     // src 32..64 (l0) -> 256..288 (l0) copy; 64..96 (l1) -> 288..320 (l0)
     // bounce; 96..128 (l1) -> 320..352 (l1) copy; 128..160 (l0) ->
     // 352..384 (l1) bounce.
-    let report = copy_checked(&dev, &mut reference, &[r(32, 128)], &[r(256, 128)]);
+    let report = copy_checked(&dev, &env, &mut reference, &[r(32, 128)], &[r(256, 128)]);
     assert_eq!(
         report.method(Method::NvmeCopy).bytes,
         64 * BS as u64,
@@ -156,7 +164,7 @@ fn same_namespace_pieces_are_nvme_copies_and_the_rest_bounce() {
     // several commands, all offloaded.
     let src = [r(512, 64), r(1024, 64), r(1536, 64), r(0, 64)];
     let dst = [r(2560, 256)];
-    let report = copy_checked(&dev, &mut reference, &src, &dst);
+    let report = copy_checked(&dev, &env, &mut reference, &src, &dst);
     // 2560.. is chunk 40 (leaf 0): sources in chunks 8, 16, 24, 0 (leaf 0)
     // land in chunks 40 and 42 (leaf 0); the others cross.
     assert_eq!(
@@ -168,10 +176,11 @@ fn same_namespace_pieces_are_nvme_copies_and_the_rest_bounce() {
 
 #[test]
 fn copies_between_namespaces_bounce() {
-    let a = spec::build("emu:1m").expect("emu");
-    let b = spec::build("emu:1m").expect("emu");
-    let data = fill(&a, 2);
-    let report = engine()
+    let env = NvmeEnvironment::new();
+    let a = build(&env, "emu:1m");
+    let b = build(&env, "emu:1m");
+    let data = fill(&a, &env, 2);
+    let report = engine(&env)
         .copy(&a, &[r(10, 300)], &b, &[r(700, 300)])
         .expect("copy");
     assert!(report.is_complete(), "{report}");
@@ -181,18 +190,22 @@ fn copies_between_namespaces_bounce() {
         300 * BS as u64,
         "{report}"
     );
-    let back = io(b.as_ref(), None);
+    let back = io(b.as_ref(), &env, None);
     assert!(back[700 * BS..1000 * BS] == data[10 * BS..310 * BS]);
     assert!(back[..700 * BS].iter().all(|&x| x == 0));
 }
 
 #[test]
 fn failed_nvme_copies_are_redone_by_bounce() {
-    let l0 = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu"));
-    let l1 = Arc::new(open_emu_namespace(EmuNamespace::memory(1 << 20, 512)).expect("emu"));
+    let env = NvmeEnvironment::new();
+    let emu = || {
+        env.open_emu_namespace(EmuNamespace::memory(1 << 20, 512))
+            .expect("emu")
+    };
+    let (l0, l1) = (Arc::new(emu()), Arc::new(emu()));
     let dev: Arc<dyn BlockDevice> =
         Arc::new(Stripe::new(vec![l0.clone() as _, l1.clone() as _], 64).expect("stripe"));
-    let mut reference = fill(&dev, 3);
+    let mut reference = fill(&dev, &env, 3);
     // A media error in the middle of a Copy on leaf 0 (destination
     // unknown), and a size limit on leaf 1 (clean): both bounced.
     l0.controller().transport().inject(Fault {
@@ -207,7 +220,7 @@ fn failed_nvme_copies_are_redone_by_bounce() {
         nth: 1,
         action: FaultAction::Status(NvmeStatus::CMD_SIZE_LIMIT),
     });
-    let report = copy_checked(&dev, &mut reference, &[r(0, 128)], &[r(512, 128)]);
+    let report = copy_checked(&dev, &env, &mut reference, &[r(0, 128)], &[r(512, 128)]);
     assert_eq!(report.fallbacks, 2, "{report}");
     assert_eq!(
         report.method(Method::Bounce).bytes,
@@ -215,7 +228,7 @@ fn failed_nvme_copies_are_redone_by_bounce() {
         "{report}"
     );
     // With the faults used up, the same copy is offloaded.
-    let report = copy_checked(&dev, &mut reference, &[r(128, 128)], &[r(768, 128)]);
+    let report = copy_checked(&dev, &env, &mut reference, &[r(128, 128)], &[r(768, 128)]);
     assert_eq!(report.fallbacks, 0, "{report}");
     assert_eq!(
         report.method(Method::NvmeCopy).bytes,
@@ -224,11 +237,11 @@ fn failed_nvme_copies_are_redone_by_bounce() {
     );
 }
 
-fn emu_namespace(serial: &str) -> Arc<dyn BlockDevice> {
+fn emu_namespace(env: &NvmeEnvironment, serial: &str) -> Arc<dyn BlockDevice> {
     let mut ns = NamespaceConfig::memory(512, 2048);
     (ns.msrc, ns.mssrl, ns.mcl) = (15, 128, 256);
     let emu = EmuController::new(
-        &emu_dma_context(),
+        env.emu_context(),
         EmuConfig {
             serial: serial.to_owned(),
             namespaces: vec![ns],
@@ -246,11 +259,12 @@ fn emu_namespace(serial: &str) -> Arc<dyn BlockDevice> {
 /// the destination copied its own blocks.
 #[test]
 fn controllers_reporting_one_nqn_are_never_paired() {
-    let a = emu_namespace("SAMESERIAL");
-    let b = emu_namespace("SAMESERIAL");
-    let a_data = fill(&a, 1);
-    let mut b_data = fill(&b, 2);
-    let mut engine = engine();
+    let env = NvmeEnvironment::new();
+    let a = emu_namespace(&env, "SAMESERIAL");
+    let b = emu_namespace(&env, "SAMESERIAL");
+    let a_data = fill(&a, &env, 1);
+    let mut b_data = fill(&b, &env, 2);
+    let mut engine = engine(&env);
     let report = engine
         .copy(&a, &[r(0, 256)], &b, &[r(512, 256)])
         .expect("copy");
@@ -265,7 +279,7 @@ fn controllers_reporting_one_nqn_are_never_paired() {
     );
     b_data[512 * BS..768 * BS].copy_from_slice(&a_data[..256 * BS]);
     assert!(
-        io(b.as_ref(), None) == b_data,
+        io(b.as_ref(), &env, None) == b_data,
         "the destination copied its own blocks"
     );
     // Within one controller, Copy is used as before.

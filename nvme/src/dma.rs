@@ -20,11 +20,18 @@
 //! device owns the bytes: it keeps the memory alive (not unaliased: reading
 //! a buffer while a read into it is in flight gives unspecified bytes, never
 //! undefined behaviour).
+//!
+//! An IOVA means something only in its own context: the same number in
+//! another context is another buffer. [`DmaContextId`] names a context, and
+//! buffers and slices carry theirs ([`DmaBuffer::context_id`],
+//! [`DmaSlice::context_id`]), so whoever hands an IOVA to a device can check
+//! that it belongs to that device's context with one compare.
 
 use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
+use std::num::NonZeroUsize;
 use std::ptr;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -48,6 +55,9 @@ pub(crate) struct Region {
     map: MmapRaw,
     iova: u64,
     page_size: usize,
+    /// The context's identity tag: held by every region, so the tag (and
+    /// with it the [`DmaContextId`]) outlives anything that carries its IOVA.
+    tag: Arc<ContextTag>,
 }
 
 impl Region {
@@ -149,6 +159,40 @@ pub(crate) fn region_read_u64(region: &Region, offset: usize) -> Option<u64> {
     Some(unsafe { ptr::read_volatile(p.cast::<u64>()) })
 }
 
+/// The allocation whose address is a context's [`DmaContextId`]. The
+/// context and each of its regions hold it, so no other context can get
+/// the same address while anything that names this one is alive.
+struct ContextTag {
+    // Never read: a zero-sized tag could share its address with another
+    // allocation's, a byte cannot.
+    _byte: u8,
+}
+
+/// Identity of a [`DmaContext`]: two live contexts (or buffers and slices
+/// of them) never have the same one. A small `Copy` value, so the I/O path
+/// compares it without touching the context.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DmaContextId(NonZeroUsize);
+
+impl DmaContextId {
+    fn of(tag: &Arc<ContextTag>) -> DmaContextId {
+        // An `Arc`'s pointer is never null; MIN only satisfies the type.
+        DmaContextId(NonZeroUsize::new(Arc::as_ptr(tag) as usize).unwrap_or(NonZeroUsize::MIN))
+    }
+}
+
+impl fmt::Debug for DmaContextId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmaContextId({:#x})", self.0)
+    }
+}
+
+impl fmt::Display for DmaContextId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DMA context {:#x}", self.0)
+    }
+}
+
 enum Backend {
     Host,
     Vfio(Arc<VfioContainer>),
@@ -169,6 +213,7 @@ struct State {
 pub struct DmaContext {
     backend: Backend,
     state: RwLock<State>,
+    tag: Arc<ContextTag>,
 }
 
 /// IOVA space of a host context: it never reaches an IOMMU, so any range
@@ -186,6 +231,7 @@ impl DmaContext {
                 devices: 0,
                 iova,
             }),
+            tag: Arc::new(ContextTag { _byte: 0 }),
         })
     }
 
@@ -205,6 +251,7 @@ impl DmaContext {
                 devices: 0,
                 iova: None,
             }),
+            tag: Arc::new(ContextTag { _byte: 0 }),
         })
     }
 
@@ -214,6 +261,11 @@ impl DmaContext {
             Backend::Vfio(c) => Some(c),
             Backend::Host => None,
         }
+    }
+
+    /// This context's identity, which its buffers and slices carry.
+    pub fn id(&self) -> DmaContextId {
+        DmaContextId::of(&self.tag)
     }
 
     /// Whether this is a host (emulator-only) context.
@@ -336,6 +388,7 @@ impl DmaContext {
             map,
             iova,
             page_size,
+            tag: Arc::clone(&self.tag),
         });
         let at = st.regions.partition_point(|r| r.iova < iova);
         st.regions.insert(at, Arc::clone(&region));
@@ -503,6 +556,13 @@ impl DmaSlice {
         self.len
     }
 
+    /// The context whose IOVA space [`DmaSlice::iova`] is in: a device of
+    /// any other context must not be given it.
+    #[inline]
+    pub fn context_id(&self) -> DmaContextId {
+        DmaContextId::of(&self.region.tag)
+    }
+
     /// Whether the slice is empty.
     #[inline]
     pub fn is_empty(&self) -> bool {
@@ -561,6 +621,12 @@ impl DmaBuffer {
     /// The context the buffer belongs to.
     pub fn context(&self) -> &Arc<DmaContext> {
         &self.ctx
+    }
+
+    /// The identity of [`DmaBuffer::context`], for one-compare checks.
+    #[inline]
+    pub fn context_id(&self) -> DmaContextId {
+        DmaContextId::of(&self.region.tag)
     }
 
     /// The whole buffer as a [`DmaSlice`].
@@ -853,12 +919,33 @@ mod tests {
         // Slices keep memory alive but not the mapping.
         let s = b.slice(4096, 4096).expect("slice");
         assert!(b.slice(4096, 3 * 4096).is_none());
+        assert_eq!((b.context_id(), s.context_id()), (ctx.id(), ctx.id()));
         let iova = b.iova();
         drop(b);
         assert_eq!(ctx.live_buffers(), 1);
         assert_eq!(s.iova(), iova + 4096);
         assert!(!ctx.device_read(iova, &mut w), "unmapped once dropped");
         assert!(matches!(ctx.alloc(0), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn contexts_have_distinct_ids_while_anything_names_them() {
+        let a = DmaContext::host();
+        let b = DmaContext::host();
+        assert_ne!(a.id(), b.id());
+        let (ba, bb) = (a.alloc(4096).expect("alloc"), b.alloc(4096).expect("alloc"));
+        // Two fresh host contexts hand out the same first IOVA: only the
+        // context tells the buffers apart.
+        assert_eq!(ba.iova(), bb.iova());
+        assert_ne!(ba.context_id(), bb.context_id());
+        // A slice that outlives its buffer and context still names it, and
+        // no new context can take that name meanwhile.
+        let s = ba.as_slice();
+        let id = a.id();
+        drop((ba, a));
+        let c = DmaContext::host();
+        assert_eq!(s.context_id(), id);
+        assert_ne!(c.id(), id);
     }
 
     #[test]

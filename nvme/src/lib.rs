@@ -85,7 +85,7 @@ pub mod split;
 mod transport;
 pub mod vfio;
 
-pub use dma::{DmaBuffer, DmaContext, DmaSlice};
+pub use dma::{DmaBuffer, DmaContext, DmaContextId, DmaSlice};
 pub use driver::{
     Completion, Controller, ControllerOptions, DoorbellWrites, IoError, Namespace, PAGE_SIZE,
     QueueOptions, QueuePair, SubmitError,

@@ -214,6 +214,7 @@ impl Mirror {
             max_transfer_blocks: u64::MAX,
             buf_align,
             needs_iova: legs.iter().any(|l| l.info().needs_iova),
+            dma_context: crate::device::shared_dma_context(&legs),
             optimal_boundary_blocks: dirty.region_blocks,
             ops,
             copy_offloads: Vec::new(),
@@ -302,6 +303,16 @@ impl Mirror {
                 expected: self.shared.block_size,
                 found: new.block_size,
             });
+        }
+        if let Some(ours) = self.info.dma_context
+            && new.needs_iova
+            && new.dma_context != Some(ours)
+        {
+            return Err(self.state_error(format!(
+                "replacement {} is in another DMA context than the mirror's buffers: \
+                 open it with the leaf registry that built the mirror",
+                new.name
+            )));
         }
         if new.block_count < self.shared.block_count {
             return Err(self.state_error(format!(

@@ -331,6 +331,7 @@ impl ScsiLeaf {
             // Data passes through the channel's own aligned buffers.
             buf_align: 1,
             needs_iova: false,
+            dma_context: None,
             optimal_boundary_blocks: limits.map_or(0, |l| u64::from(l.optimal_transfer)),
             ops,
             copy_offloads,

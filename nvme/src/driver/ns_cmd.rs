@@ -15,6 +15,13 @@ pub(super) enum Direction {
 }
 
 impl<T: Transport> QueuePair<T> {
+    /// True when `buf`'s IOVA is one this controller's DMA context gave:
+    /// the same IOVA in another context is another buffer.
+    #[inline]
+    fn owns(&self, buf: &DmaSlice) -> bool {
+        buf.context_id() == self.shared.transport.dma().id()
+    }
+
     /// A read or write of `len` bytes at `iova`; `keep` holds the memory
     /// alive while the device owns it, when the caller handed one over.
     pub(super) fn rw(
@@ -26,6 +33,11 @@ impl<T: Transport> QueuePair<T> {
         keep: Option<&DmaSlice>,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
+        if keep.is_some_and(|b| !self.owns(b)) {
+            return Err(SubmitError::Invalid(
+                "buffer of another DMA context: allocate it from this controller's",
+            ));
+        }
         let shift = ns.shift();
         if len == 0 || len & (ns.block_size as usize - 1) != 0 {
             return Err(SubmitError::Invalid(
@@ -321,6 +333,11 @@ impl<T: Transport> QueuePair<T> {
         buf: Option<&DmaSlice>,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
+        if buf.is_some_and(|b| !self.owns(b)) {
+            return Err(SubmitError::Invalid(
+                "buffer of another DMA context: allocate it from this controller's",
+            ));
+        }
         if let Some(b) = buf
             && (b.is_empty() || b.len() > self.max_transfer || b.iova() % 4 != 0)
         {

@@ -10,7 +10,7 @@ use crate::topology::STACK;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ustor::bdev_stack::nvme_leaf::vfio_dma_context;
+use ustor::bdev_stack::spec::LeafRegistry;
 use ustor::bdev_stack::{
     BlockDevice, LbaRange, NvmeDmaAllocator, NvmeDmaBuffer, OwnedChannel, SubmitError,
 };
@@ -67,10 +67,12 @@ fn nvme_addrs(env: &GuestEnv) -> Result<(String, String), String> {
     Ok((a.pci_address.clone(), b.pci_address.clone()))
 }
 
-fn allocator() -> Result<NvmeDmaAllocator, String> {
-    Ok(NvmeDmaAllocator::new(
-        vfio_dma_context().map_err(|e| e.to_string())?,
-    ))
+/// Buffers of the VFIO container `registry`'s `nvme:` leaves are in.
+fn allocator(registry: &LeafRegistry) -> Result<NvmeDmaAllocator, String> {
+    registry
+        .nvme_environment()
+        .vfio_allocator()
+        .map_err(|e| e.to_string())
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -309,10 +311,11 @@ fn stack_stripe_over_two_nvme_controllers_matches_dd(env: &GuestEnv) -> Result<(
     let (lba, blocks) = (1000u64, 8192u64);
     let data = pattern(seed(), (blocks * BS) as usize);
     {
-        let dev =
-            ustor::bdev_stack::spec::build(&format!("stripe(chunk=64k, nvme:{a}/1, nvme:{b}/1)"))
-                .map_err(|e| e.to_string())?;
-        let alloc = allocator()?;
+        let registry = LeafRegistry::with_defaults();
+        let dev = registry
+            .build(&format!("stripe(chunk=64k, nvme:{a}/1, nvme:{b}/1)"))
+            .map_err(|e| e.to_string())?;
+        let alloc = allocator(&registry)?;
         write_all(dev.as_ref(), &alloc, lba, &data)?;
         let back = read_all(dev.as_ref(), &alloc, lba, blocks)?;
         if back != data {
@@ -358,9 +361,11 @@ fn stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd(env: &GuestEnv) -> Result<(
     let (lba, blocks) = (4096u64 + 3, 3000u64);
     let data = pattern(seed(), (blocks * BS) as usize);
     {
-        let dev = ustor::bdev_stack::spec::build(&format!("mirror(nvme:{a}/1, sg:{lun})"))
+        let registry = LeafRegistry::with_defaults();
+        let dev = registry
+            .build(&format!("mirror(nvme:{a}/1, sg:{lun})"))
             .map_err(|e| e.to_string())?;
-        let alloc = allocator()?;
+        let alloc = allocator(&registry)?;
         write_all(dev.as_ref(), &alloc, lba, &data)?;
         if read_all(dev.as_ref(), &alloc, lba, blocks)? != data {
             return Err("the mirror read back differs from what was written".into());
@@ -386,15 +391,16 @@ fn stack_mirror_of_nvme_and_lio_matches_dd_and_sg_dd(env: &GuestEnv) -> Result<(
 fn stack_copy_offloads_within_a_namespace_and_bounces_across(env: &GuestEnv) -> Result<(), String> {
     let (a, b) = nvme_addrs(env)?;
     back_to_vfio(&[&a, &b])?;
-    let dev: Arc<dyn BlockDevice> =
-        ustor::bdev_stack::spec::build(&format!("concat(nvme:{a}/1, nvme:{b}/1)"))
-            .map_err(|e| e.to_string())?;
+    let registry = LeafRegistry::with_defaults();
+    let dev: Arc<dyn BlockDevice> = registry
+        .build(&format!("concat(nvme:{a}/1, nvme:{b}/1)"))
+        .map_err(|e| e.to_string())?;
     let boundary = dev
         .members()
         .first()
         .map(|m| m.info().block_count)
         .ok_or("concat without members")?;
-    let alloc = allocator()?;
+    let alloc = allocator(&registry)?;
     // Source: 2048 blocks on the first namespace; destination: 1024 blocks
     // on the same namespace, then 1024 on the other controller's.
     let blocks = 2048u64;
@@ -403,7 +409,7 @@ fn stack_copy_offloads_within_a_namespace_and_bounces_across(env: &GuestEnv) -> 
     let data = pattern(seed(), (blocks * BS) as usize);
     write_all(dev.as_ref(), &alloc, src_lba, &data)?;
     let options = CopyOptions {
-        allocator: Arc::new(allocator()?),
+        allocator: Arc::new(allocator(&registry)?),
         ..CopyOptions::default()
     };
     let mut engine = CopyEngine::new(options).map_err(|e| e.to_string())?;
@@ -440,7 +446,7 @@ fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
     let (src_lba, dst_lba, blocks) = (20_000u64, 4096u64 + 5, 2048u64);
     let data = pattern(seed(), (blocks * BS) as usize);
     {
-        let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
+        let registry = LeafRegistry::with_defaults();
         let build = |spec: &str| registry.build(spec).map_err(|e| e.to_string());
         let namespace = build(&format!("nvme:{a}/1"))?;
         let (faulty, faults) = FaultyDevice::new(build(&format!("sg:{lun0}"))?);
@@ -448,15 +454,15 @@ fn stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs(
             Mirror::new(vec![Arc::clone(&namespace), Arc::new(faulty)], 2048)
                 .map_err(|e| e.to_string())?,
         );
-        mirror.set_allocator(Arc::new(allocator()?));
+        mirror.set_allocator(Arc::new(allocator(&registry)?));
         let dev: Arc<dyn BlockDevice> = mirror.clone();
-        let alloc = allocator()?;
+        let alloc = allocator(&registry)?;
         write_all(namespace.as_ref(), &alloc, src_lba, &data)?;
         // The LUN fails the fourth request from now: in the middle of the
         // copy's writes.
         faults.fail_nth(4);
         let mut engine = CopyEngine::new(CopyOptions {
-            allocator: Arc::new(allocator()?),
+            allocator: Arc::new(allocator(&registry)?),
             buffer_bytes: 64 << 10,
             ..CopyOptions::default()
         })
@@ -516,19 +522,19 @@ fn stack_copy_nvme_to_lio_bounces(env: &GuestEnv) -> Result<(), String> {
     let (a, _) = nvme_addrs(env)?;
     let lun = lio_lun(env, 1)?;
     back_to_vfio(&[&a])?;
-    let registry = ustor::bdev_stack::spec::LeafRegistry::with_defaults();
+    let registry = LeafRegistry::with_defaults();
     let src = registry
         .build(&format!("nvme:{a}/1"))
         .map_err(|e| e.to_string())?;
     let dst = registry
         .build(&format!("sg:{lun}"))
         .map_err(|e| e.to_string())?;
-    let alloc = allocator()?;
+    let alloc = allocator(&registry)?;
     let (from, to, blocks) = (30_000u64, 50_000u64, 3000u64);
     let data = pattern(seed(), (blocks * BS) as usize);
     write_all(src.as_ref(), &alloc, from, &data)?;
     let options = CopyOptions {
-        allocator: Arc::new(allocator()?),
+        allocator: Arc::new(allocator(&registry)?),
         ..CopyOptions::default()
     };
     let mut engine = CopyEngine::new(options).map_err(|e| e.to_string())?;
