@@ -555,3 +555,208 @@ pub fn reset_with_commands_in_flight<T: Transport>(ctrl: &Controller<T>, nsid: u
     }
     Ok(())
 }
+
+/// What [`reset_under_load`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetLoad {
+    /// Requests submitted (each completed exactly once).
+    pub requests: u64,
+    /// Requests failed by the resets (aborted, or timed out).
+    pub failed: u64,
+    /// Acknowledged writes and Copies read back afterwards.
+    pub verified: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum LoadOp {
+    Write { lba: u64, seed: u64 },
+    Read { lba: u64, seed: u64 },
+    Copy { src: u64, dst: u64, seed: u64 },
+}
+
+/// Resets under load, as SPDK's reset test: `resets` controller resets,
+/// `interval` apart, while `threads` threads run writes (each to a block of
+/// its own, never rewritten), reads of acknowledged blocks and Copies of
+/// them to fresh blocks, on queue pairs of their own. Every request must
+/// complete exactly once, with success or Aborted/Timeout; a read that
+/// succeeds returns the data; every acknowledged write and Copy reads back
+/// afterwards.
+pub fn reset_under_load<T: Transport>(
+    ctrl: &Controller<T>,
+    nsid: u32,
+    threads: u64,
+    resets: u32,
+    interval: Duration,
+) -> Result<ResetLoad, String> {
+    let ns = ns_of(ctrl, nsid)?;
+    let span = ns.blocks / threads.max(1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (ctrl, stop) = (ctrl.clone(), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || load_worker(&ctrl, &ns, t * span, span, &stop))
+        })
+        .collect();
+    let mut reset_error = None;
+    for _ in 0..resets {
+        std::thread::sleep(interval);
+        if let Err(e) = ctrl.reset() {
+            reset_error = Some(format!("reset: {e}"));
+            break;
+        }
+    }
+    std::thread::sleep(interval * 4);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut summary = ResetLoad::default();
+    let mut acknowledged = Vec::new();
+    for w in workers {
+        let (requests, failed, acked) = w
+            .join()
+            .map_err(|_| "a load thread panicked".to_string())??;
+        summary.requests += requests;
+        summary.failed += failed;
+        acknowledged.extend(acked);
+    }
+    if let Some(e) = reset_error {
+        return Err(e);
+    }
+    let mut qp = qpair(ctrl, 64)?;
+    let bs = ns.block_size as usize;
+    for (lba, seed) in acknowledged {
+        let got = read_back(&mut qp, ctrl, &ns, lba, bs)?;
+        if got != load_pattern(seed, bs) {
+            return Err(format!("acknowledged block {lba} lost after the resets"));
+        }
+        summary.verified += 1;
+    }
+    if summary.requests == 0 || summary.verified == 0 {
+        return Err(format!("no load ran: {summary:?}"));
+    }
+    Ok(summary)
+}
+
+fn load_pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    Rng::new(seed).fill(&mut data);
+    data
+}
+
+/// One load thread of [`reset_under_load`]: requests, failures, and the
+/// acknowledged blocks with their patterns' seeds.
+type LoadResult = Result<(u64, u64, Vec<(u64, u64)>), String>;
+
+fn load_worker<T: Transport>(
+    ctrl: &Controller<T>,
+    ns: &Namespace,
+    base: u64,
+    span: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> LoadResult {
+    const BATCH: usize = 8;
+    let bs = ns.block_size as usize;
+    let mut qp = qpair(ctrl, 32)?;
+    let bufs: Vec<DmaBuffer> = (0..BATCH)
+        .map(|_| alloc(ctrl, bs))
+        .collect::<Result<_, _>>()?;
+    let (mut requests, mut failed) = (0u64, 0u64);
+    let mut acked: Vec<(u64, u64)> = Vec::new();
+    let mut next = base;
+    let mut round = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && next + 2 * BATCH as u64 <= base + span
+    {
+        round += 1;
+        let mut ops = Vec::with_capacity(BATCH);
+        for i in 0..BATCH as u64 {
+            let known = acked
+                .get((round * 7 + i) as usize % acked.len().max(1))
+                .copied();
+            let op = match (i % 3, known) {
+                (1, Some((lba, seed))) => LoadOp::Read { lba, seed },
+                (2, Some((src, seed))) => {
+                    next += 1;
+                    LoadOp::Copy {
+                        src,
+                        dst: next - 1,
+                        seed,
+                    }
+                }
+                _ => {
+                    next += 1;
+                    LoadOp::Write {
+                        lba: next - 1,
+                        seed: base << 20 | round << 4 | i,
+                    }
+                }
+            };
+            ops.push(op);
+        }
+        let mut done = Vec::new();
+        for (tag, op) in ops.iter().enumerate() {
+            let buf = bufs[tag].as_slice();
+            if let LoadOp::Write { seed, .. } = op {
+                bufs[tag]
+                    .write_bytes(0, &load_pattern(*seed, bs))
+                    .map_err(|e| e.to_string())?;
+            }
+            let deadline = std::time::Instant::now() + DRAIN;
+            loop {
+                let r = match *op {
+                    LoadOp::Write { lba, .. } => qp.write(ns, lba, &buf, tag as u64),
+                    LoadOp::Read { lba, .. } => qp.read(ns, lba, &buf, tag as u64),
+                    LoadOp::Copy { src, dst, .. } => qp.copy(ns, &[(src, 1)], dst, tag as u64),
+                };
+                match r {
+                    Ok(()) => break,
+                    // Full, or the queue being re-created after a reset.
+                    Err(SubmitError::QueueFull | SubmitError::Invalid(_))
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        let _ = qp.poll(BATCH, |c| done.push(c));
+                        std::thread::yield_now();
+                    }
+                    Err(e) => return Err(format!("submit: {e}")),
+                }
+            }
+            requests += 1;
+        }
+        let deadline = std::time::Instant::now() + DRAIN;
+        while done.len() < ops.len() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{} of {} requests never completed",
+                    ops.len() - done.len(),
+                    ops.len()
+                ));
+            }
+            if qp.poll(BATCH, |c| done.push(c)).is_err() {
+                std::thread::yield_now();
+            }
+        }
+        let mut seen = [false; BATCH];
+        for c in &done {
+            let tag = usize::try_from(c.tag)
+                .ok()
+                .filter(|&t| t < ops.len())
+                .ok_or("unknown tag")?;
+            if std::mem::replace(&mut seen[tag], true) {
+                return Err(format!("request {tag} completed twice"));
+            }
+            match (ops[tag], c.result) {
+                (LoadOp::Write { lba, seed }, Ok(_))
+                | (LoadOp::Copy { dst: lba, seed, .. }, Ok(_)) => acked.push((lba, seed)),
+                (LoadOp::Read { seed, lba }, Ok(_)) => {
+                    let mut got = vec![0u8; bs];
+                    bufs[tag]
+                        .read_bytes(0, &mut got)
+                        .map_err(|e| e.to_string())?;
+                    if got != load_pattern(seed, bs) {
+                        return Err(format!("a read of block {lba} returned other data"));
+                    }
+                }
+                (_, Err(IoError::Aborted | IoError::Timeout)) => failed += 1,
+                (op, Err(e)) => return Err(format!("{op:?}: {e}")),
+            }
+        }
+    }
+    Ok((requests, failed, acked))
+}

@@ -66,6 +66,13 @@ pub(super) static TESTS: &[GuestTest] = &[
         run: nvme_reset_with_commands_in_flight,
     },
     GuestTest {
+        name: "nvme_reset_under_load",
+        kind: Kind::Test,
+        topology: DEFAULT,
+        timeout: Duration::from_secs(300),
+        run: nvme_reset_under_load,
+    },
+    GuestTest {
         name: "nvme_shared_dma_context_two_controllers",
         kind: Kind::Test,
         topology: DEFAULT,
@@ -221,6 +228,21 @@ fn nvme_two_queue_pairs_two_threads(env: &GuestEnv) -> Result<(), String> {
 
 fn nvme_reset_with_commands_in_flight(env: &GuestEnv) -> Result<(), String> {
     each_namespace(env, nvme::conformance::reset_with_commands_in_flight)
+}
+
+/// Resets under load on QEMU's controller through VFIO: ten resets while
+/// three threads read, write and copy on queue pairs of their own (the
+/// check the host tests run on the emulator).
+fn nvme_reset_under_load(env: &GuestEnv) -> Result<(), String> {
+    let dev = env.devices.nvme.first().ok_or("no NVMe controller")?;
+    let ctrl = bring_up(dev)?;
+    let summary = nvme::conformance::reset_under_load(&ctrl, 1, 3, 10, Duration::from_millis(50))
+        .map_err(|e| format!("{}: {e}", dev.pci_address))?;
+    println!(
+        "ok {}: {} requests through 10 resets, {} failed by them, {} acknowledged blocks read back",
+        dev.pci_address, summary.requests, summary.failed, summary.verified
+    );
+    Ok(())
 }
 
 /// Both controllers in one VFIO container: one DMA buffer is read into
