@@ -152,6 +152,7 @@ fn vm_run(kind: Kind, filter: Option<&str>) -> Result<bool> {
             tests: config.tests.clone(),
             deadline: BOOT_BUDGET + test_time,
             console_log: vm_dir.join(format!("console-{name}.log")),
+            monitor: qemu::monitor_socket(&run_dir),
             show_output: kind == Kind::Bench,
         };
         println!(

@@ -51,12 +51,16 @@ pub fn qemu_args(
         "intel-iommu,intremap=on,caching-mode=on,aw-bits=48",
         "-serial",
         "stdio",
-        "-monitor",
-        "none",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The human monitor on a socket of the boot's own, for the requests a
+    // guest test makes of the host (unplugging a device).
+    a.extend([
+        "-monitor".into(),
+        format!("unix:{},server=on,wait=off", monitor_socket(dir).display()),
+    ]);
     a.extend(["-m".into(), topology.memory_mib.to_string()]);
     a.extend(["-kernel".into(), kernel.display().to_string()]);
     a.extend(["-initrd".into(), initrd.display().to_string()]);
@@ -68,12 +72,24 @@ pub fn qemu_args(
     a.extend(["-append".into(), cmdline]);
 
     for (c, ctrl) in topology.nvme.iter().enumerate() {
+        let placement = if ctrl.hotplug {
+            // A PCIe root port with hot-plug, the controller behind it.
+            a.extend([
+                "-device".into(),
+                format!(
+                    "pcie-root-port,id=rp{c},bus=pcie.0,chassis={},slot={},addr={:#x},hotplug=on",
+                    c + 1,
+                    c + 1,
+                    ctrl.pci_slot
+                ),
+            ]);
+            format!("bus=rp{c}")
+        } else {
+            format!("addr={:#x}", ctrl.pci_slot)
+        };
         a.extend([
             "-device".into(),
-            format!(
-                "nvme,serial={},id=nvme{c},addr={:#x}",
-                ctrl.serial, ctrl.pci_slot
-            ),
+            format!("nvme,serial={},id=nvme{c},{placement}", ctrl.serial),
         ]);
         for (n, ns) in ctrl.namespaces.iter().enumerate() {
             let nsid = n + 1;
@@ -155,6 +171,66 @@ pub fn blkdebug_rules(rules: &[ustor_guest::topology::BlkdebugRule]) -> String {
     out
 }
 
+/// The monitor socket of the boot whose files are under `dir`.
+pub fn monitor_socket(dir: &Path) -> PathBuf {
+    dir.join("monitor.sock")
+}
+
+/// Carries out a request a guest test printed (see
+/// [`ustor_guest::protocol::HOST_REQUEST`]) on the boot's monitor. Only
+/// `device_del ID` of an NVMe controller is honoured.
+fn host_request(monitor: &Path, request: &str) -> std::result::Result<(), String> {
+    let Some(id) = request.strip_prefix("device_del ") else {
+        return Err(format!("unknown host request {request:?}"));
+    };
+    if !id.starts_with("nvme") || !id[4..].bytes().all(|b| b.is_ascii_digit()) || id.len() == 4 {
+        return Err(format!(
+            "device_del of {id:?}: only NVMe controllers (nvmeN) may be unplugged"
+        ));
+    }
+    let mut stream = std::os::unix::net::UnixStream::connect(monitor)
+        .map_err(|e| format!("connecting to the monitor {}: {e}", monitor.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| format!("monitor socket: {e}"))?;
+    // The monitor takes commands once it has shown its prompt, and carries
+    // one out before the next prompt: wait for each, or the command may be
+    // dropped with the connection.
+    read_to_prompt(&mut stream)?;
+    writeln!(stream, "device_del {id}").map_err(|e| format!("writing to the monitor: {e}"))?;
+    let answer = read_to_prompt(&mut stream)?;
+    // Anything but the echo and the prompt is QEMU's complaint.
+    let said: String = answer
+        .lines()
+        .filter(|l| !l.contains("device_del") && !l.trim().is_empty() && !l.contains("(qemu)"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if said.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("QEMU: {said}"))
+    }
+}
+
+/// Reads the monitor's output up to its next `(qemu)` prompt.
+fn read_to_prompt(
+    stream: &mut std::os::unix::net::UnixStream,
+) -> std::result::Result<String, String> {
+    use std::io::Read;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("(qemu)") {
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("reading the monitor: {e}"))?;
+        if n == 0 {
+            return Err("the monitor closed the connection".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&seen).into_owned())
+}
+
 /// One boot: what to run, and where.
 pub struct Boot {
     /// The tests to run, in order.
@@ -163,6 +239,8 @@ pub struct Boot {
     pub deadline: Duration,
     /// Where the console log goes.
     pub console_log: PathBuf,
+    /// The boot's monitor socket ([`monitor_socket`]).
+    pub monitor: PathBuf,
     /// Print every line the guest entries print, as it comes (benchmarks).
     pub show_output: bool,
 }
@@ -186,6 +264,14 @@ pub fn run_vm(boot: &Boot, args: &[String]) -> Result<RunReport> {
             log_error.get_or_insert(e);
         }
         if let Some(event) = judge.feed(&line) {
+            if let Event::Output { name, line } = &event
+                && let Some(request) = line.strip_prefix(ustor_guest::protocol::HOST_REQUEST)
+            {
+                match host_request(&boot.monitor, request.trim()) {
+                    Ok(()) => println!("[host] {name}: {}", request.trim()),
+                    Err(e) => println!("[host] {name}: request refused: {e}"),
+                }
+            }
             show_progress(&event, started, boot.show_output);
         }
     })?;

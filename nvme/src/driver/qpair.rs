@@ -519,12 +519,16 @@ impl<T: Transport> QueuePair<T> {
             // A queue that keeps completing never goes idle: look at the
             // timeouts every BUSY_CHECK_POLLS polls too (one clock read),
             // so one stuck command among many is not missed.
+            // The platform's request for the device back is looked at here
+            // too (one read of an eventfd, or an atomic for the emulator).
             self.busy_polls = self.busy_polls.wrapping_add(1);
-            if self.timeout.is_some()
-                && self.outstanding > 0
-                && self.busy_polls.is_multiple_of(BUSY_CHECK_POLLS)
-            {
-                self.expire(Instant::now());
+            if self.outstanding > 0 && self.busy_polls.is_multiple_of(BUSY_CHECK_POLLS) {
+                if self.shared.transport.removal_requested() {
+                    self.shared.stop_and_release();
+                }
+                if self.timeout.is_some() {
+                    self.expire(Instant::now());
+                }
             }
         } else if self.outstanding > 0 {
             self.idle_polls = self.idle_polls.wrapping_add(1);

@@ -7,6 +7,11 @@
 /// Prefix of every protocol line.
 pub const MARK: &str = "@@ustor";
 
+/// A guest test's output line that starts with this asks the host to act
+/// on the VM (the rest of the line: `device_del nvmeN`, unplugging that
+/// controller through QEMU's monitor).
+pub const HOST_REQUEST: &str = "host-request: ";
+
 /// How one guest test ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -28,6 +28,10 @@ pub const NVME_BENCH: &str = "nvme-bench";
 /// to 1 GiB: the garbage-collector benchmark's store of 4 MiB segments
 /// has as many segments as the embedded default's 256 MiB of 1 MiB ones.
 pub const GC_BENCH: &str = "gc-bench";
+/// The default rig's two controllers, the second behind a hot-pluggable
+/// PCIe root port, so a test can have the host unplug it (`device_del`)
+/// while I/O runs.
+pub const HOTPLUG: &str = "hotplug";
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -53,8 +57,14 @@ pub struct Topology {
 pub struct NvmeController {
     /// Serial number reported in Identify Controller.
     pub serial: String,
-    /// PCI slot on bus 0, so the guest address is `0000:00:SLOT.0`.
+    /// PCI slot on bus 0, so the guest address is `0000:00:SLOT.0`; for a
+    /// hot-pluggable controller, the slot of its root port.
     pub pci_slot: u8,
+    /// Behind a hot-pluggable PCIe root port (QEMU device id `nvmeN`,
+    /// unpluggable with `device_del`). A rig has at most one, which the
+    /// guest kernel numbers bus 1.
+    #[serde(default)]
+    pub hotplug: bool,
     /// Namespaces, with NSIDs 1, 2, ... in order.
     pub namespaces: Vec<NvmeNamespace>,
     /// Which guest driver gets the controller.
@@ -73,7 +83,11 @@ pub enum GuestDriver {
 impl NvmeController {
     /// The controller's PCI address in the guest.
     pub fn pci_address(&self) -> String {
-        format!("0000:00:{:02x}.0", self.pci_slot)
+        if self.hotplug {
+            "0000:01:00.0".to_string()
+        } else {
+            format!("0000:00:{:02x}.0", self.pci_slot)
+        }
     }
 }
 
@@ -158,12 +172,14 @@ impl Topology {
                 NvmeController {
                     serial: "USTORNVME0".to_string(),
                     pci_slot: 4,
+                    hotplug: false,
                     namespaces: vec![ns(512), ns(512)],
                     driver: GuestDriver::Vfio,
                 },
                 NvmeController {
                     serial: "USTORNVME1".to_string(),
                     pci_slot: 5,
+                    hotplug: false,
                     namespaces: vec![ns(4096)],
                     driver: GuestDriver::Vfio,
                 },
@@ -194,6 +210,7 @@ impl Topology {
             nvme: vec![NvmeController {
                 serial: "USTORFAULT0".to_string(),
                 pci_slot: 4,
+                hotplug: false,
                 namespaces: vec![NvmeNamespace {
                     block_size: 512,
                     size_mib: 16,
@@ -280,6 +297,23 @@ impl Topology {
         topo
     }
 
+    /// The default rig's controllers (one namespace each), the second
+    /// behind a hot-pluggable root port (see [`HOTPLUG`]).
+    pub fn hotplug() -> Topology {
+        let mut topo = Topology::default_rig();
+        topo.name = HOTPLUG.to_string();
+        for ctrl in &mut topo.nvme {
+            ctrl.namespaces.truncate(1);
+            ctrl.namespaces[0].block_size = 512;
+        }
+        if let Some(second) = topo.nvme.get_mut(1) {
+            second.hotplug = true;
+        }
+        topo.lio_luns.clear();
+        topo.virtio_disks.clear();
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
@@ -289,13 +323,14 @@ impl Topology {
             COPY => Some(Topology::copy()),
             NVME_BENCH => Some(Topology::nvme_bench()),
             GC_BENCH => Some(Topology::gc_bench()),
+            HOTPLUG => Some(Topology::hotplug()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH]
+        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH, HOTPLUG]
     }
 }
 

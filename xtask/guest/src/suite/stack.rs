@@ -6,7 +6,7 @@
 
 use super::{GuestEnv, GuestTest, Kind};
 use crate::setup::{bind_vfio, rebind, tool_output};
-use crate::topology::STACK;
+use crate::topology::{HOTPLUG, STACK};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,13 @@ pub(super) static TESTS: &[GuestTest] = &[
         topology: STACK,
         timeout: Duration::from_secs(300),
         run: stack_copy_into_a_mirror_fails_the_leg_that_fails_and_resyncs,
+    },
+    GuestTest {
+        name: "stack_hot_removal_degrades_a_mirror_that_keeps_serving",
+        kind: Kind::Test,
+        topology: HOTPLUG,
+        timeout: Duration::from_secs(180),
+        run: stack_hot_removal_degrades_a_mirror_that_keeps_serving,
     },
     GuestTest {
         name: "stack_copy_nvme_to_lio_bounces",
@@ -559,5 +566,91 @@ fn stack_copy_nvme_to_lio_bounces(env: &GuestEnv) -> Result<(), String> {
         return Err(format!("{lun} (sg_dd) does not hold the namespace's bytes"));
     }
     println!("ok {blocks} blocks nvme:{a}/1@{from} -> {lun}@{to} bounced, sg_dd agrees");
+    Ok(())
+}
+
+/// Hot removal: while a mirror over both controllers serves I/O, the host
+/// unplugs the second (`device_del` on QEMU's monitor; it sits behind a
+/// hot-pluggable root port). The guest kernel asks for the device back
+/// through VFIO's device request; the driver stops the controller and
+/// releases it, so the unplug completes (the device leaves sysfs); the
+/// mirror fails that leg and keeps serving from the other; every block
+/// written before, during and after reads back.
+fn stack_hot_removal_degrades_a_mirror_that_keeps_serving(env: &GuestEnv) -> Result<(), String> {
+    use ustor::bdev_stack::{LegHealth, Mirror};
+    let [a, b] = env.devices.nvme.as_slice() else {
+        return Err("the hotplug topology has two NVMe controllers".into());
+    };
+    let (a, b) = (&a.pci_address, &b.pci_address);
+    let registry = LeafRegistry::with_defaults();
+    let build = |spec: &str| registry.build(spec).map_err(|e| e.to_string());
+    let mirror = Arc::new(
+        Mirror::new(
+            vec![
+                build(&format!("nvme:{a}/1"))?,
+                build(&format!("nvme:{b}/1"))?,
+            ],
+            2048,
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    mirror.set_allocator(Arc::new(allocator(&registry)?));
+    let dev: Arc<dyn BlockDevice> = mirror.clone();
+    let alloc = allocator(&registry)?;
+    let chunk = 256u64;
+    let chunks = dev.info().block_count / chunk;
+    let mut latest: Vec<Option<Vec<u8>>> = vec![None; chunks as usize];
+    let write_chunk = |i: u64, latest: &mut Vec<Option<Vec<u8>>>| -> Result<(), String> {
+        let at = i % chunks;
+        let data = pattern(seed() ^ i, (chunk * BS) as usize);
+        write_all(dev.as_ref(), &alloc, at * chunk, &data)?;
+        if read_all(dev.as_ref(), &alloc, at * chunk, chunk)? != data {
+            return Err(format!("chunk {at} read back differs"));
+        }
+        latest[at as usize] = Some(data);
+        Ok(())
+    };
+    write_chunk(0, &mut latest)?;
+    println!("{}device_del nvme1", crate::protocol::HOST_REQUEST);
+    let sysfs = format!("/sys/bus/pci/devices/{b}");
+    let started = Instant::now();
+    let mut i = 1;
+    loop {
+        write_chunk(i, &mut latest)
+            .map_err(|e| format!("I/O during the removal (chunk {i}): {e}"))?;
+        i += 1;
+        let failed = mirror.health().legs.get(1) == Some(&LegHealth::Failed);
+        if failed && !Path::new(&sysfs).exists() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(format!(
+                "after {:?}: mirror {:?}, {sysfs} {}",
+                started.elapsed(),
+                mirror.health(),
+                if Path::new(&sysfs).exists() {
+                    "still present"
+                } else {
+                    "gone"
+                }
+            ));
+        }
+    }
+    println!(
+        "ok {b} unplugged after {:.1} s and {i} chunks of I/O; the mirror failed that leg",
+        started.elapsed().as_secs_f64()
+    );
+    for _ in 0..20 {
+        write_chunk(i, &mut latest)?;
+        i += 1;
+    }
+    for (at, data) in latest.iter().enumerate() {
+        if let Some(data) = data
+            && read_all(dev.as_ref(), &alloc, at as u64 * chunk, chunk)? != *data
+        {
+            return Err(format!("chunk {at} lost"));
+        }
+    }
+    println!("ok the degraded mirror serves on {a}: {i} chunks written, all read back");
     Ok(())
 }
