@@ -176,6 +176,8 @@ pub enum DeviceKind {
     Stripe,
     /// Every member holds every block.
     Mirror,
+    /// A window on another device (a member's data area).
+    Slice,
 }
 
 /// What a device says about itself.

@@ -196,6 +196,23 @@ pub enum BdevError {
         #[source]
         source: IoError,
     },
+    /// A member's mirror metadata is missing or damaged.
+    #[error("{device}: mirror metadata")]
+    Metadata {
+        /// The member.
+        device: String,
+        /// What is wrong with it.
+        #[source]
+        source: crate::mirror::meta::MetaError,
+    },
+    /// A device cannot join the array being assembled.
+    #[error("{device} {reason}")]
+    Assembly {
+        /// The device.
+        device: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A leg index or mirror operation is not valid in the mirror's state.
     #[error("{device}: {reason}")]
     MirrorState {

@@ -64,6 +64,7 @@ mod offload;
 mod owned;
 mod pool;
 mod scsi_leaf;
+mod slice;
 pub mod spec;
 mod split;
 
@@ -83,9 +84,10 @@ pub use identity::{BackingId, OffloadDomain};
 pub use mem::{
     CopyFault, CopyFaultHandle, DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice,
 };
+pub use mirror::meta::{MemberState, MetaError, MetaLayout, Superblock};
 pub use mirror::{
-    DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
-    ResyncReport, ResyncStep,
+    Assembly, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
+    ResyncNeed, ResyncReport, ResyncStep,
 };
 pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace};
 pub use offload::{
@@ -94,4 +96,5 @@ pub use offload::{
 };
 pub use owned::{OwnedChannel, Rejected};
 pub use scsi_leaf::{SG_MAX_TRANSFER_BYTES, ScsiLeaf, SgEmuFactory, SgFactory};
+pub use slice::Slice;
 pub use split::{Concat, ConcatLayout, Layout, SplitDevice, Stripe, StripeLayout};

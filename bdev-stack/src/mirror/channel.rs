@@ -228,13 +228,13 @@ impl MirrorChannel {
                 self.submit_child(child_slot);
                 continue;
             }
-            let writable = self.shared.writable();
-            let healthy = self.shared.readable();
+            let mut writable = self.shared.writable();
+            let mut healthy = self.shared.readable();
             if writable == 0 {
                 self.fail_part(slot, op, lba, run, advance);
                 continue;
             }
-            let fan_out = writable.count_ones();
+            let mut fan_out = writable.count_ones();
             if self.children.available() < fan_out as usize {
                 self.stalled.push_back(slot);
                 return;
@@ -246,6 +246,22 @@ impl MirrorChannel {
                     return;
                 }
                 child.region = Some(region);
+                // With metadata, the region's bit is durable before the
+                // write starts (counted first, so no clearing pass can
+                // drop it meanwhile). A leg whose bitmap write failed is
+                // failed, and gets no share of the write.
+                if self.shared.intent.is_some() {
+                    self.shared.ensure_intent(region, region);
+                    let now = self.shared.writable() & writable;
+                    for _ in now.count_ones()..fan_out {
+                        self.shared.dirty.end_write(region);
+                    }
+                    (writable, healthy, fan_out) = (now, self.shared.readable(), now.count_ones());
+                    if writable == 0 {
+                        self.fail_part(slot, op, lba, run, advance);
+                        continue;
+                    }
+                }
             }
             let parent = self.parents.at(slot);
             parent.outstanding += fan_out;

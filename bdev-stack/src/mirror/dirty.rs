@@ -86,6 +86,20 @@ impl DirtyMap {
         }
     }
 
+    /// True while writes are in flight in `region`.
+    pub(crate) fn in_flight(&self, region: u64) -> bool {
+        self.region(region)
+            .is_some_and(|r| r.load(Ordering::Acquire) & COUNT_MASK != 0)
+    }
+
+    /// Marks `region` suspect: its legs may differ (an unclean stop the
+    /// on-device bitmap recorded); reads use the primary until a resync.
+    pub(crate) fn mark_suspect(&self, region: u64) {
+        if let Some(r) = self.region(region) {
+            r.fetch_or(SUSPECT, Ordering::AcqRel);
+        }
+    }
+
     pub(crate) fn is_suspect(&self, region: u64) -> bool {
         self.region(region)
             .is_some_and(|r| r.load(Ordering::Acquire) & SUSPECT != 0)

@@ -24,8 +24,11 @@
 //! Layout: `dirty` (the write-intent map), `channel` (the I/O path),
 //! `resync` (rebuilding legs); this file holds the mirror and its health.
 
+mod assemble;
 mod channel;
 mod dirty;
+mod intent;
+pub mod meta;
 mod resync;
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -40,6 +43,8 @@ use crate::device::{
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
 use crate::hold::WriteHolds;
+use crate::slice::Slice;
+pub use assemble::{Assembly, ResyncNeed};
 use channel::MirrorChannel;
 pub use dirty::DirtyMap;
 use resync::ResyncMode;
@@ -103,6 +108,9 @@ pub(super) struct Shared {
     pub(super) read_retries: AtomicU64,
     /// Memory for the resync's copies.
     pub(super) allocator: Mutex<Arc<dyn DmaAllocator>>,
+    /// The durable write-intent log and superblocks, for a mirror with
+    /// metadata.
+    pub(super) intent: Option<Arc<intent::IntentLog>>,
 }
 
 impl Shared {
@@ -143,6 +151,41 @@ impl Shared {
     pub(super) fn fail_leg(&self, leg: usize, error: &IoError) {
         if self.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
             warn!(mirror = %self.name, leg, %error, "mirror leg failed; mirror degraded");
+            self.record_failure(leg);
+        }
+    }
+
+    /// With metadata: the surviving members learn that `leg` failed (a
+    /// later assembly must not trust it); a member whose metadata write
+    /// fails then is failed too.
+    fn record_failure(&self, leg: usize) {
+        let Some(log) = &self.intent else {
+            return;
+        };
+        let mut failing = log.leg_failed(leg, self.writable());
+        while failing != 0 {
+            let next = failing.trailing_zeros() as usize;
+            failing &= failing - 1;
+            if self.health[next].swap(FAILED, Ordering::AcqRel) != FAILED {
+                warn!(mirror = %self.name, leg = next, "metadata write failed; leg failed");
+                failing |= log.leg_failed(next, self.writable());
+            }
+        }
+    }
+
+    /// With metadata: makes the bits of regions `first..=last` durable
+    /// before writes into them start. Legs whose metadata write fails are
+    /// failed, as for a failed write.
+    pub(super) fn ensure_intent(&self, first: u64, last: u64) {
+        let Some(log) = &self.intent else {
+            return;
+        };
+        let failed = log.ensure(first, last, self.writable(), &self.dirty);
+        for leg in (0..self.health.len()).filter(|l| failed & (1 << l) != 0) {
+            if self.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
+                warn!(mirror = %self.name, leg, "write-intent update failed; leg failed");
+                self.record_failure(leg);
+            }
         }
     }
 }
@@ -169,6 +212,14 @@ impl Mirror {
     pub fn with_dirty_map(
         legs: Vec<Arc<dyn BlockDevice>>,
         dirty: Arc<DirtyMap>,
+    ) -> Result<Mirror, BdevError> {
+        Mirror::with_parts(legs, dirty, None)
+    }
+
+    fn with_parts(
+        legs: Vec<Arc<dyn BlockDevice>>,
+        dirty: Arc<DirtyMap>,
+        intent: Option<Arc<intent::IntentLog>>,
     ) -> Result<Mirror, BdevError> {
         if legs.len() < 2 || legs.len() > MAX_LEGS {
             return Err(BdevError::TooFewMembers {
@@ -233,6 +284,7 @@ impl Mirror {
                 dirty,
                 read_retries: AtomicU64::new(0),
                 allocator: Mutex::new(Arc::new(HostAllocator)),
+                intent,
             }),
         })
     }
@@ -295,6 +347,22 @@ impl Mirror {
         if self.shared.state(leg) != FAILED {
             return Err(self.state_error(format!("leg {leg} has not failed")));
         }
+        // With metadata, `device` is a raw member: its data area is the leg.
+        let (device, member) = match &self.shared.intent {
+            Some(log) => {
+                let layout = log.superblock().layout;
+                let slice = Slice::new(Arc::clone(&device), layout.data_offset, layout.data_blocks)
+                    .map_err(|_| {
+                        self.state_error(format!(
+                            "replacement {} is too small for the mirror's metadata and {} data blocks",
+                            device.info().name,
+                            layout.data_blocks
+                        ))
+                    })?;
+                (Arc::new(slice) as Arc<dyn BlockDevice>, Some(device))
+            }
+            None => (device, None),
+        };
         let new = device.info();
         if new.block_size != self.shared.block_size {
             return Err(BdevError::BlockSizeMismatch {
@@ -321,6 +389,14 @@ impl Mirror {
             )));
         }
         let source = self.primary()?;
+        if let (Some(log), Some(member)) = (&self.shared.intent, member) {
+            let failed = log.leg_replaced(leg, member, self.shared.writable());
+            if failed & (1 << leg) != 0 {
+                return Err(self.state_error(format!(
+                    "writing the metadata to the replacement for leg {leg} failed"
+                )));
+            }
+        }
         {
             let mut legs = self.shared.legs();
             legs[leg] = device;
@@ -410,6 +486,9 @@ impl BlockDevice for Mirror {
             }
         }
         holds.push(dirty, first, last);
+        // Offloads write the legs beside the mirror's channel: their
+        // regions' bits are durable before they start, as for any write.
+        self.shared.ensure_intent(first, last);
         // Legs may hold further layers (a mirror under a leg).
         let legs = self.shared.legs().clone();
         let writable = self.shared.writable();

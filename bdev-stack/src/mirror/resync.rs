@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{HEALTHY, RESYNCING, Shared};
 use crate::buffer::DmaMemory;
@@ -165,6 +165,12 @@ impl Resync {
                 .is_ok()
         {
             info!(mirror = %self.shared.name, leg = target, "resync finished; leg healthy");
+            if let Some(log) = &self.shared.intent {
+                let failed = log.leg_healthy(target, self.shared.writable());
+                if failed != 0 {
+                    warn!(mirror = %self.shared.name, failed, "recording the healthy leg failed on some members");
+                }
+            }
         }
     }
 

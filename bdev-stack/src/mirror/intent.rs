@@ -1,0 +1,351 @@
+//! The durable write-intent log of a mirror with metadata, as md's bitmap:
+//! a region's bit is on every writable member (superblock and bitmap
+//! written, then flushed) before the first write into the region starts;
+//! bits of regions that stay quiet are cleared lazily. The superblock
+//! travels with it: clean or dirty, the event counter, member states.
+//!
+//! Bitmap writes are synchronous, under one lock: writers that need bits
+//! while one is being written find them set when it is done, or set theirs
+//! in the next, so concurrent writers share bitmap writes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::dirty::DirtyMap;
+use super::meta::{MemberState, SUPERBLOCK_BYTES, Superblock};
+use crate::buffer::{DmaAllocator, DmaMemory};
+use crate::device::{BlockDevice, Channel, Completion, IoOp, IoRequest, SubmitError};
+use crate::error::{BdevError, IoError};
+
+/// How long a region stays quiet before its bit is cleared (md's bitmap
+/// daemon clears after a few seconds, so hot regions keep their bits).
+const CLEAR_AFTER: Duration = Duration::from_secs(5);
+
+pub(crate) struct IntentLog {
+    name: String,
+    state: Mutex<LogState>,
+    /// The durable bits, readable without the lock: a write into a region
+    /// whose bit is on the members needs no more than this look.
+    durable: Box<[AtomicU64]>,
+    /// When the next clearing pass is due, in milliseconds since `epoch`.
+    pass_due_ms: AtomicU64,
+    epoch: Instant,
+}
+
+struct LogState {
+    /// The raw members, by leg (the mirror's legs are their data areas).
+    members: Vec<Arc<dyn BlockDevice>>,
+    channels: Vec<Option<Box<dyn Channel>>>,
+    sb: Superblock,
+    /// The bitmap as on the members.
+    bits: Vec<u8>,
+    /// Bits seen quiet at the last clearing pass.
+    quiet: Vec<u8>,
+    last_pass: Instant,
+    buffer: Box<dyn DmaMemory>,
+}
+
+fn bit(bits: &[u8], region: u64) -> bool {
+    usize::try_from(region / 8)
+        .ok()
+        .and_then(|i| bits.get(i))
+        .is_some_and(|b| b & (1 << (region % 8)) != 0)
+}
+
+fn set(bits: &mut [u8], region: u64, on: bool) {
+    if let Some(b) = usize::try_from(region / 8)
+        .ok()
+        .and_then(|i| bits.get_mut(i))
+    {
+        if on {
+            *b |= 1 << (region % 8);
+        } else {
+            *b &= !(1 << (region % 8));
+        }
+    }
+}
+
+impl IntentLog {
+    /// A log over `members` (raw devices, by leg) whose current superblock
+    /// is `sb` and bitmap `bits`.
+    pub(super) fn new(
+        name: String,
+        members: Vec<Arc<dyn BlockDevice>>,
+        sb: Superblock,
+        bits: Vec<u8>,
+        allocator: &Arc<dyn DmaAllocator>,
+    ) -> Result<IntentLog, BdevError> {
+        let bytes = usize::try_from(sb.layout.meta_bytes())
+            .map_err(|_| BdevError::OutOfMemory { bytes: usize::MAX })?;
+        let channels = members.iter().map(|_| None).collect();
+        let durable: Box<[AtomicU64]> = (0..bits.len().div_ceil(8))
+            .map(|i| {
+                let mut word = [0u8; 8];
+                let end = (i * 8 + 8).min(bits.len());
+                word[..end - i * 8].copy_from_slice(&bits[i * 8..end]);
+                AtomicU64::new(u64::from_le_bytes(word))
+            })
+            .collect();
+        Ok(IntentLog {
+            durable,
+            pass_due_ms: AtomicU64::new(CLEAR_AFTER.as_millis() as u64),
+            epoch: Instant::now(),
+            name,
+            state: Mutex::new(LogState {
+                members,
+                channels,
+                quiet: vec![0; bits.len()],
+                bits,
+                sb,
+                last_pass: Instant::now(),
+                buffer: allocator.allocate(bytes)?,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        // The state is rewritten whole on every update: valid when poisoned.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the bits of `first..=last` durable on the `writable` legs
+    /// before writes into those regions start; returns the legs whose
+    /// metadata write failed (the caller fails them). Marks the array
+    /// dirty on its first write.
+    pub(super) fn ensure(&self, first: u64, last: u64, writable: u32, dirty: &DirtyMap) -> u32 {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if now_ms < self.pass_due_ms.load(Ordering::Relaxed)
+            && (first..=last).all(|r| self.is_durable(r))
+        {
+            return 0;
+        }
+        let mut st = self.lock();
+        let pass_due = st.last_pass.elapsed() >= CLEAR_AFTER;
+        if pass_due {
+            st.clear_pass(dirty);
+            // Cleared bits stop counting as durable before they are
+            // written cleared, so no writer trusts a bit on its way out.
+            self.publish(&st.bits);
+            self.pass_due_ms
+                .store(now_ms + CLEAR_AFTER.as_millis() as u64, Ordering::Relaxed);
+        }
+        let missing = (first..=last).any(|r| !bit(&st.bits, r));
+        if !missing && !pass_due {
+            return 0;
+        }
+        for r in first..=last {
+            set(&mut st.bits, r, true);
+            set(&mut st.quiet, r, false);
+        }
+        if st.sb.clean {
+            st.sb.clean = false;
+            st.sb.events += 1;
+        }
+        let failed = st.write(writable, &self.name);
+        self.publish(&st.bits);
+        failed
+    }
+
+    fn is_durable(&self, region: u64) -> bool {
+        usize::try_from(region / 64)
+            .ok()
+            .and_then(|i| self.durable.get(i))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (region % 64)) != 0)
+    }
+
+    /// Publishes the bits just written for the lock-free look.
+    fn publish(&self, bits: &[u8]) {
+        for (i, w) in self.durable.iter().enumerate() {
+            let mut word = [0u8; 8];
+            let end = (i * 8 + 8).min(bits.len());
+            word[..end - i * 8].copy_from_slice(&bits[i * 8..end]);
+            w.store(u64::from_le_bytes(word), Ordering::Release);
+        }
+    }
+
+    /// Records that `leg` failed, on the legs still `writable`.
+    pub(super) fn leg_failed(&self, leg: usize, writable: u32) -> u32 {
+        let mut st = self.lock();
+        if let Some(s) = st.sb.states.get_mut(leg) {
+            *s = MemberState::Failed;
+        }
+        st.sb.events += 1;
+        st.write(writable & !(1 << leg), &self.name)
+    }
+
+    /// Records a replacement member at `leg`, resyncing from zero.
+    pub(super) fn leg_replaced(
+        &self,
+        leg: usize,
+        member: Arc<dyn BlockDevice>,
+        writable: u32,
+    ) -> u32 {
+        let mut st = self.lock();
+        if let Some(m) = st.members.get_mut(leg) {
+            *m = member;
+        }
+        if let Some(c) = st.channels.get_mut(leg) {
+            *c = None;
+        }
+        if let Some(s) = st.sb.states.get_mut(leg) {
+            *s = MemberState::Resyncing { done: 0 };
+        }
+        st.sb.events += 1;
+        st.write(writable | 1 << leg, &self.name)
+    }
+
+    /// Records that `leg` holds every block again.
+    pub(super) fn leg_healthy(&self, leg: usize, writable: u32) -> u32 {
+        let mut st = self.lock();
+        if let Some(s) = st.sb.states.get_mut(leg) {
+            *s = MemberState::Healthy;
+        }
+        st.sb.events += 1;
+        st.write(writable, &self.name)
+    }
+
+    /// A clean stop: with no write in flight, every bit cleared and the
+    /// array marked clean on the `writable` legs.
+    pub(super) fn stop_clean(&self, writable: u32, dirty: &DirtyMap) -> Result<(), BdevError> {
+        let mut st = self.lock();
+        if !dirty.dirty_regions().is_empty() {
+            return Err(BdevError::MirrorState {
+                device: self.name.clone(),
+                reason:
+                    "writes or suspect regions remain: finish them (and resync) before a clean stop"
+                        .into(),
+            });
+        }
+        st.bits.fill(0);
+        st.quiet.fill(0);
+        st.sb.clean = true;
+        st.sb.events += 1;
+        let failed = st.write(writable, &self.name);
+        self.publish(&st.bits);
+        if failed != 0 {
+            return Err(BdevError::MirrorState {
+                device: self.name.clone(),
+                reason: format!("marking the array clean failed on legs {failed:#b}"),
+            });
+        }
+        info!(mirror = %self.name, events = st.sb.events, "array stopped clean");
+        Ok(())
+    }
+
+    /// Writes the metadata to every member (a new array); returns the
+    /// members whose write failed.
+    pub(super) fn write_all_members(&self) -> u32 {
+        let mut st = self.lock();
+        let all = (1u32 << st.members.len()) - 1;
+        st.write(all, &self.name)
+    }
+
+    /// The current superblock (as the members hold it).
+    pub(super) fn superblock(&self) -> Superblock {
+        self.lock().sb.clone()
+    }
+}
+
+impl LogState {
+    /// Clears bits of regions quiet at this pass and the last (no write
+    /// in flight either time): a region written since keeps its bit.
+    fn clear_pass(&mut self, dirty: &DirtyMap) {
+        for r in 0..dirty.region_count() {
+            if !bit(&self.bits, r) {
+                continue;
+            }
+            if dirty.in_flight(r) {
+                set(&mut self.quiet, r, false);
+            } else if bit(&self.quiet, r) {
+                set(&mut self.bits, r, false);
+                set(&mut self.quiet, r, false);
+            } else {
+                set(&mut self.quiet, r, true);
+            }
+        }
+        self.last_pass = Instant::now();
+    }
+
+    /// Writes the superblock and bitmap to every leg in `legs`, and
+    /// flushes; returns the legs that failed.
+    fn write(&mut self, legs: u32, name: &str) -> u32 {
+        self.sb.bitmap_crc = crc32fast::hash(&self.bits);
+        let mut failed = 0;
+        for leg in 0..self.members.len() {
+            if legs & (1 << leg) == 0 {
+                continue;
+            }
+            if let Err(error) = self.write_leg(leg) {
+                warn!(mirror = %name, leg, %error, "writing the mirror's metadata failed");
+                failed |= 1 << leg;
+            }
+        }
+        failed
+    }
+
+    fn write_leg(&mut self, leg: usize) -> Result<(), IoError> {
+        let mut sb = self.sb.clone();
+        sb.member_index = leg as u32;
+        let mut area = vec![0u8; SUPERBLOCK_BYTES as usize];
+        sb.encode(&mut area);
+        let member = Arc::clone(&self.members[leg]);
+        let info = member.info();
+        let bs = u64::from(info.block_size);
+        let blocks = self.sb.layout.meta_bytes() / bs;
+        let fill = |buffer: &mut Box<dyn DmaMemory>, bits: &[u8]| {
+            buffer
+                .fill_from(0, &area)
+                .and_then(|()| buffer.fill_from(SUPERBLOCK_BYTES as usize, bits))
+        };
+        let fill_error = |_| IoError {
+            device: info.id,
+            op: IoOp::Write,
+            lba: 0,
+            blocks,
+            kind: crate::error::IoErrorKind::Empty,
+        };
+        fill(&mut self.buffer, &self.bits).map_err(fill_error)?;
+        if self.channels[leg].is_none() {
+            let channel = member.open_channel(1).map_err(|_| IoError {
+                device: info.id,
+                op: IoOp::Write,
+                lba: 0,
+                blocks,
+                kind: crate::error::IoErrorKind::DeviceFailed,
+            })?;
+            self.channels[leg] = Some(channel);
+        }
+        let Some(channel) = self.channels[leg].as_mut() else {
+            return Ok(());
+        };
+        let buf = self.buffer.dma_slice();
+        run_sync(channel.as_mut(), IoRequest::write(0, blocks, buf, 0))?;
+        run_sync(channel.as_mut(), IoRequest::no_data(IoOp::Flush, 0, 0, 0))
+    }
+}
+
+/// Runs one request to completion on a channel the caller owns alone.
+pub(super) fn run_sync(channel: &mut dyn Channel, req: IoRequest) -> Result<(), IoError> {
+    loop {
+        // SAFETY: the buffer belongs to the caller, untouched until this
+        // returns, which is after the completion.
+        match unsafe { channel.submit(req) } {
+            Ok(()) => break,
+            Err(SubmitError::Busy) => {
+                let mut drain = [Completion::EMPTY; 1];
+                channel.poll(&mut drain);
+            }
+            Err(SubmitError::Invalid(error)) => return Err(error),
+        }
+    }
+    let mut out = [Completion::EMPTY; 1];
+    loop {
+        if channel.poll(&mut out) == 1 {
+            return out[0].result;
+        }
+        std::hint::spin_loop();
+    }
+}
