@@ -5,6 +5,7 @@
 //! device := concat(device, ...)
 //!         | stripe(chunk=SIZE, device, device, ...)
 //!         | mirror([region=SIZE,] device, device, ...)
+//!         | assemble(device, device, ...)            a mirror with metadata, from its members
 //!         | KIND:BODY[,key=value...]            a leaf
 //! ```
 //!
@@ -486,6 +487,7 @@ impl<'s> Parser<'s, '_> {
             "concat" => &[],
             "stripe" => &["chunk"],
             "mirror" => &["region"],
+            "assemble" => &[],
             _ => return Err((start, SpecErrorKind::UnknownDevice(name.to_string()))),
         };
         let mut options: Vec<LeafOption<'s>> = Vec::new();
@@ -554,6 +556,12 @@ impl<'s> Parser<'s, '_> {
                 };
                 Stripe::new(devices.clone(), chunk).map(|d| Arc::new(d) as _)
             }
+            "assemble" => Mirror::assemble(devices.clone(), members_allocator(&devices)).map(
+                |(mirror, report)| {
+                    tracing::info!(?report, "assembled from the spec");
+                    Arc::new(mirror) as _
+                },
+            ),
             _ => {
                 let region = blocks_option("region", Some(DEFAULT_REGION_BYTES))?.unwrap_or(1);
                 Mirror::new(devices.clone(), region).map(|d| Arc::new(d) as _)
@@ -576,6 +584,16 @@ impl<'s> Parser<'s, '_> {
             (at, SpecErrorKind::Device(error))
         })
     }
+}
+
+/// Memory the members' metadata can be read and written through: a
+/// member's own DMA allocator where it needs device addresses, host memory
+/// otherwise.
+fn members_allocator(members: &[Arc<dyn BlockDevice>]) -> Arc<dyn crate::DmaAllocator> {
+    members
+        .iter()
+        .find_map(|m| m.iova_allocator())
+        .unwrap_or_else(|| Arc::new(crate::HostAllocator))
 }
 
 pub(crate) fn option_value<'a>(

@@ -278,3 +278,34 @@ fn strangers_duplicates_stale_members_and_garbage_are_typed_errors() {
         other => panic!("a stale member was taken: {:?}", other.map(|(_, r)| r)),
     }
 }
+
+#[test]
+fn a_mirror_with_metadata_assembles_from_a_spec() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    let d = dir("spec");
+    let data = pattern(9, 64 * 512);
+    {
+        let mirror: Arc<dyn BlockDevice> = Arc::new(
+            Mirror::create(members(&d, 512, true), REGION, Arc::new(HostAllocator))
+                .expect("create"),
+        );
+        SyncIo::open(mirror.as_ref())
+            .write(100, &data)
+            .expect("write");
+    }
+    let spec = format!(
+        "assemble(file:{}, file:{})",
+        d.join("leg1").display(),
+        d.join("leg0").display()
+    );
+    let dev = bdev_stack::spec::build(&spec).expect("assemble through the spec");
+    assert!(SyncIo::open(dev.as_ref()).read(100, 64).expect("read") == data);
+    let bad = bdev_stack::spec::build(&format!(
+        "assemble(file:{}, mem:2m)",
+        d.join("leg0").display()
+    ));
+    assert!(bad.is_err(), "a device without metadata joined the array");
+    std::fs::remove_dir_all(&d).ok();
+}
