@@ -39,8 +39,9 @@ fn read_error_on_one_leg_is_retried_on_another_and_invisible() {
         range: 0..256,
         action: FaultAction::Fail(IoErrorKind::Medium),
     });
-    // Round-robin reads land on the failing leg about half the time.
-    for lba in (0..256).step_by(8) {
+    // Round-robin reads land on the failing leg about half the time (fewer
+    // errors than the limit that fails a leg).
+    for lba in (0..128).step_by(8) {
         let got = io
             .read(lba, 8)
             .expect("read succeeds through the other leg");
@@ -49,8 +50,10 @@ fn read_error_on_one_leg_is_retried_on_another_and_invisible() {
     let health = mirror.health();
     assert!(faults.injected() > 0, "the fault was never hit");
     assert_eq!(health.read_retries, faults.injected());
-    // A read error does not fail the leg: its data may be fine elsewhere.
+    // Below the limit, a read error does not fail the leg: the blocks are
+    // rewritten from the other leg.
     assert!(!health.is_degraded(), "{health:?}");
+    assert_eq!(health.read_repairs, faults.injected());
 }
 
 #[test]
@@ -295,4 +298,44 @@ fn mirror_legs_must_share_a_block_size() {
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("built a mirror of mixed block sizes"),
     }
+}
+
+/// md's read repair: a read that fails on one leg and succeeds on another
+/// writes the good data back to the failing leg; a leg that keeps failing
+/// reads is failed.
+#[test]
+fn a_read_error_is_repaired_from_another_leg_and_a_failing_leg_is_failed() {
+    use bdev_stack::{FaultAction, FaultRule, FaultyDevice, IoErrorKind, IoOp, LegHealth};
+    let good = mem(1024);
+    let (faulty, faults) = FaultyDevice::new(mem(1024));
+    let faulty: Arc<dyn BlockDevice> = Arc::new(faulty);
+    let mirror = Arc::new(Mirror::new(vec![good.clone(), faulty.clone()], 64).expect("mirror"));
+    let dev: Arc<dyn BlockDevice> = mirror.clone();
+    let data = pattern(5, 1024 * 512);
+    SyncIo::open(dev.as_ref()).write(0, &data).expect("write");
+    // The faulty leg's copy of block 7 goes bad, and its next read fails.
+    SyncIo::open(faulty.as_ref())
+        .write(7, &vec![0xee; 512])
+        .expect("corrupt");
+    faults.fail_nth(1);
+    let mut io = SyncIo::open(dev.as_ref());
+    for _ in 0..4 {
+        assert!(io.read(7, 1).expect("read") == data[7 * 512..8 * 512]);
+    }
+    assert_eq!(mirror.health().read_repairs, 1, "{:?}", mirror.health());
+    assert!(
+        SyncIo::open(faulty.as_ref()).read(7, 1).expect("read") == data[7 * 512..8 * 512],
+        "the failing leg was not repaired"
+    );
+    assert_eq!(mirror.health().legs[1], LegHealth::Healthy);
+    // A leg that keeps failing reads is failed.
+    faults.add(FaultRule {
+        op: IoOp::Read,
+        range: 0..1024,
+        action: FaultAction::Fail(IoErrorKind::Medium),
+    });
+    for i in 0..64 {
+        assert!(io.read(i, 1).expect("read") == data[i as usize * 512..(i as usize + 1) * 512]);
+    }
+    assert_eq!(mirror.health().legs[1], LegHealth::Failed);
 }

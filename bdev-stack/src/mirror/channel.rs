@@ -46,6 +46,11 @@ struct Child {
     buf: Option<DmaSlice>,
     /// Legs a read has been tried on.
     tried: u32,
+    /// Legs whose read gave a medium error: repaired once a leg reads.
+    read_failed: u32,
+    /// A repair write (rewriting a leg whose read failed), not a part of
+    /// the parent's own operation.
+    repair: bool,
     /// The dirty region a write holds a count in.
     region: Option<u64>,
 }
@@ -207,6 +212,8 @@ impl MirrorChannel {
                 blocks: run,
                 buf,
                 tried: 0,
+                read_failed: 0,
+                repair: false,
                 region: None,
             };
             let advance = if op == IoOp::Flush { 1 } else { run };
@@ -353,6 +360,21 @@ impl MirrorChannel {
                 if current && error.kind == IoErrorKind::DeviceRemoved {
                     self.shared.fail_leg(child.leg, &error);
                 }
+                // A medium error is repaired from a leg that reads; a leg
+                // that keeps giving them is failed.
+                let mut read_failed = child.read_failed;
+                if current && error.kind == IoErrorKind::Medium {
+                    read_failed |= 1 << child.leg;
+                    let errors =
+                        self.shared.read_errors[child.leg].fetch_add(1, Ordering::AcqRel) + 1;
+                    if errors > super::READ_ERROR_LIMIT {
+                        warn!(
+                            leg = child.leg,
+                            errors, "too many read errors; failing the leg"
+                        );
+                        self.shared.fail_leg(child.leg, &error);
+                    }
+                }
                 let tried = child.tried | 1 << child.leg;
                 let region = self.shared.dirty.region_of(child.lba);
                 if let Some(leg) = self.next_readable(region, tried) {
@@ -360,12 +382,28 @@ impl MirrorChannel {
                     self.shared.read_retries.fetch_add(1, Ordering::Relaxed);
                     let next = self.children.at(child_slot);
                     next.tried = tried;
+                    next.read_failed = read_failed;
                     next.leg = leg;
                     next.generation = self.leg_generation[leg];
                     self.submit_child(child_slot);
                     return;
                 }
                 self.parents.at(child.parent).error.get_or_insert(error);
+            } else if child.read_failed != 0 {
+                self.repair(&child);
+            }
+        } else if child.repair {
+            if let Some(region) = child.region {
+                self.shared.dirty.end_write(region);
+            }
+            match result {
+                Ok(()) => {
+                    self.shared.read_repairs.fetch_add(1, Ordering::Relaxed);
+                    debug!(leg = child.leg, lba = child.lba, "read error repaired");
+                }
+                // The leg could neither read nor take the data back.
+                Err(error) if current => self.shared.fail_leg(child.leg, &error),
+                Err(_) => {}
             }
         } else {
             if let Some(region) = child.region {
@@ -391,6 +429,38 @@ impl MirrorChannel {
         let parent = self.parents.at(child.parent);
         parent.outstanding = parent.outstanding.saturating_sub(1);
         self.finish_if_done(child.parent);
+    }
+
+    /// Rewrites the blocks `read` has just read on every leg whose read of
+    /// them gave a medium error, from the parent's buffer (md's read
+    /// repair; the parent completes once the repairs have). Best effort:
+    /// with no child slot free, or a resync holding the region, the
+    /// repair waits for the next read there.
+    fn repair(&mut self, read: &Child) {
+        let region = self.shared.dirty.region_of(read.lba);
+        let targets = read.read_failed & self.shared.readable();
+        for leg in (0..self.leg_devices.len()).filter(|l| targets & (1 << l) != 0) {
+            if self.children.available() == 0 || !self.shared.dirty.try_begin_writes(region, 1) {
+                return;
+            }
+            self.shared.ensure_intent(region, region);
+            let Some(slot) = self.children.take() else {
+                self.shared.dirty.end_write(region);
+                return;
+            };
+            *self.children.at(slot) = Child {
+                leg,
+                generation: self.leg_generation[leg],
+                op: Some(IoOp::Write),
+                tried: 0,
+                read_failed: 0,
+                repair: true,
+                region: Some(region),
+                ..*read
+            };
+            self.parents.at(read.parent).outstanding += 1;
+            self.submit_child(slot);
+        }
     }
 
     fn finish_if_done(&mut self, slot: u32) {

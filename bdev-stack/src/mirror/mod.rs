@@ -53,6 +53,11 @@ pub use resync::{Resync, ResyncReport, ResyncStep};
 /// Most legs a mirror can have (leg sets are 32-bit masks).
 pub const MAX_LEGS: usize = 32;
 
+/// Medium errors a leg may give on reads before it is failed (as md's
+/// `max_read_errors`): each is repaired from another leg, but a leg that
+/// keeps failing is dying.
+pub const READ_ERROR_LIMIT: u64 = 20;
+
 /// Default dirty-region size, in bytes (as md's default bitmap chunk order
 /// of magnitude: small enough to resync little, large enough to be cheap).
 pub const DEFAULT_REGION_BYTES: u64 = 1 << 20;
@@ -86,6 +91,9 @@ pub struct MirrorHealth {
     pub suspect_regions: usize,
     /// Reads that failed on one leg and were retried on another.
     pub read_retries: u64,
+    /// Blocks rewritten on a leg whose read failed, from a leg that read
+    /// them (md's read repair).
+    pub read_repairs: u64,
 }
 
 impl MirrorHealth {
@@ -106,6 +114,9 @@ pub(super) struct Shared {
     pub(super) generation: AtomicU64,
     pub(super) dirty: Arc<DirtyMap>,
     pub(super) read_retries: AtomicU64,
+    pub(super) read_repairs: AtomicU64,
+    /// Read errors per leg; past [`READ_ERROR_LIMIT`] the leg is failed.
+    pub(super) read_errors: Box<[AtomicU64]>,
     /// Memory for the resync's copies.
     pub(super) allocator: Mutex<Arc<dyn DmaAllocator>>,
     /// The durable write-intent log and superblocks, for a mirror with
@@ -283,6 +294,8 @@ impl Mirror {
                 generation: AtomicU64::new(0),
                 dirty,
                 read_retries: AtomicU64::new(0),
+                read_repairs: AtomicU64::new(0),
+                read_errors: (0..leg_count).map(|_| AtomicU64::new(0)).collect(),
                 allocator: Mutex::new(Arc::new(HostAllocator)),
                 intent,
             }),
@@ -323,6 +336,7 @@ impl Mirror {
             legs,
             suspect_regions,
             read_retries: self.shared.read_retries.load(Ordering::Relaxed),
+            read_repairs: self.shared.read_repairs.load(Ordering::Relaxed),
         }
     }
 
