@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use crate::device::{
-    Access, BlockDevice, Channel, Completion, DeviceId, DeviceInfo, DeviceKind, IoRequest,
+    Access, BlockDevice, Channel, Completion, DeviceId, DeviceInfo, DeviceKind, IoOp, IoRequest,
     LeafFragment, NotSync, SubmitError, check_map_range,
 };
-use crate::error::{BdevError, IoError};
+use crate::error::{BdevError, IoError, IoErrorKind};
 use crate::hold::WriteHolds;
 
 /// Blocks `[offset, offset + blocks)` of `inner`.
@@ -113,7 +113,23 @@ impl Channel for SliceChannel {
     }
 
     unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
-        self.info.validate(&req).map_err(SubmitError::Invalid)?;
+        // The inner device validates the rest; only the window is ours.
+        if req.op != IoOp::Flush
+            && req
+                .lba
+                .checked_add(req.blocks)
+                .is_none_or(|end| end > self.info.block_count)
+        {
+            return Err(SubmitError::Invalid(IoError {
+                device: self.info.id,
+                op: req.op,
+                lba: req.lba,
+                blocks: req.blocks,
+                kind: IoErrorKind::OutOfRange {
+                    block_count: self.info.block_count,
+                },
+            }));
+        }
         let moved = IoRequest {
             lba: req.lba + self.offset,
             ..req

@@ -76,6 +76,8 @@ pub(super) struct MirrorChannel {
     retry: VecDeque<u32>,
     done: VecDeque<u32>,
     scratch: Vec<Completion>,
+    /// Polls since the write-intent log's clearing was last looked at.
+    polls: u32,
     _not_sync: NotSync,
 }
 
@@ -103,6 +105,7 @@ impl MirrorChannel {
             retry: VecDeque::with_capacity(children),
             done: VecDeque::with_capacity(depth),
             scratch: vec![Completion::EMPTY; leg_depth.min(256)],
+            polls: 0,
             _not_sync: NotSync::default(),
         };
         channel.refresh_legs();
@@ -257,8 +260,7 @@ impl MirrorChannel {
                 // write starts (counted first, so no clearing pass can
                 // drop it meanwhile). A leg whose bitmap write failed is
                 // failed, and gets no share of the write.
-                if self.shared.intent.is_some() {
-                    self.shared.ensure_intent(region, region);
+                if self.shared.ensure_intent(region, region) {
                     let now = self.shared.writable() & writable;
                     for _ in now.count_ones()..fan_out {
                         self.shared.dirty.end_write(region);
@@ -532,6 +534,10 @@ impl Channel for MirrorChannel {
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
         self.refresh_legs();
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls.is_multiple_of(1024) {
+            self.shared.clear_quiet_intent();
+        }
         for _ in 0..self.retry.len() {
             if let Some(child_slot) = self.retry.pop_front() {
                 self.submit_child(child_slot);

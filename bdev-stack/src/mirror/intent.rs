@@ -115,25 +115,14 @@ impl IntentLog {
     /// before writes into those regions start; returns the legs whose
     /// metadata write failed (the caller fails them). Marks the array
     /// dirty on its first write.
-    pub(super) fn ensure(&self, first: u64, last: u64, writable: u32, dirty: &DirtyMap) -> u32 {
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        if now_ms < self.pass_due_ms.load(Ordering::Relaxed)
-            && (first..=last).all(|r| self.is_durable(r))
-        {
+    pub(super) fn ensure(&self, first: u64, last: u64, writable: u32) -> u32 {
+        // The common case, a region already marked: a few loads, no lock
+        // and no clock.
+        if (first..=last).all(|r| self.is_durable(r)) {
             return 0;
         }
         let mut st = self.lock();
-        let pass_due = st.last_pass.elapsed() >= CLEAR_AFTER;
-        if pass_due {
-            st.clear_pass(dirty);
-            // Cleared bits stop counting as durable before they are
-            // written cleared, so no writer trusts a bit on its way out.
-            self.publish(&st.bits);
-            self.pass_due_ms
-                .store(now_ms + CLEAR_AFTER.as_millis() as u64, Ordering::Relaxed);
-        }
-        let missing = (first..=last).any(|r| !bit(&st.bits, r));
-        if !missing && !pass_due {
+        if (first..=last).all(|r| bit(&st.bits, r)) {
             return 0;
         }
         for r in first..=last {
@@ -147,6 +136,34 @@ impl IntentLog {
         let failed = st.write(writable, &self.name);
         self.publish(&st.bits);
         failed
+    }
+
+    /// Clears the bits of regions that stayed quiet since the last pass,
+    /// once [`CLEAR_AFTER`] has passed: called now and then from polling
+    /// (one clock read); returns the legs whose metadata write failed.
+    pub(super) fn maybe_clear(&self, writable: u32, dirty: &DirtyMap) -> u32 {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if now_ms < self.pass_due_ms.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let mut st = self.lock();
+        self.pass_due_ms
+            .store(now_ms + CLEAR_AFTER.as_millis() as u64, Ordering::Relaxed);
+        let before = st.bits.clone();
+        st.clear_pass(dirty);
+        if st.bits == before {
+            return 0;
+        }
+        // Cleared bits stop counting as durable before they are written
+        // cleared, so no writer trusts a bit on its way out.
+        self.publish(&st.bits);
+        st.write(writable, &self.name)
+    }
+
+    /// True when every region of `first..=last` is marked on the members:
+    /// the lock-free look writers take first.
+    pub(super) fn is_marked(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|r| self.is_durable(r))
     }
 
     fn is_durable(&self, region: u64) -> bool {

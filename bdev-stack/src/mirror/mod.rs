@@ -184,20 +184,41 @@ impl Shared {
         }
     }
 
-    /// With metadata: makes the bits of regions `first..=last` durable
-    /// before writes into them start. Legs whose metadata write fails are
-    /// failed, as for a failed write.
-    pub(super) fn ensure_intent(&self, first: u64, last: u64) {
+    /// With metadata: the lazy clearing of quiet regions' bits, due every
+    /// few seconds (polling calls it now and then).
+    pub(super) fn clear_quiet_intent(&self) {
         let Some(log) = &self.intent else {
             return;
         };
-        let failed = log.ensure(first, last, self.writable(), &self.dirty);
+        let failed = log.maybe_clear(self.writable(), &self.dirty);
         for leg in (0..self.health.len()).filter(|l| failed & (1 << l) != 0) {
             if self.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
                 warn!(mirror = %self.name, leg, "write-intent update failed; leg failed");
                 self.record_failure(leg);
             }
         }
+    }
+
+    /// With metadata: makes the bits of regions `first..=last` durable
+    /// before writes into them start. Legs whose metadata write fails are
+    /// failed, as for a failed write.
+    /// Returns true when a leg was failed meanwhile (the caller recounts
+    /// its legs).
+    pub(super) fn ensure_intent(&self, first: u64, last: u64) -> bool {
+        let Some(log) = &self.intent else {
+            return false;
+        };
+        if log.is_marked(first, last) {
+            return false;
+        }
+        let failed = log.ensure(first, last, self.writable());
+        for leg in (0..self.health.len()).filter(|l| failed & (1 << l) != 0) {
+            if self.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
+                warn!(mirror = %self.name, leg, "write-intent update failed; leg failed");
+                self.record_failure(leg);
+            }
+        }
+        failed != 0
     }
 }
 
