@@ -339,3 +339,36 @@ fn a_read_error_is_repaired_from_another_leg_and_a_failing_leg_is_failed() {
     }
     assert_eq!(mirror.health().legs[1], LegHealth::Failed);
 }
+
+/// Scrub: a check finds the region whose legs differ; with repair and a
+/// resync they are equal again.
+#[test]
+fn check_reports_mismatched_regions_and_repair_makes_the_legs_equal() {
+    let (a, b) = (mem(1024), mem(1024));
+    let mirror = Arc::new(Mirror::new(vec![a.clone(), b.clone()], 64).expect("mirror"));
+    let dev: Arc<dyn BlockDevice> = mirror.clone();
+    SyncIo::open(dev.as_ref())
+        .write(0, &pattern(8, 1024 * 512))
+        .expect("write");
+    assert_eq!(
+        mirror.check(false, |_, _| {}).expect("check").mismatched,
+        Vec::<u64>::new()
+    );
+    SyncIo::open(b.as_ref())
+        .write(200, &vec![0x11; 512])
+        .expect("corrupt one leg");
+    let mut seen = 0;
+    let report = mirror
+        .check(false, |done, total| seen = done.max(seen).min(total))
+        .expect("check");
+    assert_eq!(report.mismatched, vec![3], "{report:?}");
+    assert_eq!(seen, 16);
+    let report = mirror.check(true, |_, _| {}).expect("check and mark");
+    assert_eq!(report.marked, 1);
+    mirror.resync_dirty().expect("resync").run().expect("run");
+    assert_eq!(
+        mirror.check(false, |_, _| {}).expect("check").mismatched,
+        Vec::<u64>::new()
+    );
+    assert!(read_device(&a, 0, 1024) == read_device(&b, 0, 1024));
+}

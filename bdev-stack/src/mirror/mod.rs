@@ -26,6 +26,7 @@
 
 mod assemble;
 mod channel;
+mod check;
 mod dirty;
 mod intent;
 pub mod meta;
@@ -46,6 +47,7 @@ use crate::hold::WriteHolds;
 use crate::slice::Slice;
 pub use assemble::{Assembly, ResyncNeed};
 use channel::MirrorChannel;
+pub use check::CheckReport;
 pub use dirty::DirtyMap;
 use resync::ResyncMode;
 pub use resync::{Resync, ResyncReport, ResyncStep};
