@@ -86,8 +86,8 @@ pub use mem::{
 };
 pub use mirror::meta::{MemberState, MetaError, MetaLayout, Superblock};
 pub use mirror::{
-    Assembly, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror, MirrorHealth, Resync,
-    ResyncNeed, ResyncReport, ResyncStep,
+    Assembly, CheckReport, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror,
+    MirrorHealth, Resync, ResyncNeed, ResyncReport, ResyncStep,
 };
 pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace};
 pub use offload::{
