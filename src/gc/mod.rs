@@ -31,6 +31,7 @@ mod policy;
 mod run;
 mod store;
 
+pub use layout::GeometryError;
 pub use policy::Policy;
 pub use run::{
     CompareReport, Progress, RunOptions, RunReport, Workload, check_block, compare, run,
@@ -54,6 +55,31 @@ pub enum GcError {
         device: String,
         /// Why.
         reason: String,
+    },
+    /// The options ask for a layout the device cannot hold.
+    #[error(
+        "{device}: no store can be laid out with these options: choose a segment size and \
+         fill the device can hold"
+    )]
+    BadLayout {
+        /// The device.
+        device: String,
+        /// The field at fault.
+        #[source]
+        source: GeometryError,
+    },
+    /// The superblock carries a valid checksum but a geometry the device
+    /// cannot hold: damaged, or written for another device.
+    #[error(
+        "{device}: the superblock's geometry does not fit this device: open the device the \
+         store was formatted on, or format this one again (its contents are lost)"
+    )]
+    BadSuperblock {
+        /// The device.
+        device: String,
+        /// The field at fault.
+        #[source]
+        source: GeometryError,
     },
     /// A logical block past the store's end.
     #[error("logical block {lbn} is past the store's {logical_blocks} blocks")]
