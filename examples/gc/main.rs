@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use ustor::bdev_stack::{BlockDevice, spec};
-use ustor::gc::{
+use log_store::{
     CompareReport, Policy, Progress, RunOptions, RunReport, StoreOptions, Workload, compare,
     run_with_progress,
 };
+use ustor::bdev_stack::{BlockDevice, spec};
 
 /// The device used when no `--dev` is given: an emulated NVMe controller
 /// with Copy, inside the process (a doorbell write runs the command, so
@@ -125,7 +125,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // Twice the logical blocks unless told: the size comes from the format.
     let overwrites = match args.overwrites {
         Some(n) => n,
-        None => 2 * ustor::gc::LogStore::plan(&dev, &store)?.logical_blocks,
+        None => 2 * log_store::LogStore::plan(&dev, &store)?.logical_blocks,
     };
     let opts = RunOptions {
         store,

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use ustor::bdev_stack::{
+use bdev_stack::{
     BlockDevice, CopyFault, FaultAction, FaultHandle, FaultRule, FaultyDevice, IoErrorKind, IoOp,
     MemCopyLimits, MemDevice, OffloadErrorKind, spec,
 };
-use ustor::gc::layout::{Geometry, Superblock};
-use ustor::gc::{
+use log_store::layout::{Geometry, Superblock};
+use log_store::{
     GcError, LogStore, Policy, RunOptions, StoreOptions, Workload, check_block, compare, run,
 };
 
@@ -30,7 +30,7 @@ fn opts(offload: bool) -> RunOptions {
     }
 }
 
-fn mem_with_copy() -> (Arc<dyn BlockDevice>, ustor::bdev_stack::CopyFaultHandle) {
+fn mem_with_copy() -> (Arc<dyn BlockDevice>, bdev_stack::CopyFaultHandle) {
     let dev = MemDevice::new(8 << 20, 4096, 1 << 20)
         .and_then(|d| d.with_copy_offload(MemCopyLimits::default()))
         .expect("memory leaf with copy");
@@ -222,9 +222,8 @@ fn bad_input_gives_typed_errors() {
 /// Writes `raw` (one block) at LBA 0 of `dev`.
 fn write_block0(dev: &Arc<dyn BlockDevice>, raw: &[u8]) {
     let mut ch =
-        ustor::bdev_stack::OwnedChannel::<ustor::bdev_stack::HostBuffer>::open(dev.as_ref(), 1)
-            .expect("channel");
-    let mut buf = ustor::bdev_stack::HostBuffer::new(raw.len()).expect("buffer");
+        bdev_stack::OwnedChannel::<bdev_stack::HostBuffer>::open(dev.as_ref(), 1).expect("channel");
+    let mut buf = bdev_stack::HostBuffer::new(raw.len()).expect("buffer");
     buf.as_mut_slice().copy_from_slice(raw);
     ch.write(0, 1, buf, 0).map_err(|r| r.error).expect("write");
     let mut done = false;

@@ -8,12 +8,12 @@ use bdev_stack::{BlockDevice, DmaAllocator, LbaRange};
 use copy_engine::{CopyEngine, CopyOptions, Method};
 use tracing::{debug, info};
 
-use crate::gc::io::{BlockIo, Span};
-use crate::gc::layout::{
+use crate::io::{BlockIo, Span};
+use crate::layout::{
     EntriesCrc, Entry, Geometry, GeometryError, SUMMARY_ENTRY, SUMMARY_HEADER, Summary, Superblock,
     reserve_for,
 };
-use crate::gc::{GcError, Policy};
+use crate::{GcError, Policy};
 
 /// A map entry for a logical block never written.
 const UNMAPPED: u64 = u64::MAX;
@@ -48,7 +48,8 @@ impl Default for StoreOptions {
 }
 
 /// What the writer and the cleaner have done since the store was opened.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CleanStats {
     /// Blocks the user wrote.
     pub user_blocks: u64,

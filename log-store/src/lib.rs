@@ -24,6 +24,13 @@
 //! [`run`] drives a workload (fill, then overwrites) and reports what the
 //! cleaner did; [`Workload::content`] derives each block's bytes from its
 //! logical block number and version so any read can be checked.
+//!
+//! Everything read off the device is untrusted: the superblock's geometry
+//! is checked against the device before any of it is used
+//! ([`GcError::BadSuperblock`]), as are the options of a format
+//! ([`GcError::BadLayout`]). The `serde` feature serializes the reports.
+
+#![warn(missing_docs)]
 
 pub mod io;
 pub mod layout;

@@ -10,7 +10,7 @@
 //! id, its own position and a CRC-32, so stale summaries of an earlier
 //! format, a misdirected write or garbage are told apart from the real one.
 
-use crate::gc::GcError;
+use crate::GcError;
 
 /// "USTORLFS": the superblock's magic.
 const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"USTORLFS");
