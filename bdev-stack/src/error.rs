@@ -253,4 +253,13 @@ pub enum BdevError {
         /// The prefix, e.g. `nvme`.
         kind: String,
     },
+    /// An emulated leaf in a build without the emulators.
+    #[error(
+        "leaf kind `{kind}:` is an emulated device, and this build has no emulators: \
+         build bdev-stack with its `emu` feature (on by default)"
+    )]
+    EmulatorNotBuilt {
+        /// The prefix: `emu` or `sgemu`.
+        kind: &'static str,
+    },
 }

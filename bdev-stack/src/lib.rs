@@ -59,6 +59,8 @@ mod hold;
 mod identity;
 mod mem;
 mod mirror;
+#[cfg(not(feature = "emu"))]
+mod no_emu;
 pub mod nvme_leaf;
 mod offload;
 mod owned;

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use ustor::bdev_stack::{BlockDevice, spec};
-use ustor::gc::{
+use log_store::{
     CompareReport, Policy, Progress, RunOptions, RunReport, StoreOptions, Workload, compare,
     run_with_progress,
 };
+use ustor::bdev_stack::{BlockDevice, spec};
 
 /// The device used when no `--dev` is given: an emulated NVMe controller
 /// with Copy, inside the process (a doorbell write runs the command, so
@@ -83,10 +83,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
             },
         ),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("`{s}` is not a size"))
+    let n = num
+        .parse::<u64>()
+        .map_err(|_| format!("`{s}` is not a size (a number, then k, m or g)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is more bytes than 64 bits count"))
 }
 
 fn main() -> ExitCode {
@@ -94,10 +95,22 @@ fn main() -> ExitCode {
     match real_main(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gc: {e}");
+            eprintln!("gc: {}", chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes, one a line: the cause names the value at fault,
+/// the error what to do about it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -112,7 +125,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // Twice the logical blocks unless told: the size comes from the format.
     let overwrites = match args.overwrites {
         Some(n) => n,
-        None => 2 * ustor::gc::LogStore::plan(&dev, &store)?.logical_blocks,
+        None => 2 * log_store::LogStore::plan(&dev, &store)?.logical_blocks,
     };
     let opts = RunOptions {
         store,
@@ -246,4 +259,41 @@ fn print_compare(c: &CompareReport) {
         "gc offload/bounce: throughput={:.2} cpu={:.3}",
         c.throughput_ratio, c.cpu_ratio
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the command line on a thread of its own; fails unless it
+    /// answers within five seconds.
+    fn gc(args: &[&str]) -> Result<(), String> {
+        let parsed = Args::try_parse_from(["gc"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(real_main(&parsed).map_err(|e| chain(e.as_ref())));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("gc {args:?}: no answer within 5 s ({e})"))
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_at_once_with_the_cause() {
+        let dev = ["--dev", "mem:4m,bs=4096"];
+        for (arg, value, says) in [
+            ("--segment", "4194304g", "segment_blocks 1099511627776"),
+            ("--segment", "8m", "segment_blocks 2048"),
+            ("--segment", "99999999999g", "more bytes than 64 bits count"),
+            ("--fill", "1e300", "fill 1e300"),
+        ] {
+            let err = gc(&[&dev[..], &[arg, value]].concat()).expect_err(value);
+            assert!(err.contains(says), "{arg} {value}: {err}");
+        }
+        let err = gc(&[&dev[..], &["--segment", "4194304g"]].concat()).expect_err("huge");
+        assert!(err.starts_with("mem"), "names the device: {err}");
+        assert!(
+            err.contains("choose a segment size"),
+            "says what to do: {err}"
+        );
+    }
 }

@@ -79,6 +79,7 @@ impl Region {
 }
 
 /// Volatile copy out of a region; `false` if out of bounds.
+#[cfg(feature = "emu")]
 pub(crate) fn region_read(region: &Region, offset: usize, dst: &mut [u8]) -> bool {
     match region.ptr(offset, dst.len()) {
         Some(src) => {
@@ -92,6 +93,7 @@ pub(crate) fn region_read(region: &Region, offset: usize, dst: &mut [u8]) -> boo
 }
 
 /// Volatile copy into a region; `false` if out of bounds.
+#[cfg(feature = "emu")]
 pub(crate) fn region_write(region: &Region, offset: usize, src: &[u8]) -> bool {
     match region.ptr(offset, src.len()) {
         Some(dst) => {
@@ -134,6 +136,7 @@ pub(crate) fn region_write_u32(region: &Region, offset: usize, value: u32) -> bo
 
 /// One volatile 64-bit store at `offset` (8-aligned) of a region.
 #[inline]
+#[cfg(feature = "emu")]
 pub(crate) fn region_write_u64(region: &Region, offset: usize, value: u64) -> bool {
     if !offset.is_multiple_of(8) {
         return false;
@@ -150,6 +153,7 @@ pub(crate) fn region_write_u64(region: &Region, offset: usize, value: u64) -> bo
 
 /// One volatile 64-bit load at `offset` (8-aligned) of a region.
 #[inline]
+#[cfg(feature = "emu")]
 pub(crate) fn region_read_u64(region: &Region, offset: usize) -> Option<u64> {
     if !offset.is_multiple_of(8) {
         return None;
@@ -430,6 +434,7 @@ impl DmaContext {
     /// Resolves `len` bytes at `iova` to the region holding them and the
     /// offset inside it: what an IOMMU does for a device. `None` if the
     /// range is not entirely inside one live allocation.
+    #[cfg(feature = "emu")]
     pub(crate) fn translate(&self, iova: u64, len: usize) -> Option<(Arc<Region>, usize)> {
         let st = self.read();
         let i = st
@@ -444,6 +449,7 @@ impl DmaContext {
 
     /// Copies `dst.len()` bytes at `iova` out of DMA memory (volatile), as
     /// a device's read would; `false` if the range is not mapped.
+    #[cfg(feature = "emu")]
     pub(crate) fn device_read(&self, iova: u64, dst: &mut [u8]) -> bool {
         let Some((region, off)) = self.translate(iova, dst.len()) else {
             return false;
@@ -453,6 +459,7 @@ impl DmaContext {
 
     /// Copies `src` into DMA memory at `iova` (volatile), as a device's
     /// write would; `false` if the range is not mapped.
+    #[cfg(feature = "emu")]
     pub(crate) fn device_write(&self, iova: u64, src: &[u8]) -> bool {
         let Some((region, off)) = self.translate(iova, src.len()) else {
             return false;

@@ -73,9 +73,11 @@
 #![warn(missing_docs)]
 
 pub mod cmd;
+#[cfg(feature = "emu")]
 pub mod conformance;
 pub mod dma;
 mod driver;
+#[cfg(feature = "emu")]
 pub mod emu;
 mod error;
 pub mod mmio;

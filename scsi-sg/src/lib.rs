@@ -88,8 +88,10 @@
 
 pub mod capacity;
 pub mod cdb;
+#[cfg(feature = "emu")]
 pub mod conformance;
 mod device;
+#[cfg(feature = "emu")]
 pub mod emu;
 mod error;
 pub mod inquiry;

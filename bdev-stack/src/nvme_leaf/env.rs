@@ -12,13 +12,18 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+#[cfg(feature = "emu")]
+use nvme::Transport;
+#[cfg(feature = "emu")]
 use nvme::emu::{Backing, EmuConfig, EmuController, EmuMode, NamespaceConfig};
 use nvme::vfio::{PciAddress, VfioPci};
-use nvme::{Controller, ControllerOptions, DmaContext, Transport};
+use nvme::{Controller, ControllerOptions, DmaContext};
 
 use super::dma::NvmeDmaAllocator;
+#[cfg(feature = "emu")]
 use super::factory::EmuNamespace;
 use super::namespace::NvmeNamespace;
+#[cfg(feature = "emu")]
 use crate::device::{DeviceId, DeviceKind};
 use crate::error::BdevError;
 
@@ -173,6 +178,7 @@ impl NvmeEnvironment {
     /// 512 or 4096, a size that is not a non-zero multiple of it, or a null
     /// namespace with a file; [`BdevError::Nvme`] when the emulator cannot
     /// be made or brought up (a backing file that cannot be opened).
+    #[cfg(feature = "emu")]
     pub fn open_emu_namespace(
         &self,
         cfg: EmuNamespace,

@@ -1,6 +1,7 @@
 //! The `emu:` and `nvme:` leaf factories: spec strings to leaves opened
 //! in the registry's [`NvmeEnvironment`].
 
+#[cfg(feature = "emu")]
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -8,11 +9,12 @@ use nvme::vfio::PciAddress;
 
 use super::env::NvmeEnvironment;
 use crate::device::BlockDevice;
-use crate::spec::{
-    LeafError, LeafFactory, LeafSpec, bytes_of, option_value, parse_size, size_option,
-};
+use crate::spec::{LeafError, LeafFactory, LeafSpec};
+#[cfg(feature = "emu")]
+use crate::spec::{bytes_of, option_value, parse_size, size_option};
 
 /// An emulated namespace for [`NvmeEnvironment::open_emu_namespace`].
+#[cfg(feature = "emu")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmuNamespace {
     /// Size in bytes (a multiple of the block size).
@@ -34,6 +36,7 @@ pub struct EmuNamespace {
     pub threaded: bool,
 }
 
+#[cfg(feature = "emu")]
 impl EmuNamespace {
     /// A memory-backed namespace with the VM rig's Copy limits (MSRC 15,
     /// MSSRL 128, MCL 256).
@@ -51,16 +54,19 @@ impl EmuNamespace {
 
 /// Opens `emu:SIZE[,bs=512|4096][,null][,msrc=N][,mssrl=N][,mcl=N][,file=PATH][,thread]`
 /// leaves in an environment.
+#[cfg(feature = "emu")]
 pub(crate) struct EmuFactory {
     env: NvmeEnvironment,
 }
 
+#[cfg(feature = "emu")]
 impl EmuFactory {
     pub(crate) fn new(env: NvmeEnvironment) -> EmuFactory {
         EmuFactory { env }
     }
 }
 
+#[cfg(feature = "emu")]
 impl LeafFactory for EmuFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
         const ALLOWED: &[&str] = &["bs", "null", "msrc", "mssrl", "mcl", "file", "thread"];

@@ -44,10 +44,15 @@ mod env;
 mod factory;
 mod namespace;
 
+#[cfg(not(feature = "emu"))]
+pub(crate) use crate::no_emu::EmuFactory;
 pub use dma::{NvmeDmaAllocator, NvmeDmaBuffer, dma_allocator_for};
 pub use env::NvmeEnvironment;
+#[cfg(feature = "emu")]
+pub(crate) use factory::EmuFactory;
+#[cfg(feature = "emu")]
 pub use factory::EmuNamespace;
-pub(crate) use factory::{EmuFactory, NvmeFactory};
+pub(crate) use factory::NvmeFactory;
 pub use namespace::NvmeNamespace;
 
 #[cfg(test)]

@@ -140,6 +140,7 @@ impl<T: Transport> NvmeNamespace<T> {
         )))
     }
 
+    #[cfg(feature = "emu")]
     pub(super) fn with_kind(mut self, kind: DeviceKind) -> NvmeNamespace<T> {
         self.info.kind = kind;
         self

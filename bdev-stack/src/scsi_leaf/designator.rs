@@ -12,6 +12,7 @@
 use std::fs;
 use std::path::Path;
 
+#[cfg(feature = "emu")]
 use scsi_sg::emu::EmuLun;
 use scsi_sg::vpd::{self, Designator};
 
@@ -78,6 +79,7 @@ fn reports(designators: &[Designator], naa: &[u8]) -> bool {
 /// Checks `naa` of `lun` against the other LUNs of its emulated target
 /// (the target is its copy manager), asking each for its Device
 /// Identification page as an initiator would.
+#[cfg(feature = "emu")]
 pub(super) fn emulated(lun: &EmuLun, naa: &[u8]) -> Uniqueness {
     let target = lun.target();
     let others = (0..target.lun_count())

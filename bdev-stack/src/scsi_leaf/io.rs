@@ -4,14 +4,20 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+#[cfg(feature = "emu")]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "emu")]
+use scsi_sg::ScsiDevice;
+#[cfg(feature = "emu")]
 use scsi_sg::emu::EmuLun;
-use scsi_sg::{AlignedBuf, AsyncXfer, CommandOutcome, ScsiDevice, ScsiStatus, SenseKey, SgQueue};
+use scsi_sg::{AlignedBuf, AsyncXfer, CommandOutcome, ScsiStatus, SenseKey, SgQueue};
 use tracing::{debug, warn};
 
-use super::{DataCaps, ScsiLeaf, caller_buf, scsi_error};
+#[cfg(feature = "emu")]
+use super::ScsiLeaf;
+use super::{DataCaps, caller_buf, scsi_error};
 use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
 };
@@ -57,6 +63,7 @@ fn io_kind_of(sense: Option<&scsi_sg::Sense>, block_count: u64) -> IoErrorKind {
 
 /// The data channel of an emulated LUN: commands run at submission through
 /// the typed commands of [`ScsiDevice`], and complete at the next poll.
+#[cfg(feature = "emu")]
 pub(super) struct EmuChannel {
     info: DeviceInfo,
     caps: DataCaps,
@@ -68,6 +75,7 @@ pub(super) struct EmuChannel {
     _not_sync: NotSync,
 }
 
+#[cfg(feature = "emu")]
 impl EmuChannel {
     pub(super) fn new(leaf: &ScsiLeaf, lun: &Arc<ScsiDevice<EmuLun>>, depth: usize) -> EmuChannel {
         let depth = depth.max(1);
@@ -111,6 +119,7 @@ impl EmuChannel {
     }
 }
 
+#[cfg(feature = "emu")]
 impl Channel for EmuChannel {
     fn device(&self) -> DeviceId {
         self.info.id

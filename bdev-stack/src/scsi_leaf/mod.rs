@@ -57,19 +57,26 @@
 mod caller_buf;
 mod copy;
 mod designator;
+#[cfg(feature = "emu")]
 mod emu;
 mod io;
 
+#[cfg(not(feature = "emu"))]
+pub use crate::no_emu::SgEmuFactory;
+#[cfg(feature = "emu")]
 pub use emu::SgEmuFactory;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "emu")]
+use scsi_sg::ScsiTransport;
+#[cfg(feature = "emu")]
 use scsi_sg::emu::EmuLun;
 use scsi_sg::tpc::CopyOperatingParameters;
 use scsi_sg::vpd::RodLimits;
-use scsi_sg::{Identity, ScsiDevice, ScsiTransport, SgDevice, SgQueue};
+use scsi_sg::{Identity, ScsiDevice, SgDevice, SgQueue};
 use tracing::{debug, info, warn};
 
 use crate::device::{
@@ -83,7 +90,9 @@ use crate::spec::{LeafError, LeafFactory, LeafSpec};
 
 use copy::{ListIds, ScsiCopyChannel};
 use designator::{Hctl, Uniqueness};
-use io::{EmuChannel, SgChannel};
+#[cfg(feature = "emu")]
+use io::EmuChannel;
+use io::SgChannel;
 
 /// Largest read or write one sg command carries, whatever VPD 0xB0 allows:
 /// each channel slot owns a buffer this big.
@@ -101,6 +110,7 @@ enum Backend {
         path: PathBuf,
     },
     /// A LUN of the in-process emulated target.
+    #[cfg(feature = "emu")]
     Emu { lun: Arc<ScsiDevice<EmuLun>> },
 }
 
@@ -225,6 +235,7 @@ impl ScsiLeaf {
     /// LUN's copy manager: EXTENDED COPY and ROD tokens pass only between
     /// LUNs of one [`EmuTarget`](scsi_sg::emu::EmuTarget) (one target
     /// object, whatever the targets are named).
+    #[cfg(feature = "emu")]
     pub fn from_emu(lun: EmuLun) -> Result<ScsiLeaf, BdevError> {
         let path = lun.path().to_path_buf();
         let handle = lun.clone();
@@ -374,6 +385,7 @@ impl ScsiLeaf {
     pub fn identity(&self) -> &Identity {
         match &self.backend {
             Backend::Sg { lun, .. } => lun.identity(),
+            #[cfg(feature = "emu")]
             Backend::Emu { lun } => lun.identity(),
         }
     }
@@ -387,6 +399,7 @@ impl BlockDevice for ScsiLeaf {
     fn open_channel(&self, depth: usize) -> Result<Box<dyn Channel>, BdevError> {
         let depth = depth.max(1);
         match &self.backend {
+            #[cfg(feature = "emu")]
             Backend::Emu { lun } => Ok(Box::new(EmuChannel::new(self, lun, depth))),
             Backend::Sg { path, .. } => SgChannel::open(&self.info, self.caps, path, depth)
                 .map(|c| Box::new(c) as Box<dyn Channel>),
@@ -407,6 +420,7 @@ impl BlockDevice for ScsiLeaf {
         }
         Ok(Some(match &self.backend {
             Backend::Sg { lun, .. } => Box::new(ScsiCopyChannel::new(self, lun, depth)),
+            #[cfg(feature = "emu")]
             Backend::Emu { lun } => Box::new(ScsiCopyChannel::new(self, lun, depth)),
         }))
     }

@@ -17,7 +17,7 @@ use crate::topology::COPY;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use ustor::copybench::{Bench, CpuOf, Workload, cpu_time, median};
+use ustor_tools::copybench::{Bench, CpuOf, Workload, cpu_time, median};
 
 /// The tests of this module.
 pub(super) static TESTS: &[GuestTest] = &[GuestTest {

@@ -6,11 +6,11 @@
 use super::{GuestEnv, GuestTest, Kind};
 use crate::setup::bind_vfio;
 use crate::topology::{DEFAULT, GC_BENCH};
+use log_store::{LogStore, Policy, RunOptions, RunReport, StoreOptions, Workload, run};
 use std::sync::Arc;
 use std::time::Duration;
 use ustor::bdev_stack::{BlockDevice, spec};
-use ustor::copybench::median;
-use ustor::gc::{LogStore, Policy, RunOptions, RunReport, StoreOptions, Workload, run};
+use ustor_tools::copybench::median;
 
 /// The tests of this module.
 pub(super) static TESTS: &[GuestTest] = &[

@@ -542,12 +542,12 @@ fn without_io_stats(node: &str) -> Result<(), String> {
 }
 
 fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String> {
-    let cfg = ustor::perf::PerfConfig {
-        target: ustor::perf::Target::Vfio {
+    let cfg = ustor_tools::perf::PerfConfig {
+        target: ustor_tools::perf::Target::Vfio {
             addr: addr.to_owned(),
             nsid: 1,
         },
-        workload: ustor::perf::Workload::RandRead,
+        workload: ustor_tools::perf::Workload::RandRead,
         io_size: 4096,
         queue_depth: qd,
         duration: Duration::from_secs(BENCH_SECONDS),
@@ -556,7 +556,7 @@ fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String
         batch: 1,
         sq_doorbell_every,
     };
-    let r = ustor::perf::run(&cfg).map_err(|e| format!("ustor-perf on {addr}: {e}"))?;
+    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {addr}: {e}"))?;
     if r.errors > 0 {
         return Err(format!("ustor-perf on {addr}: {} I/O errors", r.errors));
     }

@@ -11,8 +11,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use ustor::copybench::{Bench, DEFAULT_SPEC, RunFigures, Summary, Workload, summarize};
-use ustor::perf::parse_size;
+use ustor_tools::copybench::{Bench, DEFAULT_SPEC, RunFigures, Summary, Workload, summarize};
+use ustor_tools::perf::parse_size;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     let mut bench = match Bench::open(&workload) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("ustor-copybench: {e}");
+            eprintln!("ustor-copybench: {}", ustor_tools::error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     // state copy.
     for &offload in &modes {
         if let Err(e) = bench.run(offload, 0) {
-            eprintln!("ustor-copybench: warm-up: {e}");
+            eprintln!("ustor-copybench: warm-up: {}", ustor_tools::error_chain(&e));
             return ExitCode::FAILURE;
         }
     }
@@ -144,7 +144,10 @@ fn main() -> ExitCode {
                     runs.push(r);
                 }
                 Err(e) => {
-                    eprintln!("ustor-copybench: round {round}: {e}");
+                    eprintln!(
+                        "ustor-copybench: round {round}: {}",
+                        ustor_tools::error_chain(&e)
+                    );
                     return ExitCode::FAILURE;
                 }
             }
@@ -162,7 +165,7 @@ fn main() -> ExitCode {
         match serde_json::to_string_pretty(&out) {
             Ok(j) => println!("{j}"),
             Err(e) => {
-                eprintln!("ustor-copybench: JSON: {e}");
+                eprintln!("ustor-copybench: JSON: {}", ustor_tools::error_chain(&e));
                 return ExitCode::FAILURE;
             }
         }

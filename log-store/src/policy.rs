@@ -4,8 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How the cleaner picks victim segments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Policy {
     /// The segments with the fewest live blocks: the least to copy per
     /// segment freed.

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use ustor::bdev_stack::{
+use bdev_stack::{
     BlockDevice, CopyFault, FaultAction, FaultHandle, FaultRule, FaultyDevice, IoErrorKind, IoOp,
     MemCopyLimits, MemDevice, OffloadErrorKind, spec,
 };
-use ustor::gc::{
+use log_store::layout::{Geometry, Superblock};
+use log_store::{
     GcError, LogStore, Policy, RunOptions, StoreOptions, Workload, check_block, compare, run,
 };
 
@@ -29,7 +30,7 @@ fn opts(offload: bool) -> RunOptions {
     }
 }
 
-fn mem_with_copy() -> (Arc<dyn BlockDevice>, ustor::bdev_stack::CopyFaultHandle) {
+fn mem_with_copy() -> (Arc<dyn BlockDevice>, bdev_stack::CopyFaultHandle) {
     let dev = MemDevice::new(8 << 20, 4096, 1 << 20)
         .and_then(|d| d.with_copy_offload(MemCopyLimits::default()))
         .expect("memory leaf with copy");
@@ -185,7 +186,7 @@ fn bad_input_gives_typed_errors() {
         assert!(
             matches!(
                 LogStore::format(Arc::clone(&dev), &bad),
-                Err(GcError::Config(_))
+                Err(GcError::BadLayout { .. })
             ),
             "{what}"
         );
@@ -208,27 +209,155 @@ fn bad_input_gives_typed_errors() {
     ));
     assert!(!store.read(0, &mut out).expect("unwritten block"));
     drop(store);
-    // A store formatted on 4 KiB blocks is not one on 512-byte blocks:
-    // scribble the superblock and it is not a store either.
+    // Scribble the superblock and it is not a store.
     let mut raw = vec![0u8; 4096];
-    let mut ch =
-        ustor::bdev_stack::OwnedChannel::<ustor::bdev_stack::HostBuffer>::open(dev.as_ref(), 1)
-            .expect("channel");
-    let mut buf = ustor::bdev_stack::HostBuffer::new(4096).expect("buffer");
     raw[100] = 0xff;
-    buf.as_mut_slice().copy_from_slice(&raw);
-    ch.write(0, 1, buf, 0).map_err(|r| r.error).expect("write");
-    let mut done = false;
-    while !done {
-        ch.poll(1, |_, r, _| {
-            r.expect("scribble");
-            done = true;
-        });
-    }
+    write_block0(&dev, &raw);
     assert!(matches!(
         LogStore::open(Arc::clone(&dev), &o),
         Err(GcError::NotAStore { .. })
     ));
+}
+
+/// Writes `raw` (one block) at LBA 0 of `dev`.
+fn write_block0(dev: &Arc<dyn BlockDevice>, raw: &[u8]) {
+    let mut ch =
+        bdev_stack::OwnedChannel::<bdev_stack::HostBuffer>::open(dev.as_ref(), 1).expect("channel");
+    let mut buf = bdev_stack::HostBuffer::new(raw.len()).expect("buffer");
+    buf.as_mut_slice().copy_from_slice(raw);
+    ch.write(0, 1, buf, 0).map_err(|r| r.error).expect("write");
+    let mut done = false;
+    while !done {
+        ch.poll(1, |_, r, _| {
+            r.expect("write block 0");
+            done = true;
+        });
+    }
+}
+
+/// Runs `f` on a thread of its own; fails unless it answers within five
+/// seconds (a hang or a panic fails the test instead of stalling the run).
+fn at_once<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: no answer within 5 s ({e}: hung or panicked)"),
+    }
+}
+
+/// The whole chain of `e`, one cause per line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    out
+}
+
+#[test]
+fn a_superblock_with_a_valid_crc_and_garbage_geometry_is_refused_at_once() {
+    let dev: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
+    let o = StoreOptions {
+        segment_bytes: 64 << 10,
+        ..StoreOptions::default()
+    };
+    let good = LogStore::plan(&dev, &o).expect("plan");
+    type Damage = fn(&mut Geometry);
+    let cases: [(&str, Damage); 6] = [
+        ("segment_blocks 4398046511104", |g| {
+            g.segment_blocks = 1 << 42
+        }),
+        ("segment_blocks 18446744073709551615", |g| {
+            g.segment_blocks = u64::MAX
+        }),
+        ("data_slots 4294967295", |g| g.data_slots = u32::MAX),
+        ("segments 4294967295", |g| g.segments = u32::MAX),
+        ("summary_blocks 18446744073709551615", |g| {
+            g.summary_blocks = u64::MAX
+        }),
+        ("logical_blocks 18446744073709551615", |g| {
+            g.logical_blocks = u64::MAX
+        }),
+    ];
+    for (what, damage) in cases {
+        let mut sb = Superblock {
+            geometry: good,
+            store_id: 1,
+        };
+        damage(&mut sb.geometry);
+        let mut raw = vec![0u8; 4096];
+        // A valid CRC: only the geometry is wrong.
+        sb.encode(&mut raw);
+        write_block0(&dev, &raw);
+        let (d, o) = (Arc::clone(&dev), o.clone());
+        let err = at_once(what, move || LogStore::open(d, &o).map(|_| ())).expect_err(what);
+        let text = chain(&err);
+        assert!(
+            matches!(err, GcError::BadSuperblock { .. }),
+            "{what}: {text}"
+        );
+        assert!(
+            text.contains(&dev.info().name),
+            "{what}: names the device: {text}"
+        );
+        assert!(
+            text.contains(what),
+            "{what}: names the field and value: {text}"
+        );
+        assert!(
+            text.contains("format this one again"),
+            "{what}: says what to do: {text}"
+        );
+    }
+}
+
+#[test]
+fn absurd_segment_sizes_and_fills_are_refused_at_once() {
+    let dev: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
+    let segment = |segment_bytes| StoreOptions {
+        segment_bytes,
+        ..StoreOptions::default()
+    };
+    let fill = |fill| StoreOptions {
+        fill,
+        segment_bytes: 64 << 10,
+        ..StoreOptions::default()
+    };
+    let cases = [
+        (
+            "gc --segment 4194304g",
+            segment(4194304 << 30),
+            "segment_blocks",
+        ),
+        (
+            "a segment larger than the device",
+            segment(8 << 20),
+            "segment_blocks",
+        ),
+        ("the largest segment", segment(!4095), "segment_blocks"),
+        ("a segment of one block", segment(4096), "segment_blocks"),
+        ("a segment of no blocks", segment(0), "segment size"),
+        ("fill 1e300", fill(1e300), "fill"),
+        ("fill -1", fill(-1.0), "fill"),
+        ("fill inf", fill(f64::INFINITY), "fill"),
+        ("fill 1e-300", fill(1e-300), "logical_blocks"),
+    ];
+    for (what, opts, field) in cases {
+        let d = Arc::clone(&dev);
+        let err = at_once(what, move || LogStore::format(d, &opts).map(|_| ())).expect_err(what);
+        let text = chain(&err);
+        assert!(matches!(err, GcError::BadLayout { .. }), "{what}: {text}");
+        assert!(
+            text.contains(&dev.info().name),
+            "{what}: names the device: {text}"
+        );
+        assert!(text.contains(field), "{what}: names {field}: {text}");
+    }
 }
 
 /// A 4 MiB memory device of 4 KiB blocks behind fault injection, and

@@ -7,11 +7,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ustor::bdev_stack::BlockDevice;
-use ustor::bdev_stack::nvme_leaf::EmuNamespace;
-use ustor::bdev_stack::{NvmeEnvironment, NvmeNamespace};
-use ustor::gc::{GcError, LogStore, Policy, StoreOptions, Workload, check_block};
-use ustor::nvme::emu::EmuController;
+use bdev_stack::BlockDevice;
+use bdev_stack::nvme_leaf::EmuNamespace;
+use bdev_stack::{NvmeEnvironment, NvmeNamespace};
+use log_store::{GcError, LogStore, Policy, StoreOptions, Workload, check_block};
+use nvme::emu::EmuController;
 
 struct Scratch(PathBuf);
 

@@ -8,11 +8,12 @@ use bdev_stack::{BlockDevice, DmaAllocator, LbaRange};
 use copy_engine::{CopyEngine, CopyOptions, Method};
 use tracing::{debug, info};
 
-use crate::gc::io::{BlockIo, Span};
-use crate::gc::layout::{
-    EntriesCrc, Entry, Geometry, SUMMARY_ENTRY, SUMMARY_HEADER, Summary, Superblock,
+use crate::io::{BlockIo, Span};
+use crate::layout::{
+    EntriesCrc, Entry, Geometry, GeometryError, SUMMARY_ENTRY, SUMMARY_HEADER, Summary, Superblock,
+    reserve_for,
 };
-use crate::gc::{GcError, Policy};
+use crate::{GcError, Policy};
 
 /// A map entry for a logical block never written.
 const UNMAPPED: u64 = u64::MAX;
@@ -47,7 +48,8 @@ impl Default for StoreOptions {
 }
 
 /// What the writer and the cleaner have done since the store was opened.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CleanStats {
     /// Blocks the user wrote.
     pub user_blocks: u64,
@@ -179,66 +181,13 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
-/// Free segments kept for the cleaner: it needs fresh destinations before
-/// it frees its victims (one at least, up to [`MAX_FRESH`] to batch).
-fn reserve_for(segments: u32) -> u32 {
-    (segments / 25).max(3)
-}
-
 impl LogStore {
     /// The layout [`LogStore::format`] would give `dev` with `opts`.
     pub fn plan(dev: &Arc<dyn BlockDevice>, opts: &StoreOptions) -> Result<Geometry, GcError> {
         let info = dev.info();
-        let bs = u64::from(info.block_size);
-        if opts.segment_bytes == 0 || !opts.segment_bytes.is_multiple_of(bs) {
-            return Err(GcError::Config(format!(
-                "segment size {} is not a multiple of {}'s {bs}-byte blocks",
-                opts.segment_bytes, info.name
-            )));
-        }
-        if !(opts.fill > 0.0 && opts.fill < 1.0) {
-            return Err(GcError::Config(format!(
-                "fill {} is not between 0 and 1",
-                opts.fill
-            )));
-        }
-        let probe = Geometry::new(
-            info.block_size,
-            info.block_count,
-            opts.segment_bytes / bs,
-            0,
-        )?;
-        let reserve = reserve_for(probe.segments);
-        // The cleaner's reserve and one head each for the user and the
-        // cleaner are never counted as capacity.
-        let usable =
-            u64::from(probe.segments.saturating_sub(reserve + 2)) * u64::from(probe.data_slots);
-        if usable < 2 {
-            return Err(GcError::Config(format!(
-                "{} is too small for {}-byte segments: {} segments, the store needs at least {} \
-                 ({reserve} kept free for the cleaner, two open, one for data)",
-                info.name,
-                opts.segment_bytes,
-                probe.segments,
-                reserve + 3
-            )));
-        }
-        let logical_blocks = (opts.fill * probe.total_slots() as f64) as u64;
-        if logical_blocks == 0 || logical_blocks >= usable {
-            return Err(GcError::Config(format!(
-                "fill {} of {} segments of {} slots on {} is {logical_blocks} blocks; \
-                 the store can hold 1 to {} (it keeps {reserve} segments free for the cleaner \
-                 and two open)",
-                opts.fill,
-                probe.segments,
-                probe.data_slots,
-                info.name,
-                usable.saturating_sub(1)
-            )));
-        }
-        Ok(Geometry {
-            logical_blocks,
-            ..probe
+        plan_for(info.block_size, info.block_count, opts).map_err(|source| GcError::BadLayout {
+            device: info.name.clone(),
+            source,
         })
     }
 
@@ -1025,6 +974,48 @@ impl LogStore {
         let slots = u64::from(self.geo.data_slots);
         ((at / slots) as u32, (at % slots) as u32)
     }
+}
+
+/// The layout of `opts` on a device of `block_count` blocks of
+/// `block_size` bytes.
+fn plan_for(
+    block_size: u32,
+    block_count: u64,
+    opts: &StoreOptions,
+) -> Result<Geometry, GeometryError> {
+    if !(opts.fill > 0.0 && opts.fill < 1.0) {
+        return Err(GeometryError::Fill { value: opts.fill });
+    }
+    let bs = u64::from(block_size);
+    if opts.segment_bytes == 0 || !opts.segment_bytes.is_multiple_of(bs) {
+        return Err(GeometryError::SegmentNotBlocks {
+            value: opts.segment_bytes,
+            block_size,
+        });
+    }
+    let probe = Geometry::new(block_size, block_count, opts.segment_bytes / bs, 0)?;
+    // The cleaner's reserve and one head each for the user and the
+    // cleaner are never counted as capacity.
+    let min = reserve_for(probe.segments) + 3;
+    if probe.segments < min {
+        return Err(GeometryError::TooFewSegments {
+            value: probe.segments,
+            min,
+        });
+    }
+    let max = probe.usable_slots().saturating_sub(1);
+    // A float fill of at most the slots: the cast cannot overflow.
+    let logical_blocks = (opts.fill * probe.total_slots() as f64) as u64;
+    if logical_blocks == 0 || logical_blocks > max {
+        return Err(GeometryError::LogicalBlocks {
+            value: logical_blocks,
+            max,
+        });
+    }
+    Ok(Geometry {
+        logical_blocks,
+        ..probe
+    })
 }
 
 /// The buffers the device's leaves accept.

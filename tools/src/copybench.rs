@@ -10,7 +10,7 @@
 //! one range at the start of the second half.
 //!
 //! ```
-//! use ustor::copybench::{Bench, Workload};
+//! use ustor_tools::copybench::{Bench, Workload};
 //!
 //! let mut bench = Bench::open(&Workload {
 //!     src: "emu:8m".into(),

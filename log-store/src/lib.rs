@@ -24,6 +24,13 @@
 //! [`run`] drives a workload (fill, then overwrites) and reports what the
 //! cleaner did; [`Workload::content`] derives each block's bytes from its
 //! logical block number and version so any read can be checked.
+//!
+//! Everything read off the device is untrusted: the superblock's geometry
+//! is checked against the device before any of it is used
+//! ([`GcError::BadSuperblock`]), as are the options of a format
+//! ([`GcError::BadLayout`]). The `serde` feature serializes the reports.
+
+#![warn(missing_docs)]
 
 pub mod io;
 pub mod layout;
@@ -31,6 +38,7 @@ mod policy;
 mod run;
 mod store;
 
+pub use layout::GeometryError;
 pub use policy::Policy;
 pub use run::{
     CompareReport, Progress, RunOptions, RunReport, Workload, check_block, compare, run,
@@ -54,6 +62,31 @@ pub enum GcError {
         device: String,
         /// Why.
         reason: String,
+    },
+    /// The options ask for a layout the device cannot hold.
+    #[error(
+        "{device}: no store can be laid out with these options: choose a segment size and \
+         fill the device can hold"
+    )]
+    BadLayout {
+        /// The device.
+        device: String,
+        /// The field at fault.
+        #[source]
+        source: GeometryError,
+    },
+    /// The superblock carries a valid checksum but a geometry the device
+    /// cannot hold: damaged, or written for another device.
+    #[error(
+        "{device}: the superblock's geometry does not fit this device: open the device the \
+         store was formatted on, or format this one again (its contents are lost)"
+    )]
+    BadSuperblock {
+        /// The device.
+        device: String,
+        /// The field at fault.
+        #[source]
+        source: GeometryError,
     },
     /// A logical block past the store's end.
     #[error("logical block {lbn} is past the store's {logical_blocks} blocks")]

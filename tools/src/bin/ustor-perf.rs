@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use ustor::perf::{PerfConfig, Target, Workload, parse_size, run};
+use ustor_tools::perf::{PerfConfig, Target, Workload, parse_size, run};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Pattern {
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     let target = match Target::parse(&args.target) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("ustor-perf: {e}");
+            eprintln!("ustor-perf: {}", ustor_tools::error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
                 match serde_json::to_string_pretty(&report) {
                     Ok(j) => println!("{j}"),
                     Err(e) => {
-                        eprintln!("ustor-perf: JSON: {e}");
+                        eprintln!("ustor-perf: JSON: {}", ustor_tools::error_chain(&e));
                         return ExitCode::FAILURE;
                     }
                 }
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("ustor-perf: {e}");
+            eprintln!("ustor-perf: {}", ustor_tools::error_chain(&e));
             ExitCode::FAILURE
         }
     }

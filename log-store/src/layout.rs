@@ -10,7 +10,7 @@
 //! id, its own position and a CRC-32, so stale summaries of an earlier
 //! format, a misdirected write or garbage are told apart from the real one.
 
-use crate::gc::GcError;
+use crate::GcError;
 
 /// "USTORLFS": the superblock's magic.
 const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"USTORLFS");
@@ -24,6 +24,120 @@ pub const SUMMARY_HEADER: usize = 64;
 pub const SUMMARY_ENTRY: usize = 16;
 /// Bytes of the encoded superblock (it is padded to a block).
 const SUPER_BYTES: usize = 128;
+/// Bytes before segment 0: the superblock, padded to 4 KiB so segments
+/// stay aligned on devices of any block size.
+const SUPER_AREA: u64 = 4096;
+/// The largest segment: the writer holds the open segment in memory.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+/// Free segments kept for the cleaner: it needs fresh destinations before
+/// it frees its victims.
+pub fn reserve_for(segments: u32) -> u32 {
+    (segments / 25).max(3)
+}
+
+/// A geometry value, asked for or read from a superblock, that the device
+/// or the format cannot hold. Each names the field and its value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GeometryError {
+    /// Not a block size the store runs on.
+    #[error("block_size {value}: the store needs a power of two of at least 512 bytes")]
+    BlockSize {
+        /// The block size.
+        value: u32,
+    },
+    /// The superblock was written for another block size.
+    #[error(
+        "block_size {value}: the device has {device}-byte blocks (formatted on another device, \
+         or with another LBA format)"
+    )]
+    BlockSizeMismatch {
+        /// The stored block size.
+        value: u32,
+        /// The device's.
+        device: u32,
+    },
+    /// A segment size that is not whole blocks.
+    #[error("segment size {value} bytes: not a multiple of the {block_size}-byte block")]
+    SegmentNotBlocks {
+        /// The size asked for.
+        value: u64,
+        /// The device's block size.
+        block_size: u32,
+    },
+    /// Segments too small to hold data beside their two summary areas.
+    #[error(
+        "segment_blocks {value}: leaves no room for data beside two summary areas \
+         (at least {min} blocks)"
+    )]
+    SegmentTooSmall {
+        /// Blocks per segment.
+        value: u64,
+        /// The smallest that works.
+        min: u64,
+    },
+    /// Segments larger than the device or the format allows.
+    #[error(
+        "segment_blocks {value} ({bytes} bytes): at most {max} blocks fit ({device_blocks} \
+         blocks on the device, {max_bytes} bytes per segment at most)",
+        bytes = u128::from(*.value) * u128::from(*.block_size),
+        max_bytes = MAX_SEGMENT_BYTES
+    )]
+    SegmentTooLarge {
+        /// Blocks per segment.
+        value: u64,
+        /// Block size.
+        block_size: u32,
+        /// The largest that fits.
+        max: u64,
+        /// The device's size in blocks.
+        device_blocks: u64,
+    },
+    /// A derived field that is not what the segment size gives.
+    #[error("{field} {value}: segments of this size on this device give {expected}")]
+    Derived {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// What it should be.
+        expected: u64,
+    },
+    /// More segments than the device holds, or than the format counts.
+    #[error("segments {value}: at most {max} fit")]
+    TooManySegments {
+        /// Segments.
+        value: u64,
+        /// The most that fit.
+        max: u64,
+    },
+    /// Too few segments for the cleaner's reserve, two heads and data.
+    #[error(
+        "segments {value}: the store needs at least {min} (a reserve for the cleaner, two open \
+         segments, one for data)"
+    )]
+    TooFewSegments {
+        /// Segments.
+        value: u32,
+        /// The fewest that work.
+        min: u32,
+    },
+    /// A fill outside (0, 1).
+    #[error("fill {value:?}: not between 0 and 1")]
+    Fill {
+        /// The fill asked for.
+        value: f64,
+    },
+    /// A logical size the store's slots cannot hold beside its reserve.
+    #[error("logical_blocks {value}: the store can hold 1 to {max}")]
+    LogicalBlocks {
+        /// Logical blocks.
+        value: u64,
+        /// The most it can hold.
+        max: u64,
+    },
+}
 
 /// Where everything is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,45 +158,81 @@ pub struct Geometry {
     pub logical_blocks: u64,
 }
 
+/// The most data slots a segment of `segment_blocks` blocks holds beside
+/// two summary areas, and the blocks of one area; (0, _) when none fit.
+///
+/// With `k` blocks per area a segment holds `min(a(k), b(k))` slots, where
+/// `a(k) = (k * block_size - header) / entry` (the entries an area names)
+/// grows with `k` and `b(k) = segment_blocks - 2k` (the blocks left) falls,
+/// so the best `k` is one of the two integers around their crossing.
+fn slots_for(segment_blocks: u64, block_size: u32) -> (u64, u64) {
+    // u128: no product of a u64 and these constants overflows.
+    let (s, bs) = (u128::from(segment_blocks), u128::from(block_size));
+    let (h, e) = (SUMMARY_HEADER as u128, SUMMARY_ENTRY as u128);
+    let slots = |k: u128| {
+        let named = (k * bs).saturating_sub(h) / e;
+        named.min(s.saturating_sub(2 * k))
+    };
+    let k = ((s * e + h) / (bs + 2 * e)).max(1);
+    let best = slots(k).max(slots(k + 1));
+    let summary = (h + best * e).div_ceil(bs);
+    // Both are at most `segment_blocks`, a u64.
+    (best as u64, summary as u64)
+}
+
 impl Geometry {
     /// The layout of a store with `segment_blocks`-block segments on a
     /// device of `block_count` blocks of `block_size` bytes, offering
     /// `logical_blocks` (checked by the caller against the reserve).
+    ///
+    /// Every value is checked against the device before it is used, so a
+    /// size read off a disk or typed by a user gives an error at once.
     pub fn new(
         block_size: u32,
         block_count: u64,
         segment_blocks: u64,
         logical_blocks: u64,
-    ) -> Result<Geometry, GcError> {
-        let bs = u64::from(block_size);
+    ) -> Result<Geometry, GeometryError> {
         if block_size < 512 || !block_size.is_power_of_two() {
-            return Err(GcError::Config(format!(
-                "{block_size}-byte blocks: the store needs a power of two of at least 512"
-            )));
+            return Err(GeometryError::BlockSize { value: block_size });
         }
-        let summary_blocks_for =
-            |slots: u64| (SUMMARY_HEADER as u64 + slots * SUMMARY_ENTRY as u64).div_ceil(bs);
-        // The most data slots that leave room for two summary areas.
-        let mut data_slots = segment_blocks.saturating_sub(2);
-        while data_slots > 0 && data_slots + 2 * summary_blocks_for(data_slots) > segment_blocks {
-            data_slots -= 1;
+        let bs = u64::from(block_size);
+        let first_lba = SUPER_AREA.div_ceil(bs);
+        let room = block_count.saturating_sub(first_lba);
+        let max = room.min(MAX_SEGMENT_BYTES / bs);
+        if segment_blocks > max {
+            return Err(GeometryError::SegmentTooLarge {
+                value: segment_blocks,
+                block_size,
+                max,
+                device_blocks: block_count,
+            });
         }
+        let (data_slots, summary_blocks) = slots_for(segment_blocks, block_size);
         if data_slots < 2 {
-            return Err(GcError::Config(format!(
-                "{segment_blocks}-block segments leave no room for data beside two summaries"
-            )));
+            // Two slots and two one-block areas: four blocks at least.
+            return Err(GeometryError::SegmentTooSmall {
+                value: segment_blocks,
+                min: 4,
+            });
         }
-        let first_lba = (SUPER_BYTES as u64).div_ceil(bs).max(4096u64.div_ceil(bs));
-        let segments = block_count.saturating_sub(first_lba) / segment_blocks;
-        let segments = u32::try_from(segments).map_err(|_| {
-            GcError::Config(format!("{segments} segments: more than the format counts"))
+        // `segment_blocks` is at least 4 here.
+        let segments = room / segment_blocks;
+        let segments = u32::try_from(segments).map_err(|_| GeometryError::TooManySegments {
+            value: segments,
+            max: u64::from(u32::MAX),
+        })?;
+        let data_slots = u32::try_from(data_slots).map_err(|_| GeometryError::SegmentTooLarge {
+            value: segment_blocks,
+            block_size,
+            max,
+            device_blocks: block_count,
         })?;
         Ok(Geometry {
             block_size,
             segment_blocks,
-            data_slots: u32::try_from(data_slots)
-                .map_err(|_| GcError::Config(format!("{segment_blocks}-block segments")))?,
-            summary_blocks: summary_blocks_for(data_slots),
+            data_slots,
+            summary_blocks,
             segments,
             first_lba,
             logical_blocks,
@@ -192,16 +342,8 @@ impl Superblock {
         let first_lba = r.u64();
         let logical_blocks = r.u64();
         let store_id = r.u64();
-        if stored_bs != block_size {
-            return Err(bad(format!(
-                "formatted with {stored_bs}-byte blocks, the device has {block_size}-byte blocks"
-            )));
-        }
-        // The geometry must be the one this build derives, and fit.
-        let expected = Geometry::new(block_size, block_count, segment_blocks, logical_blocks)
-            .map_err(|e| bad(format!("superblock geometry: {e}")))?;
         let stored = Geometry {
-            block_size,
+            block_size: stored_bs,
             segment_blocks,
             data_slots,
             summary_blocks,
@@ -209,21 +351,86 @@ impl Superblock {
             first_lba,
             logical_blocks,
         };
-        if stored.data_slots != expected.data_slots
-            || stored.summary_blocks != expected.summary_blocks
-            || stored.first_lba != expected.first_lba
-            || stored.segments > expected.segments
-            || stored.segments == 0
-            || logical_blocks >= stored.total_slots()
-        {
-            return Err(bad(format!(
-                "superblock geometry {stored:?} does not fit the device ({block_count} blocks)"
-            )));
-        }
+        stored
+            .check(block_size, block_count)
+            .map_err(|source| GcError::BadSuperblock {
+                device: device.to_string(),
+                source,
+            })?;
         Ok(Superblock {
             geometry: stored,
             store_id,
         })
+    }
+}
+
+impl Geometry {
+    /// Checks a geometry read from a device of `block_count` blocks of
+    /// `block_size` bytes: every field is what this build derives from the
+    /// segment size, or fits the device, before any is used.
+    fn check(&self, block_size: u32, block_count: u64) -> Result<(), GeometryError> {
+        if self.block_size != block_size {
+            return Err(GeometryError::BlockSizeMismatch {
+                value: self.block_size,
+                device: block_size,
+            });
+        }
+        let expected = Geometry::new(
+            block_size,
+            block_count,
+            self.segment_blocks,
+            self.logical_blocks,
+        )?;
+        for (field, value, want) in [
+            (
+                "data_slots",
+                u64::from(self.data_slots),
+                u64::from(expected.data_slots),
+            ),
+            (
+                "summary_blocks",
+                self.summary_blocks,
+                expected.summary_blocks,
+            ),
+            ("first_lba", self.first_lba, expected.first_lba),
+        ] {
+            if value != want {
+                return Err(GeometryError::Derived {
+                    field,
+                    value,
+                    expected: want,
+                });
+            }
+        }
+        // The device may have grown since the format, never shrunk.
+        if self.segments > expected.segments {
+            return Err(GeometryError::TooManySegments {
+                value: u64::from(self.segments),
+                max: u64::from(expected.segments),
+            });
+        }
+        let min = reserve_for(self.segments) + 3;
+        if self.segments < min {
+            return Err(GeometryError::TooFewSegments {
+                value: self.segments,
+                min,
+            });
+        }
+        let max = self.usable_slots().saturating_sub(1);
+        if self.logical_blocks == 0 || self.logical_blocks > max {
+            return Err(GeometryError::LogicalBlocks {
+                value: self.logical_blocks,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Data slots beyond the cleaner's reserve and the two open segments:
+    /// what the store may offer.
+    pub fn usable_slots(&self) -> u64 {
+        let reserve = reserve_for(self.segments);
+        u64::from(self.segments.saturating_sub(reserve + 2)) * u64::from(self.data_slots)
     }
 }
 
@@ -480,13 +687,144 @@ mod tests {
         // Another block size, a smaller device, a flipped bit: errors.
         assert!(matches!(
             Superblock::decode(&raw, "d", 512, 4096 * 8),
-            Err(GcError::NotAStore { .. })
+            Err(GcError::BadSuperblock {
+                source: GeometryError::BlockSizeMismatch {
+                    value: 4096,
+                    device: 512
+                },
+                ..
+            })
         ));
         assert!(Superblock::decode(&raw, "d", 4096, 1000).is_err());
         raw[20] ^= 1;
         assert!(Superblock::decode(&raw, "d", 4096, 4096).is_err());
         assert!(Superblock::decode(&[0u8; 4096], "d", 4096, 4096).is_err());
         assert!(Superblock::decode(&[0u8; 10], "d", 4096, 4096).is_err());
+    }
+
+    /// The slot count by the search the closed form replaces.
+    fn slots_by_search(segment_blocks: u64, block_size: u32) -> (u64, u64) {
+        let bs = u64::from(block_size);
+        let summary = |n: u64| (SUMMARY_HEADER as u64 + n * SUMMARY_ENTRY as u64).div_ceil(bs);
+        let mut n = segment_blocks.saturating_sub(2);
+        while n > 0 && n + 2 * summary(n) > segment_blocks {
+            n -= 1;
+        }
+        (n, summary(n))
+    }
+
+    #[test]
+    fn the_closed_form_slot_count_is_the_searched_one() {
+        for bs in [512u32, 1024, 4096, 65536] {
+            let sizes = (0..3000u64).chain((1..200).map(|i| i * 4099 + 17));
+            for segment_blocks in sizes {
+                let (n, summary) = slots_for(segment_blocks, bs);
+                let (want, want_summary) = slots_by_search(segment_blocks, bs);
+                assert_eq!(n, want, "{segment_blocks} blocks of {bs}");
+                if n > 0 {
+                    assert_eq!(summary, want_summary, "{segment_blocks} blocks of {bs}");
+                }
+            }
+        }
+        // Sizes no search finishes: answered at once, without overflow.
+        for segment_blocks in [1 << 40, 1 << 62, u64::MAX] {
+            let (n, summary) = slots_for(segment_blocks, 512);
+            assert!(n + 2 * summary <= segment_blocks && n > segment_blocks / 2);
+        }
+    }
+
+    /// Runs `f` on a thread of its own and fails unless it answers within
+    /// five seconds (a hang or a panic fails the test, not the run).
+    fn at_once<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(v) => v,
+            Err(e) => panic!("no answer within 5 s ({e}: hung or panicked)"),
+        }
+    }
+
+    #[test]
+    fn garbage_geometry_with_a_valid_crc_is_a_typed_error_at_once() {
+        type Damage = fn(&mut Geometry);
+        let cases: [(&str, &str, Damage); 17] = [
+            ("segment_blocks", "4398046511104", |g| {
+                g.segment_blocks = 1 << 42
+            }),
+            ("segment_blocks", "4611686018427387904", |g| {
+                g.segment_blocks = 1 << 62
+            }),
+            ("segment_blocks", "18446744073709551615", |g| {
+                g.segment_blocks = u64::MAX
+            }),
+            ("segment_blocks", "4097", |g| g.segment_blocks = 4097),
+            ("segment_blocks", "3", |g| g.segment_blocks = 3),
+            ("segment_blocks", "0", |g| g.segment_blocks = 0),
+            ("data_slots", "4294967295", |g| g.data_slots = u32::MAX),
+            ("data_slots", "0", |g| g.data_slots = 0),
+            ("summary_blocks", "18446744073709551615", |g| {
+                g.summary_blocks = u64::MAX
+            }),
+            ("first_lba", "18446744073709551615", |g| {
+                g.first_lba = u64::MAX
+            }),
+            ("segments", "4294967295", |g| g.segments = u32::MAX),
+            ("segments", "0", |g| g.segments = 0),
+            ("logical_blocks", "18446744073709551615", |g| {
+                g.logical_blocks = u64::MAX
+            }),
+            ("logical_blocks", "0", |g| g.logical_blocks = 0),
+            ("logical_blocks", "3906", |g| g.logical_blocks = 62 * 63),
+            ("block_size", "4294967295", |g| g.block_size = u32::MAX),
+            ("block_size", "0", |g| g.block_size = 0),
+        ];
+        for (field, value, damage) in cases {
+            let mut sb = Superblock {
+                geometry: geometry(),
+                store_id: 7,
+            };
+            damage(&mut sb.geometry);
+            let mut raw = vec![0u8; 4096];
+            sb.encode(&mut raw);
+            let what = format!("{field} {value}");
+            let err =
+                at_once(move || Superblock::decode(&raw, "dev0", 4096, 4096)).expect_err(&what);
+            let GcError::BadSuperblock { device, source } = &err else {
+                panic!("{what}: {err:?}");
+            };
+            assert_eq!(device, "dev0", "{what}");
+            assert!(err.to_string().contains("dev0"), "{what}: {err}");
+            assert!(
+                source.to_string().starts_with(&what),
+                "{what}: the cause names the field and value: {source}"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_sizes_past_the_device_or_the_format_are_refused_at_once() {
+        for (blocks, device) in [
+            (1u64 << 40, 1u64 << 20),
+            (1 << 62, u64::MAX),
+            (u64::MAX, 1 << 40),
+        ] {
+            let e = at_once(move || Geometry::new(512, device, blocks, 0)).expect_err("too large");
+            assert!(
+                matches!(e, GeometryError::SegmentTooLarge { value, .. } if value == blocks),
+                "{e}"
+            );
+        }
+        // The largest segment works; one block more does not.
+        let max = MAX_SEGMENT_BYTES / 4096;
+        assert!(Geometry::new(4096, max * 100, max, 0).is_ok());
+        assert!(Geometry::new(4096, max * 100, max + 1, 0).is_err());
+        // So many segments the format cannot count them.
+        assert!(matches!(
+            Geometry::new(512, u64::MAX, 4, 0),
+            Err(GeometryError::TooManySegments { .. })
+        ));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bdev_stack::{BlockDevice, DmaAllocator, DmaMemory, IoError, IoOp, OwnedChannel, SubmitError};
 use copy_engine::wait::{Pace, Wait, Waiter};
 
-use crate::gc::GcError;
+use crate::GcError;
 
 /// Requests in flight.
 const DEPTH: usize = 16;

@@ -13,7 +13,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use ustor::perf::{PerfConfig, Target, Workload, run};
+//! use ustor_tools::perf::{PerfConfig, Target, Workload, run};
 //!
 //! let report = run(&PerfConfig {
 //!     target: Target::parse("emu").unwrap(),

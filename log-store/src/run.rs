@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use bdev_stack::BlockDevice;
 
-use crate::gc::store::thread_cpu_time;
-use crate::gc::{CleanStats, GcError, LogStore, StoreOptions};
+use crate::store::thread_cpu_time;
+use crate::{CleanStats, GcError, LogStore, StoreOptions};
 
 /// What to write.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Workload {
     /// Random block overwrites after the fill.
     pub overwrites: u64,
@@ -121,7 +122,8 @@ pub struct Progress {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RunReport {
     /// The device.
     pub device: String,
@@ -156,7 +158,8 @@ pub struct RunReport {
 }
 
 /// Offload and bounce runs of one workload, side by side.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CompareReport {
     /// With device copy.
     pub offload: RunReport,
