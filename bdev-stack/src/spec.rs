@@ -288,6 +288,13 @@ fn parse_blocks(value: &str) -> Result<Size, String> {
     parse_size(value)
 }
 
+/// A size as the spec grammar writes it (`4096`, `128k`, `64m`, `1g`, `2t`),
+/// in bytes; the error says what was wrong. For tools that take sizes on
+/// their command line, so one parser serves everything.
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    parse_size(value).map(bytes_of)
+}
+
 pub(crate) fn bytes_of(size: Size) -> u64 {
     match size {
         Size::Bytes(n) | Size::Blocks(n) => n,
@@ -589,7 +596,7 @@ impl<'s> Parser<'s, '_> {
 /// Memory the members' metadata can be read and written through: a
 /// member's own DMA allocator where it needs device addresses, host memory
 /// otherwise.
-fn members_allocator(members: &[Arc<dyn BlockDevice>]) -> Arc<dyn crate::DmaAllocator> {
+pub fn members_allocator(members: &[Arc<dyn BlockDevice>]) -> Arc<dyn crate::DmaAllocator> {
     members
         .iter()
         .find_map(|m| m.iova_allocator())
