@@ -78,6 +78,9 @@ pub(super) struct MirrorChannel {
     scratch: Vec<Completion>,
     /// Polls since the write-intent log's clearing was last looked at.
     polls: u32,
+    /// Where the legs' blocks start on the devices the channels go to
+    /// (a member's data offset, with metadata).
+    leg_offset: u64,
     _not_sync: NotSync,
 }
 
@@ -106,6 +109,7 @@ impl MirrorChannel {
             done: VecDeque::with_capacity(depth),
             scratch: vec![Completion::EMPTY; leg_depth.min(256)],
             polls: 0,
+            leg_offset: 0,
             _not_sync: NotSync::default(),
         };
         channel.refresh_legs();
@@ -121,6 +125,14 @@ impl MirrorChannel {
         }
         self.generation = generation;
         let legs = self.shared.legs().clone();
+        // With metadata, the legs are the members' data areas: talk to the
+        // members themselves, at the data offset.
+        let raw = self
+            .shared
+            .intent
+            .as_ref()
+            .map(|log| log.members_and_offset());
+        self.leg_offset = raw.as_ref().map_or(0, |(_, offset)| *offset);
         for (leg, device) in legs.into_iter().enumerate() {
             let same = self
                 .leg_devices
@@ -129,7 +141,11 @@ impl MirrorChannel {
             if same {
                 continue;
             }
-            let channel = match device.open_channel(self.leg_depth) {
+            let target = raw
+                .as_ref()
+                .and_then(|(members, _)| members.get(leg))
+                .unwrap_or(&device);
+            let channel = match target.open_channel(self.leg_depth) {
                 Ok(channel) => Some(channel),
                 Err(error) => {
                     warn!(mirror = %self.info.name, leg, %error, "cannot open a channel to a leg; failing it");
@@ -324,7 +340,7 @@ impl MirrorChannel {
         }
         let req = IoRequest {
             op,
-            lba: child.lba,
+            lba: child.lba + self.leg_offset,
             blocks: child.blocks,
             buf: child.buf.unwrap_or(DmaSlice::EMPTY),
             ctx: u64::from(child_slot),
