@@ -516,9 +516,12 @@ fn doorbells_are_batched_with_and_without_shadow() {
         }
         // One SQ tail doorbell per command (each drain waits for the
         // completion); CQ head doorbells batched to one per half queue (32
-        // entries here). Thread mode adds the driver's occasional
-        // insurance MMIO write when a completion takes long.
-        let slack = if mode == EmuMode::Inline { 0 } else { 500 };
+        // entries here). Thread mode adds the driver's insurance MMIO write
+        // each millisecond a completion keeps it waiting: how many depends
+        // on how busy the host is (a loaded 2-core machine makes waits
+        // long), so it is bounded loosely there; a doorbell per poll would
+        // still be far beyond it.
+        let slack = if mode == EmuMode::Inline { 0 } else { 4000 };
         for (shadow, w) in [false, true].into_iter().zip(&writes) {
             assert!(
                 (if shadow { 0 } else { 1000 }..=1000 + 1000 / 32 + 2 + slack).contains(w),
