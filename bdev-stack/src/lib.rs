@@ -69,6 +69,7 @@ mod scsi_leaf;
 mod slice;
 pub mod spec;
 mod split;
+pub mod stack_meta;
 
 pub use buffer::{
     DmaAddress, DmaAllocator, DmaContextId, DmaMemory, DmaSlice, HostAllocator, HostBuffer,
@@ -86,7 +87,7 @@ pub use identity::{BackingId, OffloadDomain};
 pub use mem::{
     CopyFault, CopyFaultHandle, DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice,
 };
-pub use mirror::meta::{MemberState, MetaError, MetaLayout, Superblock};
+pub use mirror::meta::{Level, MemberState, MetaError, MetaLayout, Superblock};
 pub use mirror::{
     Assembly, CheckReport, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror,
     MirrorHealth, Resync, ResyncNeed, ResyncReport, ResyncStep,

@@ -5,7 +5,7 @@
 //! device := concat(device, ...)
 //!         | stripe(chunk=SIZE, device, device, ...)
 //!         | mirror([region=SIZE,] device, device, ...)
-//!         | assemble(device, device, ...)            a mirror with metadata, from its members
+//!         | assemble(device, device, ...)            a stack with metadata, from its members
 //!         | KIND:BODY[,key=value...]            a leaf
 //! ```
 //!

@@ -92,3 +92,53 @@ fn create_show_check_repair_and_errors() {
     assert!(err.contains("no mirror superblock"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn stripes_and_concats_are_created_shown_and_refused_where_they_have_no_copy() {
+    let d = std::env::temp_dir().join(format!("ustor-stack-plain-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("dir");
+    let files: Vec<PathBuf> = ["s0", "s1", "s2"].iter().map(|n| d.join(n)).collect();
+    let sized: Vec<String> = files
+        .iter()
+        .map(|p| format!("file:{},size=4m", p.display()))
+        .collect();
+    let plain: Vec<String> = files
+        .iter()
+        .map(|p| format!("file:{}", p.display()))
+        .collect();
+    let mut args = vec!["create", "--level", "stripe", "--chunk", "128k"];
+    args.extend(sized.iter().map(String::as_str));
+    let created = ok(&args);
+    assert!(created.contains("created a stripe"), "{created}");
+
+    // Any order finds the same stripe.
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&["show", "--json", &plain[2], &plain[0], &plain[1]]))
+            .expect("json");
+    assert_eq!(shown["level"], "stripe");
+    assert_eq!(shown["chunk_blocks"], 256, "{shown}");
+    let blocks = shown["blocks"].as_u64().expect("blocks");
+    assert!(
+        blocks > 0 && blocks < 3 * 8192 && blocks.is_multiple_of(3 * 256),
+        "{shown}"
+    );
+
+    // A stripe without one of its members has no copy of those blocks.
+    let partial = stack(&["show", &plain[0], &plain[1]]);
+    assert!(!partial.status.success());
+    let err = String::from_utf8_lossy(&partial.stderr);
+    assert!(err.contains("member 2 is missing"), "{err}");
+    // Mirror-only commands name what is wrong.
+    let check = stack(&["check", &plain[0], &plain[1], &plain[2]]);
+    assert!(!check.status.success());
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("not a mirror"), "{err}");
+    // A bad chunk is refused before anything is written.
+    let bad = stack(&[
+        "create", "--level", "stripe", "--chunk", "1000", &sized[0], &sized[1],
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--chunk 1000"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

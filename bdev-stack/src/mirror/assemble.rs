@@ -44,7 +44,7 @@ pub enum ResyncNeed {
 /// A member as assembly read it: superblock, bitmap, device.
 type FoundMember = (Superblock, Vec<u8>, Arc<dyn BlockDevice>);
 
-fn meta_error(device: &dyn BlockDevice, source: MetaError) -> BdevError {
+pub(crate) fn meta_error(device: &dyn BlockDevice, source: MetaError) -> BdevError {
     BdevError::Metadata {
         device: device.info().name.clone(),
         source,
@@ -52,7 +52,7 @@ fn meta_error(device: &dyn BlockDevice, source: MetaError) -> BdevError {
 }
 
 /// Reads the metadata area of `member`.
-fn read_area(
+pub(crate) fn read_area(
     member: &dyn BlockDevice,
     bytes: u64,
     allocator: &Arc<dyn DmaAllocator>,
@@ -108,6 +108,7 @@ impl Mirror {
             .map_err(|e| meta_error(smallest.as_ref(), e))?;
         let salt = Arc::new(());
         let sb = Superblock {
+            level: super::meta::Level::Mirror,
             array_id: new_array_id(&salt),
             member_index: 0,
             member_count: members.len() as u32,
@@ -184,6 +185,12 @@ impl Mirror {
         let mut slots: Vec<Option<FoundMember>> = (0..count).map(|_| None).collect();
         for (sb, bits, device) in found {
             let name = device.info().name.clone();
+            if sb.level != super::meta::Level::Mirror {
+                return Err(BdevError::Assembly {
+                    device: name,
+                    reason: "is a member of a stripe or concat, not a mirror: assemble it as a stack (assemble(...) in a spec)".into(),
+                });
+            }
             if sb.array_id != array_id
                 || sb.member_count != count
                 || sb.layout.region_blocks != layout.region_blocks
@@ -334,7 +341,7 @@ impl Mirror {
     }
 }
 
-fn names(members: &[Arc<dyn BlockDevice>]) -> String {
+pub(crate) fn names(members: &[Arc<dyn BlockDevice>]) -> String {
     members
         .iter()
         .map(|m| m.info().name.as_str())

@@ -353,7 +353,7 @@ impl LogState {
 }
 
 /// Runs one request to completion on a channel the caller owns alone.
-pub(super) fn run_sync(channel: &mut dyn Channel, req: IoRequest) -> Result<(), IoError> {
+pub(crate) fn run_sync(channel: &mut dyn Channel, req: IoRequest) -> Result<(), IoError> {
     loop {
         // SAFETY: the buffer belongs to the caller, untouched until this
         // returns, which is after the completion.

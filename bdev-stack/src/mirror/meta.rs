@@ -22,8 +22,22 @@ use super::MAX_LEGS;
 pub const SUPERBLOCK_BYTES: u64 = 4096;
 const MAGIC: [u8; 8] = *b"USTORMD1";
 const VERSION: u32 = 1;
-/// RAID level 1: the only level with metadata so far.
+/// RAID levels as md numbers them: 1 mirror, 0 stripe, -1 linear (concat).
 const LEVEL_MIRROR: u32 = 1;
+const LEVEL_STRIPE: u32 = 0;
+const LEVEL_CONCAT: u32 = u32::MAX;
+
+/// What kind of stack the members form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Every member holds every block; the layout's `region_blocks` is the
+    /// write-intent region.
+    Mirror,
+    /// Members interleaved in chunks of the layout's `region_blocks`.
+    Stripe,
+    /// Members end to end.
+    Concat,
+}
 
 /// A member's state as the superblock records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +188,35 @@ impl MetaLayout {
         })
     }
 
+    /// The layout of a stripe or concat member: the superblock, no bitmap,
+    /// then the data; `chunk_blocks` is a stripe's chunk (1 for a concat).
+    pub fn plain(blocks: u64, block_size: u32, chunk_blocks: u64) -> Result<MetaLayout, MetaError> {
+        let bs = u64::from(block_size);
+        if bs == 0 || !bs.is_power_of_two() || chunk_blocks == 0 {
+            return Err(MetaError::BadField {
+                field: if chunk_blocks == 0 {
+                    "region_blocks"
+                } else {
+                    "block_size"
+                },
+                value: if chunk_blocks == 0 { 0 } else { bs },
+                why: "must be non-zero (chunk) or a power of two (block size)",
+            });
+        }
+        let data_offset = SUPERBLOCK_BYTES.div_ceil(bs);
+        let data_blocks = blocks
+            .checked_sub(data_offset)
+            .filter(|&d| d > 0)
+            .ok_or(MetaError::TooSmall { blocks, block_size })?;
+        Ok(MetaLayout {
+            block_size,
+            region_blocks: chunk_blocks,
+            bitmap_bytes: 0,
+            data_offset,
+            data_blocks,
+        })
+    }
+
     /// Regions of the data area.
     pub fn regions(&self) -> u64 {
         self.data_blocks.div_ceil(self.region_blocks)
@@ -188,6 +231,8 @@ impl MetaLayout {
 /// What the superblock says, decoded and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The kind of stack.
+    pub level: Level,
     /// Which array.
     pub array_id: [u8; 16],
     /// This member's index.
@@ -214,7 +259,12 @@ impl Superblock {
         let mut raw = RawSuperblock::new_zeroed_struct();
         raw.magic = MAGIC;
         raw.version = VERSION.into();
-        raw.level = LEVEL_MIRROR.into();
+        raw.level = match self.level {
+            Level::Mirror => LEVEL_MIRROR,
+            Level::Stripe => LEVEL_STRIPE,
+            Level::Concat => LEVEL_CONCAT,
+        }
+        .into();
         raw.array_id = self.array_id;
         raw.member_index = self.member_index.into();
         raw.member_count = self.member_count.into();
@@ -272,16 +322,20 @@ impl Superblock {
                 "not a version this library reads",
             );
         }
-        if raw.level.get() != LEVEL_MIRROR {
-            return bad(
-                "level",
-                raw.level.get().into(),
-                "only mirrors (level 1) carry metadata",
-            );
-        }
+        let level = match raw.level.get() {
+            LEVEL_MIRROR => Level::Mirror,
+            LEVEL_STRIPE => Level::Stripe,
+            LEVEL_CONCAT => Level::Concat,
+            other => return bad("level", other.into(), "not a mirror, stripe or concat"),
+        };
         let count = raw.member_count.get();
-        if !(2..=MAX_LEGS as u32).contains(&count) {
-            return bad("member_count", count.into(), "a mirror has 2 to 32 members");
+        let min = if level == Level::Concat { 1 } else { 2 };
+        if !(min..=MAX_LEGS as u32).contains(&count) {
+            return bad(
+                "member_count",
+                count.into(),
+                "a stack has 2 to 32 members (a concat 1 to 32)",
+            );
         }
         let index = raw.member_index.get();
         if index >= count {
@@ -296,7 +350,10 @@ impl Superblock {
         }
         // The geometry must be what this member's size gives: a size read
         // off the disk is never used to compute anything by itself.
-        let layout = MetaLayout::new(member_blocks, block_size, raw.region_blocks.get())?;
+        let layout = match level {
+            Level::Mirror => MetaLayout::new(member_blocks, block_size, raw.region_blocks.get())?,
+            _ => MetaLayout::plain(member_blocks, block_size, raw.region_blocks.get())?,
+        };
         let recorded = (
             raw.data_offset.get(),
             raw.data_blocks.get(),
@@ -328,6 +385,7 @@ impl Superblock {
             });
         }
         Ok(Superblock {
+            level,
             array_id: raw.array_id,
             member_index: index,
             member_count: count,
@@ -373,6 +431,7 @@ mod tests {
     fn sb() -> Superblock {
         let layout = MetaLayout::new(1 << 20, 512, 2048).expect("layout");
         Superblock {
+            level: Level::Mirror,
             array_id: [7; 16],
             member_index: 1,
             member_count: 2,

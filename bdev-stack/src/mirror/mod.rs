@@ -24,11 +24,11 @@
 //! Layout: `dirty` (the write-intent map), `channel` (the I/O path),
 //! `resync` (rebuilding legs); this file holds the mirror and its health.
 
-mod assemble;
+pub(crate) mod assemble;
 mod channel;
 mod check;
 mod dirty;
-mod intent;
+pub(crate) mod intent;
 pub mod meta;
 mod resync;
 

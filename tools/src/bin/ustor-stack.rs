@@ -1,10 +1,11 @@
-//! `ustor-stack`: mirrors with on-device metadata from the command line, as
+//! `ustor-stack`: stacks with on-device metadata from the command line, as
 //! mdadm manages md arrays.
 //!
 //! ```text
-//! ustor-stack create [--region 1m] DEV DEV ...   make the members a mirror (their data is lost)
+//! ustor-stack create [--level mirror|stripe|concat] [--region 1m] [--chunk 64k] DEV ...
+//!                                                make the members a stack (their data is lost)
 //! ustor-stack assemble [--no-resync] DEV ...     assemble, resync what an unclean stop left, stop clean
-//! ustor-stack show [--json] DEV ...              members, states, events, dirty regions
+//! ustor-stack show [--json] DEV ...              level, members, states, events, dirty regions
 //! ustor-stack replace --leg N NEW DEV ...        put NEW in place of failed leg N, rebuild it
 //! ustor-stack check [--repair] [--json] DEV ...  compare the legs; with --repair make them equal
 //! ```
@@ -17,8 +18,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bdev_stack::spec::{LeafRegistry, members_allocator, parse_bytes};
-use bdev_stack::{Assembly, BlockDevice, LegHealth, MemberState, Mirror, Resync, ResyncNeed};
-use clap::{Parser, Subcommand};
+use bdev_stack::{
+    Assembly, BlockDevice, LegHealth, Level, MemberState, Mirror, Resync, ResyncNeed, stack_meta,
+};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ustor_tools::error_chain;
 
@@ -34,13 +37,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Makes the members a mirror with metadata (whatever they held is lost).
+    /// Makes the members a stack with metadata (whatever they held is lost).
     Create {
-        /// Write-intent region size (a multiple of the block size).
+        /// The stack's level.
+        #[arg(long, value_enum, default_value_t = LevelArg::Mirror)]
+        level: LevelArg,
+        /// A mirror's write-intent region (a multiple of the block size).
         #[arg(long, default_value = "1m")]
         region: String,
+        /// A stripe's chunk (a multiple of the block size).
+        #[arg(long, default_value = "64k")]
+        chunk: String,
         /// The members, as leaf specs.
-        #[arg(required = true, num_args = 2..)]
+        #[arg(required = true)]
         members: Vec<String>,
     },
     /// Assembles the mirror from its members, resyncs what an unclean stop
@@ -88,7 +97,79 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LevelArg {
+    Mirror,
+    Stripe,
+    Concat,
+}
+
 type Failure = Box<dyn std::error::Error>;
+
+/// `text` as a whole number of `block_size` blocks, or an error naming `flag`.
+fn blocks_of(flag: &str, text: &str, block_size: u32) -> Result<u64, Failure> {
+    let bytes = parse_bytes(text).map_err(|e| format!("{flag}: {e}"))?;
+    if bytes == 0 || !bytes.is_multiple_of(u64::from(block_size)) {
+        return Err(format!(
+            "{flag} {text}: not a non-zero multiple of the {block_size}-byte block"
+        )
+        .into());
+    }
+    Ok(bytes / u64::from(block_size))
+}
+
+/// The level the members say they form (the first member's superblock).
+fn level_of(devices: &[Arc<dyn BlockDevice>]) -> Result<Level, Failure> {
+    let first = devices.first().ok_or("no members named")?;
+    let allocator = members_allocator(devices);
+    Ok(stack_meta::read_superblock(first.as_ref(), &allocator)?.level)
+}
+
+/// Shows a stripe or concat (no redundancy, so no states or regions).
+fn show_plain(
+    specs: &[String],
+    devices: Vec<Arc<dyn BlockDevice>>,
+    json: bool,
+) -> Result<(), Failure> {
+    let allocator = members_allocator(&devices);
+    let sb = stack_meta::read_superblock(devices[0].as_ref(), &allocator)?;
+    let (stack, report) = stack_meta::assemble(devices, allocator)?;
+    let info = stack.info();
+    let level = if sb.level == Level::Stripe {
+        "stripe"
+    } else {
+        "concat"
+    };
+    let array_id: String = sb.array_id.iter().map(|b| format!("{b:02x}")).collect();
+    let members: Vec<String> = report.members.iter().flatten().cloned().collect();
+    if json {
+        let out = serde_json::json!({
+            "level": level,
+            "array_id": array_id,
+            "blocks": info.block_count,
+            "block_size": info.block_size,
+            "chunk_blocks": (sb.level == Level::Stripe).then_some(sb.layout.region_blocks),
+            "members": members,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{level} {array_id}: {} blocks of {} bytes over {} members{}",
+        info.block_count,
+        info.block_size,
+        specs.len(),
+        if sb.level == Level::Stripe {
+            format!(", chunks of {} blocks", sb.layout.region_blocks)
+        } else {
+            String::new()
+        }
+    );
+    for (i, name) in members.iter().enumerate() {
+        println!("  member {i}: {name}");
+    }
+    Ok(())
+}
 
 fn open(registry: &LeafRegistry, specs: &[String]) -> Result<Vec<Arc<dyn BlockDevice>>, Failure> {
     specs
@@ -101,8 +182,7 @@ fn open(registry: &LeafRegistry, specs: &[String]) -> Result<Vec<Arc<dyn BlockDe
         .collect()
 }
 
-fn assemble(registry: &LeafRegistry, specs: &[String]) -> Result<(Mirror, Assembly), Failure> {
-    let members = open(registry, specs)?;
+fn assemble(members: Vec<Arc<dyn BlockDevice>>) -> Result<(Mirror, Assembly), Failure> {
     let allocator = members_allocator(&members);
     Ok(Mirror::assemble(members, allocator)?)
 }
@@ -233,27 +313,45 @@ fn show(mirror: &Mirror, report: &Assembly, json: bool) -> Result<(), Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let registry = LeafRegistry::with_defaults();
     match cli.command {
-        Command::Create { region, members } => {
+        Command::Create {
+            level,
+            region,
+            chunk,
+            members,
+        } => {
             let devices = open(&registry, &members)?;
             let bs = devices[0].info().block_size;
-            let bytes = parse_bytes(&region).map_err(|e| format!("--region: {e}"))?;
-            if bytes == 0 || !bytes.is_multiple_of(u64::from(bs)) {
-                return Err(format!(
-                    "--region {region}: not a non-zero multiple of the {bs}-byte block"
-                )
-                .into());
-            }
             let allocator = members_allocator(&devices);
-            let mirror = Mirror::create(devices, bytes / u64::from(bs), allocator)?;
-            mirror.stop()?;
+            let (name, blocks) = match level {
+                LevelArg::Mirror => {
+                    let region = blocks_of("--region", &region, bs)?;
+                    let mirror = Mirror::create(devices, region, allocator)?;
+                    mirror.stop()?;
+                    ("mirror", mirror.info().block_count)
+                }
+                LevelArg::Stripe => {
+                    let chunk = blocks_of("--chunk", &chunk, bs)?;
+                    let stack = stack_meta::create(Level::Stripe, devices, chunk, allocator)?;
+                    ("stripe", stack.info().block_count)
+                }
+                LevelArg::Concat => {
+                    let stack = stack_meta::create(Level::Concat, devices, 1, allocator)?;
+                    ("concat", stack.info().block_count)
+                }
+            };
             println!(
-                "created a mirror of {} blocks of {bs} bytes over {} members",
-                mirror.info().block_count,
+                "created a {name} of {blocks} blocks of {bs} bytes over {} members",
                 members.len()
             );
         }
         Command::Assemble { no_resync, members } => {
-            let (mirror, report) = assemble(&registry, &members)?;
+            let devices = open(&registry, &members)?;
+            if level_of(&devices)? != Level::Mirror {
+                // Nothing to resync without redundancy: assembling checks
+                // that every member is there and belongs.
+                return show_plain(&members, devices, false);
+            }
+            let (mirror, report) = assemble(devices)?;
             show(&mirror, &report, false)?;
             if !no_resync && report.resync != ResyncNeed::Nothing {
                 let regions = mirror.dirty_map().region_count();
@@ -266,11 +364,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Show { json, members } => {
-            let (mirror, report) = assemble(&registry, &members)?;
+            let devices = open(&registry, &members)?;
+            if level_of(&devices)? != Level::Mirror {
+                return show_plain(&members, devices, json);
+            }
+            let (mirror, report) = assemble(devices)?;
             show(&mirror, &report, json)?;
         }
         Command::Replace { leg, new, members } => {
-            let (mirror, report) = assemble(&registry, &members)?;
+            let (mirror, report) = assemble(open(&registry, &members)?)?;
             if report.resync != ResyncNeed::Nothing {
                 let regions = mirror.dirty_map().region_count();
                 run_resync("resync", mirror.resync_dirty()?, regions)?;
@@ -286,7 +388,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             json,
             members,
         } => {
-            let (mirror, report) = assemble(&registry, &members)?;
+            let (mirror, report) = assemble(open(&registry, &members)?)?;
             if report.resync != ResyncNeed::Nothing {
                 return Err(
                     "the array was not stopped clean: assemble it first (it resyncs), then check"
