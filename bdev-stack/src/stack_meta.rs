@@ -19,8 +19,9 @@ use crate::slice::Slice;
 use crate::split::{Concat, Stripe};
 
 /// Makes `members` a stack of `level` with metadata: for a mirror,
-/// `blocks` is the write-intent region; for a stripe, the chunk; a concat
-/// ignores it. Whatever the members held is lost.
+/// `blocks` is the write-intent region (and the initial sync runs before
+/// this returns; [`Mirror::create`] lets it run later); for a stripe, the
+/// chunk; a concat ignores it. Whatever the members held is lost.
 pub fn create(
     level: Level,
     members: Vec<Arc<dyn BlockDevice>>,
@@ -28,7 +29,9 @@ pub fn create(
     allocator: Arc<dyn DmaAllocator>,
 ) -> Result<Arc<dyn BlockDevice>, BdevError> {
     if level == Level::Mirror {
-        return Ok(Arc::new(Mirror::create(members, blocks, allocator)?));
+        let mirror = Mirror::create(members, blocks, allocator)?;
+        mirror.resync_dirty()?.run()?;
+        return Ok(Arc::new(mirror));
     }
     if members.is_empty()
         || members.len() > crate::MAX_LEGS

@@ -23,6 +23,17 @@ const CHILD: &str = "USTOR_MIRROR_CRASH_CHILD";
 const MEMBER_BLOCKS: u64 = 4096;
 const REGION: u64 = 64;
 
+/// A new mirror with its initial sync done, as a user makes one.
+fn create_synced(
+    members: Vec<Arc<dyn BlockDevice>>,
+    region: u64,
+    allocator: Arc<HostAllocator>,
+) -> Result<Mirror, BdevError> {
+    let mirror = Mirror::create(members, region, allocator)?;
+    mirror.resync_dirty()?.run()?;
+    Ok(mirror)
+}
+
 fn dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ustor-mirror-crash-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&d).expect("dir");
@@ -69,7 +80,7 @@ fn crash_once(bs: u32, kill_after: Duration, round: usize) {
     let d = dir(&format!("{bs}-{round}"));
     {
         let mirror =
-            Mirror::create(members(&d, bs, true), REGION, Arc::new(HostAllocator)).expect("create");
+            create_synced(members(&d, bs, true), REGION, Arc::new(HostAllocator)).expect("create");
         mirror.stop().expect("clean stop");
     }
     let mut child = Command::new(std::env::current_exe().expect("exe"))
@@ -205,8 +216,7 @@ fn a_clean_stop_needs_no_resync_and_members_come_in_any_order() {
     let data = pattern(3, 100 * 512);
     {
         let mirror: Arc<dyn BlockDevice> = Arc::new(
-            Mirror::create(members(&d, 512, true), REGION, Arc::new(HostAllocator))
-                .expect("create"),
+            create_synced(members(&d, 512, true), REGION, Arc::new(HostAllocator)).expect("create"),
         );
         SyncIo::open(mirror.as_ref())
             .write(10, &data)
@@ -242,11 +252,11 @@ fn strangers_duplicates_stale_members_and_garbage_are_typed_errors() {
             as Arc<dyn BlockDevice>
     };
     let (a, b, c, e) = (mem(), mem(), mem(), mem());
-    let one = Mirror::create(vec![a.clone(), b.clone()], REGION, Arc::new(HostAllocator))
-        .expect("create");
+    let one =
+        create_synced(vec![a.clone(), b.clone()], REGION, Arc::new(HostAllocator)).expect("create");
     one.stop().expect("stop");
-    let other = Mirror::create(vec![c.clone(), e.clone()], REGION, Arc::new(HostAllocator))
-        .expect("create");
+    let other =
+        create_synced(vec![c.clone(), e.clone()], REGION, Arc::new(HostAllocator)).expect("create");
     other.stop().expect("stop");
     let assemble =
         |devs: Vec<Arc<dyn BlockDevice>>| Mirror::assemble(devs, Arc::new(HostAllocator));
@@ -288,8 +298,7 @@ fn a_mirror_with_metadata_assembles_from_a_spec() {
     let data = pattern(9, 64 * 512);
     {
         let mirror: Arc<dyn BlockDevice> = Arc::new(
-            Mirror::create(members(&d, 512, true), REGION, Arc::new(HostAllocator))
-                .expect("create"),
+            create_synced(members(&d, 512, true), REGION, Arc::new(HostAllocator)).expect("create"),
         );
         SyncIo::open(mirror.as_ref())
             .write(100, &data)
@@ -308,4 +317,63 @@ fn a_mirror_with_metadata_assembles_from_a_spec() {
     ));
     assert!(bad.is_err(), "a device without metadata joined the array");
     std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_new_mirror_over_unequal_members_syncs_before_it_stops_clean() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    let mem = || {
+        Arc::new(MemDevice::new(MEMBER_BLOCKS * 512, 512, 1 << 20).expect("mem"))
+            as Arc<dyn BlockDevice>
+    };
+    let (a, b) = (mem(), mem());
+    // The members held different things before they became a mirror.
+    let whole = (MEMBER_BLOCKS * 512) as usize;
+    SyncIo::open(a.as_ref())
+        .write(0, &pattern(1, whole))
+        .expect("old data");
+    SyncIo::open(b.as_ref())
+        .write(0, &pattern(2, whole))
+        .expect("old data");
+    let regions;
+    {
+        let mirror = Mirror::create(vec![a.clone(), b.clone()], REGION, Arc::new(HostAllocator))
+            .expect("create");
+        regions = mirror.dirty_map().region_count();
+        assert_eq!(mirror.dirty_map().dirty_regions().len() as u64, regions);
+        assert!(
+            matches!(mirror.stop(), Err(BdevError::MirrorState { .. })),
+            "a mirror whose legs differ stopped clean"
+        );
+        // Until the sync, every read of a block gives the same data.
+        let dev: Arc<dyn BlockDevice> = Arc::new(mirror);
+        let mut io = SyncIo::open(dev.as_ref());
+        let first = io.read(0, 64).expect("read");
+        for _ in 0..8 {
+            assert_eq!(io.read(0, 64).expect("read"), first);
+        }
+        // Dropped before the sync ran, as a crash would.
+    }
+    let (mirror, report) =
+        Mirror::assemble(vec![b.clone(), a.clone()], Arc::new(HostAllocator)).expect("assemble");
+    assert!(!report.was_clean);
+    assert_eq!(
+        report.resync,
+        ResyncNeed::Regions((0..regions).collect()),
+        "the initial sync was forgotten"
+    );
+    mirror
+        .resync_dirty()
+        .expect("resync")
+        .run()
+        .expect("resync");
+    let check = mirror.check(false, |_, _| {}).expect("check");
+    assert!(check.mismatched.is_empty(), "{check:?}");
+    mirror.stop().expect("clean stop after the sync");
+    drop(mirror);
+    let (_, report) =
+        Mirror::assemble(vec![a, b], Arc::new(HostAllocator)).expect("assemble again");
+    assert_eq!(report.resync, ResyncNeed::Nothing);
 }

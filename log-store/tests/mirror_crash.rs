@@ -79,6 +79,11 @@ fn round(d: &Path, kill_after: Duration) {
     {
         let mirror =
             Mirror::create(members(d, true), REGION, Arc::new(HostAllocator)).expect("create");
+        mirror
+            .resync_dirty()
+            .expect("initial sync")
+            .run()
+            .expect("initial sync");
         let dev: Arc<dyn BlockDevice> = Arc::new(mirror);
         drop(LogStore::format(Arc::clone(&dev), &options()).expect("format"));
     }

@@ -82,10 +82,37 @@ impl Mirror {
     /// on each a superblock and a write-intent bitmap of regions of
     /// `region_blocks`, then the data. The mirror's size is the smallest
     /// member's data area. Whatever the members held is lost.
+    ///
+    /// The legs hold whatever they held before, so, as md does, every
+    /// region starts out awaiting the initial sync: the bitmap is written
+    /// all set (a crash before the sync finds it again), reads use the
+    /// primary leg, and [`Mirror::resync_dirty`] makes the legs equal;
+    /// [`Mirror::stop`] refuses until it has. Members known to hold equal
+    /// data (zeroed, say) can skip it with [`Mirror::create_assume_clean`].
     pub fn create(
         members: Vec<Arc<dyn BlockDevice>>,
         region_blocks: u64,
         allocator: Arc<dyn DmaAllocator>,
+    ) -> Result<Mirror, BdevError> {
+        Mirror::create_with(members, region_blocks, allocator, false)
+    }
+
+    /// [`Mirror::create`] without the initial sync, as `mdadm
+    /// --assume-clean`: only for members whose data areas are already
+    /// equal, or reads of never-written blocks may differ leg to leg.
+    pub fn create_assume_clean(
+        members: Vec<Arc<dyn BlockDevice>>,
+        region_blocks: u64,
+        allocator: Arc<dyn DmaAllocator>,
+    ) -> Result<Mirror, BdevError> {
+        Mirror::create_with(members, region_blocks, allocator, true)
+    }
+
+    fn create_with(
+        members: Vec<Arc<dyn BlockDevice>>,
+        region_blocks: u64,
+        allocator: Arc<dyn DmaAllocator>,
+        assume_clean: bool,
     ) -> Result<Mirror, BdevError> {
         if members.len() < 2 || members.len() > super::MAX_LEGS {
             return Err(BdevError::TooFewMembers {
@@ -114,7 +141,7 @@ impl Mirror {
             member_count: members.len() as u32,
             layout,
             events: 1,
-            clean: true,
+            clean: assume_clean,
             states: vec![MemberState::Healthy; members.len()],
             bitmap_crc: 0,
         };
@@ -131,7 +158,16 @@ impl Mirror {
                 });
             }
         }
-        let bits = vec![0u8; layout.bitmap_bytes as usize];
+        let dirty = Arc::new(DirtyMap::new(layout.data_blocks, region_blocks)?);
+        let mut bits = vec![0u8; layout.bitmap_bytes as usize];
+        if !assume_clean {
+            for r in 0..dirty.region_count() {
+                if let Some(b) = bits.get_mut((r / 8) as usize) {
+                    *b |= 1 << (r % 8);
+                }
+                dirty.mark_suspect(r);
+            }
+        }
         let name = format!("mirror-md({})", names(&members));
         let log = Arc::new(IntentLog::new(name, members.clone(), sb, bits, &allocator)?);
         let failed = log.write_all_members();
@@ -141,10 +177,9 @@ impl Mirror {
                 reason: format!("writing the metadata failed on members {failed:#b}"),
             });
         }
-        let dirty = Arc::new(DirtyMap::new(layout.data_blocks, region_blocks)?);
         let mirror = Mirror::over_members(&members, &layout, dirty, log)?;
         mirror.set_allocator(allocator);
-        info!(mirror = %mirror.info.name, blocks = layout.data_blocks, "mirror created with metadata");
+        info!(mirror = %mirror.info.name, blocks = layout.data_blocks, assume_clean, "mirror created with metadata");
         Ok(mirror)
     }
 

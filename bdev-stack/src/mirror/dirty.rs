@@ -73,7 +73,9 @@ impl DirtyMap {
     /// Registers `writes` child writes in `region`, unless a resync holds it.
     pub(crate) fn try_begin_writes(&self, region: u64, writes: u32) -> bool {
         self.region(region).is_some_and(|r| {
-            r.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            // Sequentially consistent with the write-intent bits' clearing
+            // (see `IntentLog::write_cleared`).
+            r.fetch_update(Ordering::SeqCst, Ordering::Acquire, |v| {
                 (v & LOCKED == 0).then_some(v + writes)
             })
             .is_ok()
@@ -89,7 +91,7 @@ impl DirtyMap {
     /// True while writes are in flight in `region`.
     pub(crate) fn in_flight(&self, region: u64) -> bool {
         self.region(region)
-            .is_some_and(|r| r.load(Ordering::Acquire) & COUNT_MASK != 0)
+            .is_some_and(|r| r.load(Ordering::SeqCst) & COUNT_MASK != 0)
     }
 
     /// Marks `region` suspect: its legs may differ (an unclean stop the

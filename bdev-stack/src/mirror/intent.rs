@@ -151,12 +151,54 @@ impl IntentLog {
             .store(now_ms + CLEAR_AFTER.as_millis() as u64, Ordering::Relaxed);
         let before = st.bits.clone();
         st.clear_pass(dirty);
+        self.write_cleared(&mut st, before, writable, dirty)
+    }
+
+    /// Clears at once the bits of every region with no write in flight and
+    /// nothing to resync (a resync just made the legs equal); returns the
+    /// legs whose metadata write failed.
+    pub(super) fn clear_settled(&self, writable: u32, dirty: &DirtyMap) -> u32 {
+        let mut st = self.lock();
+        let before = st.bits.clone();
+        for r in 0..dirty.region_count() {
+            if !dirty.in_flight(r) && !dirty.is_suspect(r) {
+                set(&mut st.bits, r, false);
+                set(&mut st.quiet, r, false);
+            }
+        }
+        self.write_cleared(&mut st, before, writable, dirty)
+    }
+
+    /// Writes bits some of which were just cleared. Cleared bits stop
+    /// counting as durable first; then a region a writer entered meanwhile
+    /// (counted in before it could see the bit go) keeps its bit. Writers
+    /// count themselves in and then look at the bit, the clearer publishes
+    /// and then looks at the count, all sequentially consistent: one of
+    /// the two sees the other.
+    fn write_cleared(
+        &self,
+        st: &mut LogState,
+        before: Vec<u8>,
+        writable: u32,
+        dirty: &DirtyMap,
+    ) -> u32 {
         if st.bits == before {
             return 0;
         }
-        // Cleared bits stop counting as durable before they are written
-        // cleared, so no writer trusts a bit on its way out.
         self.publish(&st.bits);
+        let mut raced = false;
+        for r in 0..dirty.region_count() {
+            if bit(&before, r) && !bit(&st.bits, r) && dirty.in_flight(r) {
+                set(&mut st.bits, r, true);
+                raced = true;
+            }
+        }
+        if raced {
+            self.publish(&st.bits);
+        }
+        if st.bits == before {
+            return 0;
+        }
         st.write(writable, &self.name)
     }
 
@@ -170,7 +212,7 @@ impl IntentLog {
         usize::try_from(region / 64)
             .ok()
             .and_then(|i| self.durable.get(i))
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (region % 64)) != 0)
+            .is_some_and(|w| w.load(Ordering::SeqCst) & (1 << (region % 64)) != 0)
     }
 
     /// Publishes the bits just written for the lock-free look.
@@ -179,7 +221,7 @@ impl IntentLog {
             let mut word = [0u8; 8];
             let end = (i * 8 + 8).min(bits.len());
             word[..end - i * 8].copy_from_slice(&bits[i * 8..end]);
-            w.store(u64::from_le_bytes(word), Ordering::Release);
+            w.store(u64::from_le_bytes(word), Ordering::SeqCst);
         }
     }
 
@@ -276,13 +318,15 @@ impl IntentLog {
 
 impl LogState {
     /// Clears bits of regions quiet at this pass and the last (no write
-    /// in flight either time): a region written since keeps its bit.
+    /// in flight either time): a region written since keeps its bit, and
+    /// so does a suspect one (its legs may differ until a resync copies
+    /// it; a crash before then must find it again).
     fn clear_pass(&mut self, dirty: &DirtyMap) {
         for r in 0..dirty.region_count() {
             if !bit(&self.bits, r) {
                 continue;
             }
-            if dirty.in_flight(r) {
+            if dirty.in_flight(r) || dirty.is_suspect(r) {
                 set(&mut self.quiet, r, false);
             } else if bit(&self.quiet, r) {
                 set(&mut self.bits, r, false);
@@ -372,5 +416,52 @@ pub(crate) fn run_sync(channel: &mut dyn Channel, req: IoRequest) -> Result<(), 
             return out[0].result;
         }
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::HostAllocator;
+    use crate::mem::MemDevice;
+    use crate::mirror::meta::{Level, MemberState, MetaLayout};
+
+    fn log(bits: Vec<u8>, layout: MetaLayout) -> IntentLog {
+        let members: Vec<Arc<dyn BlockDevice>> = (0..2)
+            .map(|_| {
+                Arc::new(MemDevice::new(1 << 20, 512, 1 << 20).expect("mem"))
+                    as Arc<dyn BlockDevice>
+            })
+            .collect();
+        let sb = Superblock {
+            level: Level::Mirror,
+            array_id: [7; 16],
+            member_index: 0,
+            member_count: 2,
+            layout,
+            events: 3,
+            clean: false,
+            states: vec![MemberState::Healthy; 2],
+            bitmap_crc: 0,
+        };
+        let allocator: Arc<dyn DmaAllocator> = Arc::new(HostAllocator);
+        IntentLog::new("log".into(), members, sb, bits, &allocator).expect("log")
+    }
+
+    #[test]
+    fn quiet_regions_lose_their_bits_but_suspect_and_busy_ones_keep_them() {
+        let layout = MetaLayout::new(2048, 512, 64).expect("layout");
+        let dirty = DirtyMap::new(layout.data_blocks, 64).expect("dirty map");
+        let log = log(vec![0b0111; layout.bitmap_bytes as usize], layout);
+        // Region 0 awaits a resync; region 1 has a write in flight;
+        // region 2 is quiet.
+        dirty.mark_suspect(0);
+        assert!(dirty.try_begin_writes(1, 1));
+        let mut st = log.lock();
+        st.clear_pass(&dirty);
+        st.clear_pass(&dirty);
+        assert!(bit(&st.bits, 0), "a suspect region lost its bit");
+        assert!(bit(&st.bits, 1), "a region being written lost its bit");
+        assert!(!bit(&st.bits, 2), "a quiet region kept its bit");
     }
 }

@@ -193,6 +193,21 @@ impl Shared {
             return;
         };
         let failed = log.maybe_clear(self.writable(), &self.dirty);
+        self.fail_intent_legs(failed);
+    }
+
+    /// With metadata: once a resync has made the legs equal, the bits of
+    /// regions with nothing in flight are cleared at once (a crash then
+    /// resyncs only what was written since).
+    pub(super) fn settle_intent(&self) {
+        let Some(log) = &self.intent else {
+            return;
+        };
+        let failed = log.clear_settled(self.writable(), &self.dirty);
+        self.fail_intent_legs(failed);
+    }
+
+    fn fail_intent_legs(&self, failed: u32) {
         for leg in (0..self.health.len()).filter(|l| failed & (1 << l) != 0) {
             if self.health[leg].swap(FAILED, Ordering::AcqRel) != FAILED {
                 warn!(mirror = %self.name, leg, "write-intent update failed; leg failed");

@@ -172,6 +172,7 @@ impl Resync {
                 }
             }
         }
+        self.shared.settle_intent();
     }
 
     fn copy_region(&mut self, region: u64) -> Result<u64, BdevError> {

@@ -2,7 +2,7 @@
 //! mdadm manages md arrays.
 //!
 //! ```text
-//! ustor-stack create [--level mirror|stripe|concat] [--region 1m] [--chunk 64k] DEV ...
+//! ustor-stack create [--level mirror|stripe|concat] [--region 1m] [--chunk 64k] [--assume-clean] DEV ...
 //!                                                make the members a stack (their data is lost)
 //! ustor-stack assemble [--no-resync] DEV ...     assemble, resync what an unclean stop left, stop clean
 //! ustor-stack show [--json] DEV ...              level, members, states, events, dirty regions
@@ -48,6 +48,10 @@ enum Command {
         /// A stripe's chunk (a multiple of the block size).
         #[arg(long, default_value = "64k")]
         chunk: String,
+        /// Skip a mirror's initial sync: only for members whose data is
+        /// already equal (zeroed, say), or reads may differ leg to leg.
+        #[arg(long)]
+        assume_clean: bool,
         /// The members, as leaf specs.
         #[arg(required = true)]
         members: Vec<String>,
@@ -317,6 +321,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             level,
             region,
             chunk,
+            assume_clean,
             members,
         } => {
             let devices = open(&registry, &members)?;
@@ -325,7 +330,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (name, blocks) = match level {
                 LevelArg::Mirror => {
                     let region = blocks_of("--region", &region, bs)?;
-                    let mirror = Mirror::create(devices, region, allocator)?;
+                    let mirror = if assume_clean {
+                        Mirror::create_assume_clean(devices, region, allocator)?
+                    } else {
+                        let mirror = Mirror::create(devices, region, allocator)?;
+                        let regions = mirror.dirty_map().region_count();
+                        run_resync("initial sync", mirror.resync_dirty()?, regions)?;
+                        mirror
+                    };
                     mirror.stop()?;
                     ("mirror", mirror.info().block_count)
                 }
