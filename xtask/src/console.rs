@@ -187,13 +187,19 @@ impl ConsoleJudge {
                     "the VM did not finish within {after_secs} s and was killed{during}"
                 ));
             }
-            VmExit::Exited(_) if !self.suite_ended && !self.panicked => {
+            VmExit::Exited(code) if !self.suite_ended && !self.panicked => {
                 let stage = if self.suite_started {
                     "before the suite ended"
                 } else {
                     "before the test runner started"
                 };
-                self.problems.push(format!("the VM stopped {stage}"));
+                // No code: QEMU died of a signal.
+                let how = match code {
+                    Some(c) => format!("QEMU exit status {c}"),
+                    None => "QEMU killed by a signal".to_string(),
+                };
+                self.problems
+                    .push(format!("the VM stopped {stage} ({how})"));
             }
             VmExit::Exited(_) => {}
         }

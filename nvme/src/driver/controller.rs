@@ -288,11 +288,39 @@ impl<T: Transport> Shared<T> {
     /// not be deleted.
     pub(super) fn reset(&self) -> Result<()> {
         let s = self;
+        let in_use: Vec<u16> = s
+            .lock_qids()
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, used)| **used)
+            .filter_map(|(qid, _)| u16::try_from(qid).ok())
+            .collect();
         // The admin lock is held throughout: a queue pair that notices the
         // reset re-creates its queues only once the controller is back.
         let mut admin = s.lock_admin();
         // Bump first: a queue pair racing with us stops trusting its ring.
         s.generation.fetch_add(1, Ordering::SeqCst);
+        // A controller that still answers has its I/O queues deleted first,
+        // as Linux's nvme_dev_disable does: deletion ends what they hold
+        // in an orderly way (status Aborted, SQ Deletion) before CC.EN
+        // 1 -> 0. One that does not answer is just disabled.
+        if !s.failed.load(Ordering::SeqCst) && !s.transport.regs().csts().contains(regs::Csts::CFS)
+        {
+            for qid in in_use {
+                let sq = crate::cmd::DeleteIoSq::new(qid).build();
+                let cq = crate::cmd::DeleteIoCq::new(qid).build();
+                let deleted = s
+                    .admin_locked(&mut admin, &format!("Delete I/O SQ {qid}"), sq, 0, None)
+                    .and_then(|_| {
+                        s.admin_locked(&mut admin, &format!("Delete I/O CQ {qid}"), cq, 0, None)
+                    });
+                if let Err(error) = deleted {
+                    tracing::warn!(device = %s.name, qid, %error, "deleting queues before the reset failed; disabling");
+                    break;
+                }
+            }
+        }
         disable(&s.transport, &s.name, s.cap)?;
         admin.ring.clear();
         enable(&s.transport, &s.name, s.cap, &admin)?;
