@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
+use super::intent::run_sync;
 use super::{HEALTHY, RESYNCING, Shared};
 use crate::buffer::DmaMemory;
-use crate::device::{Channel, Completion, IoRequest, SubmitError};
-use crate::error::{BdevError, IoError};
+use crate::device::{Channel, IoRequest};
+use crate::error::BdevError;
 
 pub(super) enum ResyncMode {
     /// Copy every region into a replaced leg.
@@ -209,28 +210,5 @@ impl Resync {
             lba += blocks;
         }
         Ok(end - start)
-    }
-}
-
-/// Runs one request to completion on a channel the caller owns alone.
-fn run_sync(channel: &mut dyn Channel, req: IoRequest) -> Result<(), IoError> {
-    loop {
-        // SAFETY: the buffer is the resync's own, untouched until this
-        // returns, which is after the completion.
-        match unsafe { channel.submit(req) } {
-            Ok(()) => break,
-            Err(SubmitError::Busy) => {
-                let mut drain = [Completion::EMPTY; 1];
-                channel.poll(&mut drain);
-            }
-            Err(SubmitError::Invalid(error)) => return Err(error),
-        }
-    }
-    let mut out = [Completion::EMPTY; 1];
-    loop {
-        if channel.poll(&mut out) == 1 {
-            return out[0].result;
-        }
-        std::hint::spin_loop();
     }
 }
