@@ -102,9 +102,11 @@ fn crash_once(bs: u32, kill_after: Duration, round: usize) {
             .lines()
             .map_while(Result::ok)
             .filter_map(|l| {
-                let mut it = l.split_whitespace().map(|w| w.parse::<u64>());
+                // The last three words: the test harness may print its own
+                // before the child's first line, on the same line.
+                let mut it = l.split_whitespace().rev().map(|w| w.parse::<u64>());
                 match (it.next(), it.next(), it.next()) {
-                    (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Some((a, b, c)),
+                    (Some(Ok(c)), Some(Ok(b)), Some(Ok(a))) => Some((a, b, c)),
                     _ => None,
                 }
             })
