@@ -187,7 +187,7 @@ fn cpio(dir: &Path, out: &Path) -> Result<()> {
 }
 
 /// Builds the base initramfs (everything but the per-boot configuration).
-pub fn build_base(work: &Path, kernel: &Kernel, guest_binary: &Path) -> Result<PathBuf> {
+pub fn build_base(work: &Path, kernel: &Kernel, programs: &[PathBuf]) -> Result<PathBuf> {
     let root = work.join("initramfs");
     if root.exists() {
         fs::remove_dir_all(&root)?;
@@ -207,7 +207,17 @@ pub fn build_base(work: &Path, kernel: &Kernel, guest_binary: &Path) -> Result<P
     }
     fs::copy("/bin/busybox", root.join("bin/busybox"))
         .map_err(|e| Error::msg(format!("copying /bin/busybox (busybox-static): {e}")))?;
-    fs::copy(guest_binary, root.join("bin/ustor-guest"))?;
+    for program in programs {
+        let name = program
+            .file_name()
+            .ok_or_else(|| Error::msg(format!("{}: no file name", program.display())))?;
+        fs::copy(program, root.join("bin").join(name)).map_err(|e| {
+            Error::msg(format!(
+                "copying {} into the initramfs: {e}",
+                program.display()
+            ))
+        })?;
+    }
     let init = root.join("init");
     fs::write(&init, INIT)?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
@@ -276,8 +286,9 @@ pub fn combine(base: &Path, config: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the guest binary statically for the VM.
-pub fn build_guest(workspace: &Path, target_dir: &Path) -> Result<PathBuf> {
+/// Builds the guest programs statically for the VM: the test runner and
+/// the `ustor-stack` tool the tests drive as a user would.
+pub fn build_guest(workspace: &Path, target_dir: &Path) -> Result<Vec<PathBuf>> {
     let triple = "x86_64-unknown-linux-gnu";
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace)
@@ -289,11 +300,19 @@ pub fn build_guest(workspace: &Path, target_dir: &Path) -> Result<PathBuf> {
             "ustor-guest",
             "--bin",
             "ustor-guest",
+            "-p",
+            "ustor-tools",
+            "--bin",
+            "ustor-stack",
         ])
         .args(["--target", triple])
         .arg("--target-dir")
         .arg(target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
     run_checked(&mut cmd)?;
-    Ok(target_dir.join(triple).join("release/ustor-guest"))
+    let release = target_dir.join(triple).join("release");
+    Ok(vec![
+        release.join("ustor-guest"),
+        release.join("ustor-stack"),
+    ])
 }

@@ -709,10 +709,28 @@ fn md_writer(a: &str, lun: &str) -> Result<(), String> {
     }
 }
 
+/// Runs the guest's `ustor-stack` tool; its stdout, or an error with its
+/// stderr (the whole error chain).
+fn ustor_stack(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("/bin/ustor-stack")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ustor-stack: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ustor-stack {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A mirror with metadata over a QEMU namespace and a LIO LUN: a writer
-/// process is killed with SIGKILL mid-write; a new process assembles the
-/// members (the other way round), resyncs what the durable bitmap names,
-/// finds no mismatch in a check, and every acknowledged write reads back;
+/// process is killed with SIGKILL mid-write; `ustor-stack` (a new process)
+/// shows the dirty regions, assembles the members (the other way round)
+/// and resyncs them, `ustor-stack check` finds no mismatch, and every
+/// acknowledged write reads back;
 /// afterwards `dd` on the namespace and `sg_dd` on the LUN read the same
 /// data area.
 fn stack_mirror_with_metadata_survives_a_killed_writer(env: &GuestEnv) -> Result<(), String> {
@@ -775,24 +793,42 @@ fn stack_mirror_with_metadata_survives_a_killed_writer(env: &GuestEnv) -> Result
     if acked.is_empty() {
         return Err("the writer acknowledged nothing before the kill".into());
     }
+    // A new process, as an administrator would: `ustor-stack` shows the
+    // unclean array, assembles it (members the other way round) and
+    // resyncs the bitmap's dirty regions, then checks the legs.
+    let (nvme_spec, lun_spec) = (format!("nvme:{a}/1"), format!("sg:{lun}"));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ustor_stack(&["show", "--json", &lun_spec, &nvme_spec])?)
+            .map_err(|e| format!("ustor-stack show --json: {e}"))?;
+    let dirty = shown["dirty_regions"].as_array().map_or(0, Vec::len);
+    if shown["clean"] != false || dirty == 0 {
+        return Err(format!("a killed writer left the array clean: {shown}"));
+    }
+    let assembled = ustor_stack(&["assemble", &lun_spec, &nvme_spec])?;
+    if !assembled.contains("resynced") || !assembled.contains("stopped clean") {
+        return Err(format!("ustor-stack assemble did not resync: {assembled}"));
+    }
+    println!("ok ustor-stack assemble resynced {dirty} dirty region(s)");
+    let checked: serde_json::Value =
+        serde_json::from_str(&ustor_stack(&["check", "--json", &nvme_spec, &lun_spec])?)
+            .map_err(|e| format!("ustor-stack check --json: {e}"))?;
+    if checked["mismatched"]
+        .as_array()
+        .is_none_or(|m| !m.is_empty())
+        || checked["regions"] == 0
+    {
+        return Err(format!("legs differ after the resync: {checked}"));
+    }
+    println!("ok ustor-stack check: {checked}");
     {
         let registry = LeafRegistry::with_defaults();
-        let mut members = md_members(&registry, &a, &lun)?;
-        members.reverse();
+        let members = md_members(&registry, &a, &lun)?;
         let (mirror, report) = Mirror::assemble(members.clone(), members_allocator(&members))
             .map_err(|e| e.to_string())?;
-        if report.was_clean || report.resync == ResyncNeed::Nothing {
-            return Err(format!("a killed writer left the array clean: {report:?}"));
-        }
-        println!("ok assembled after the kill: {:?}", report.resync);
-        mirror
-            .resync_dirty()
-            .map_err(|e| e.to_string())?
-            .run()
-            .map_err(|e| e.to_string())?;
-        let check = mirror.check(false, |_, _| {}).map_err(|e| e.to_string())?;
-        if !check.mismatched.is_empty() {
-            return Err(format!("legs differ after the resync: {check:?}"));
+        if !report.was_clean || report.resync != ResyncNeed::Nothing {
+            return Err(format!(
+                "ustor-stack assemble did not stop the array clean: {report:?}"
+            ));
         }
         // The one write in flight at the kill may or may not be there.
         let last = acked[acked.len() - 1];
