@@ -27,6 +27,7 @@ macro_rules! ensure_eq {
 
 mod copybench;
 mod gc;
+mod mirrorbench;
 mod nvme;
 mod rig;
 mod scsi;
@@ -82,6 +83,7 @@ pub fn all() -> impl Iterator<Item = &'static GuestTest> {
         .chain(scsi::TESTS)
         .chain(stack::TESTS)
         .chain(copybench::TESTS)
+        .chain(mirrorbench::TESTS)
         .chain(gc::TESTS)
 }
 
