@@ -246,3 +246,49 @@ fn a_mirror_killed_mid_copy_assembles_resyncs_and_keeps_every_acknowledged_copy(
         crash_once(Duration::from_millis(40 + (x >> 33) % 260), round);
     }
 }
+
+/// An offloaded copy writes the legs beside the mirror's channel (here
+/// EXTENDED COPY on each of two LUNs behind one copy manager): the
+/// destination's regions are in the durable bitmap all the same, so a
+/// crash during the offload resyncs them.
+#[test]
+fn an_offloaded_copy_into_a_mirror_marks_its_regions_on_the_members() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    let registry = bdev_stack::spec::LeafRegistry::with_defaults();
+    let legs: Vec<Arc<dyn BlockDevice>> = (0..2)
+        .map(|_| registry.build("sgemu:2m,target=tpc").expect("leg"))
+        .collect();
+    {
+        let mirror = Mirror::create_assume_clean(legs.clone(), REGION, Arc::new(HostAllocator))
+            .expect("create");
+        mirror.stop().expect("clean stop");
+    }
+    let (mirror, _) = Mirror::assemble(legs.clone(), Arc::new(HostAllocator)).expect("assemble");
+    let dev: Arc<dyn BlockDevice> = Arc::new(mirror);
+    let report = CopyEngine::new(CopyOptions::default())
+        .expect("engine")
+        .copy(&dev, &[r(0, 64)], &dev, &[r(10 * REGION, 64)])
+        .expect("copy");
+    assert!(report.is_complete(), "{report:?}");
+    // EXTENDED COPY on each leg (one copy manager): nothing goes
+    // through the mirror's channel.
+    assert_eq!(
+        report.per_leaf.len(),
+        2,
+        "the copy was not offloaded on both legs: {report:?}"
+    );
+    // The process dies here, before the bits are cleared.
+    drop(dev);
+    let (_, report) = Mirror::assemble(legs, Arc::new(HostAllocator)).expect("assemble again");
+    match report.resync {
+        bdev_stack::ResyncNeed::Regions(regions) => {
+            assert!(
+                regions.contains(&10),
+                "copy destination not marked: {regions:?}"
+            )
+        }
+        other => panic!("an offloaded copy left the bitmap {other:?}"),
+    }
+}
