@@ -81,10 +81,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !(args.time.is_finite() && args.time > 0.0) {
-        eprintln!("ustor-perf: --time must be positive");
-        return ExitCode::from(2);
-    }
+    // A run of up to a year; beyond that (or NaN, or not positive) the
+    // number is a mistake, and `Duration` could not hold some of them.
+    const MAX_SECONDS: f64 = 366.0 * 24.0 * 3600.0;
+    let duration = match Duration::try_from_secs_f64(args.time) {
+        Ok(d) if args.time > 0.0 && args.time <= MAX_SECONDS => d,
+        _ => {
+            eprintln!(
+                "ustor-perf: --time {}: give a positive number of seconds, at most {MAX_SECONDS}",
+                args.time
+            );
+            return ExitCode::from(2);
+        }
+    };
     let workload = match args.workload {
         Pattern::Read => Workload::Read,
         Pattern::Write => Workload::Write,
@@ -99,7 +108,7 @@ fn main() -> ExitCode {
         workload,
         io_size: args.io_size,
         queue_depth: args.queue_depth,
-        duration: Duration::from_secs_f64(args.time),
+        duration,
         threads: args.threads,
         shadow_doorbells: args.shadow_doorbells,
         batch: args.batch,
