@@ -78,7 +78,16 @@ pub enum SpecErrorKind {
     /// The device could not be built.
     #[error("{0}")]
     Device(#[source] BdevError),
+    /// Devices nested deeper than the parser follows.
+    #[error(
+        "devices nested more than {0} deep: flatten the stack (a concat or stripe takes many members)"
+    )]
+    TooDeep(usize),
 }
+
+/// How deep virtual devices may nest in a spec: far beyond any real stack,
+/// and well within the parser's stack.
+pub const MAX_SPEC_DEPTH: usize = 64;
 
 /// A spec that could not be built, with the column (1-based, in
 /// characters) it went wrong at.
@@ -215,6 +224,7 @@ impl LeafRegistry {
         let mut parser = Parser {
             text: spec,
             pos: 0,
+            depth: 0,
             registry: self,
         };
         let device = parser.device().map_err(|(offset, kind)| SpecError {
@@ -248,6 +258,8 @@ type Failure = (usize, SpecErrorKind);
 struct Parser<'s, 'r> {
     text: &'s str,
     pos: usize,
+    /// Virtual devices open around the current position.
+    depth: usize,
     registry: &'r LeafRegistry,
 }
 
@@ -403,8 +415,14 @@ impl<'s> Parser<'s, '_> {
         }
         match self.peek() {
             Some('(') => {
+                if self.depth >= MAX_SPEC_DEPTH {
+                    return Err((start, SpecErrorKind::TooDeep(MAX_SPEC_DEPTH)));
+                }
                 self.pos += 1;
-                self.virtual_device(name, start)
+                self.depth += 1;
+                let device = self.virtual_device(name, start);
+                self.depth -= 1;
+                device
             }
             Some(':') => {
                 self.pos += 1;

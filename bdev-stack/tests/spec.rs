@@ -148,3 +148,21 @@ fn a_registered_factory_serves_a_reserved_kind_without_parser_changes() {
         .expect_err("bad option");
     assert_eq!(error.column, 28);
 }
+
+#[test]
+fn deep_nesting_is_refused_not_a_stack_overflow() {
+    let nested = |depth: usize| format!("{}mem:1m{}", "concat(".repeat(depth), ")".repeat(depth));
+    // Real stacks nest a few levels: fine.
+    let dev = spec::build(&nested(8)).expect("eight levels");
+    assert_eq!(dev.info().block_count, 2048);
+    assert!(spec::build(&nested(spec::MAX_SPEC_DEPTH)).is_ok());
+    // A hostile or mistaken spec: a typed error at the level past the limit.
+    for depth in [spec::MAX_SPEC_DEPTH + 1, 100_000] {
+        let (column, kind) = column_of(&nested(depth));
+        assert!(
+            matches!(kind, SpecErrorKind::TooDeep(spec::MAX_SPEC_DEPTH)),
+            "{depth}: {kind:?}"
+        );
+        assert_eq!(column, spec::MAX_SPEC_DEPTH * "concat(".len() + 1);
+    }
+}
