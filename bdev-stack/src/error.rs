@@ -263,3 +263,17 @@ pub enum BdevError {
         kind: &'static str,
     },
 }
+
+/// `e` and its causes, one a line: the command-line tools print the whole
+/// chain, as a cause names the value at fault (an OS error, a path) and an
+/// error what to do about it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str("\n  caused by: ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -79,7 +79,7 @@ pub use device::{
     Access, BlockDevice, Channel, Completion, CopyOffload, DeviceId, DeviceInfo, DeviceKind, IoOp,
     IoRequest, LeafFragment, SubmitError, SupportedOps, find_device,
 };
-pub use error::{BdevError, IoError, IoErrorKind};
+pub use error::{BdevError, IoError, IoErrorKind, error_chain};
 pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
 pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
 pub use hold::WriteHolds;

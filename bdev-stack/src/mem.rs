@@ -25,16 +25,14 @@ use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
 };
-
-/// Bytes per lazily allocated chunk.
-const CHUNK_BYTES: u64 = 64 * 1024;
+use sparse_mem::{CHUNK_BYTES, SparseMemory};
 
 /// Largest transfer a memory device takes by default, in bytes (1 MiB, a
 /// common NVMe MDTS).
 pub const DEFAULT_MEM_MAX_TRANSFER_BYTES: u64 = 1 << 20;
 
-/// Chunks by index; `None` reads as zeroes.
-type ChunkTable = Mutex<Vec<Option<Box<[u8]>>>>;
+/// The device's bytes, allocated as they are written.
+type ChunkTable = Mutex<SparseMemory>;
 
 /// A sparse memory block device.
 pub struct MemDevice {
@@ -170,8 +168,7 @@ impl MemDevice {
             parameter,
             reason,
         };
-        if block_size < 512 || !block_size.is_power_of_two() || u64::from(block_size) > CHUNK_BYTES
-        {
+        if block_size < 512 || !block_size.is_power_of_two() || block_size as usize > CHUNK_BYTES {
             return Err(invalid(
                 "block size",
                 format!("{block_size} is not a power of two in 512..=65536"),
@@ -190,10 +187,6 @@ impl MemDevice {
                 format!("{max_transfer_bytes} is smaller than one block"),
             ));
         }
-        let chunk_count = usize::try_from(size_bytes.div_ceil(CHUNK_BYTES))
-            .map_err(|_| invalid("size", format!("{size_bytes} too large for this host")))?;
-        let mut chunks = Vec::new();
-        chunks.resize_with(chunk_count, || None);
         Ok(MemDevice {
             info: DeviceInfo {
                 id,
@@ -209,7 +202,7 @@ impl MemDevice {
                 ops: SupportedOps::all(),
                 copy_offloads: Vec::new(),
             },
-            chunks: Arc::new(Mutex::new(chunks)),
+            chunks: Arc::new(Mutex::new(SparseMemory::new(size_bytes))),
             copy: None,
         })
     }
@@ -276,7 +269,7 @@ impl BlockDevice for MemDevice {
             faults: faults.clone(),
             done: VecDeque::with_capacity(depth),
             depth,
-            scratch: vec![0; CHUNK_BYTES as usize].into_boxed_slice(),
+            scratch: vec![0; CHUNK_BYTES].into_boxed_slice(),
             _not_sync: NotSync::default(),
         })))
     }
@@ -300,79 +293,41 @@ struct MemChannel {
     _not_sync: NotSync,
 }
 
-/// What to do with each byte run of a request.
-enum Transfer {
-    /// Device to buffer.
-    Read(*mut u8),
-    /// Buffer to device.
-    Write(*const u8),
-    /// Zeroes to the device; `release` frees chunks it covers entirely.
-    Zero { release: bool },
-}
-
 impl MemChannel {
-    fn lock(&self) -> MutexGuard<'_, Vec<Option<Box<[u8]>>>> {
+    fn lock(&self) -> MutexGuard<'_, SparseMemory> {
         // A panic elsewhere while holding the lock leaves bytes, not broken
         // invariants: the chunk table stays valid, so carry on.
         self.chunks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Moves the request's bytes. Caller has validated the request.
+    /// Moves the request's bytes. Caller has validated the request, so
+    /// its range lies inside the device and its buffer holds it whole.
     fn perform(&self, req: &IoRequest) {
-        let transfer = match req.op {
-            IoOp::Flush => return,
-            IoOp::Read => Transfer::Read(req.buf.host_ptr()),
-            IoOp::Write => Transfer::Write(req.buf.host_ptr()),
-            IoOp::WriteZeroes => Transfer::Zero { release: false },
-            // Deallocation gives whole chunks back, like a thin device.
-            IoOp::Deallocate => Transfer::Zero { release: true },
-        };
         let bs = u64::from(self.info.block_size);
-        let mut offset = req.lba * bs;
-        let end = offset + req.blocks * bs;
-        let mut done = 0usize;
-        let mut chunks = self.lock();
-        while offset < end {
-            let index = (offset / CHUNK_BYTES) as usize;
-            let within = (offset % CHUNK_BYTES) as usize;
-            let run = (CHUNK_BYTES - within as u64).min(end - offset) as usize;
-            let Some(slot) = chunks.get_mut(index) else {
-                return; // validated: unreachable, and harmless if not
-            };
-            match transfer {
-                Transfer::Read(dst) => match slot {
-                    // SAFETY: validate() checked the buffer holds the whole
-                    // transfer; the submit contract makes it ours to write.
-                    Some(chunk) => unsafe {
-                        std::ptr::copy_nonoverlapping(chunk[within..].as_ptr(), dst.add(done), run)
-                    },
-                    // SAFETY: as above.
-                    None => unsafe { std::ptr::write_bytes(dst.add(done), 0, run) },
-                },
-                Transfer::Write(src) => {
-                    let chunk = slot
-                        .get_or_insert_with(|| vec![0u8; CHUNK_BYTES as usize].into_boxed_slice());
-                    // SAFETY: the buffer holds the whole transfer and the
-                    // submit contract keeps it unchanged until completion.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.add(done),
-                            chunk[within..].as_mut_ptr(),
-                            run,
-                        )
-                    }
-                }
-                Transfer::Zero { release } => {
-                    if release && run == CHUNK_BYTES as usize {
-                        *slot = None;
-                    } else if let Some(chunk) = slot {
-                        chunk[within..within + run].fill(0);
-                    }
-                }
+        let offset = req.lba * bs;
+        let len = req.blocks * bs;
+        let mut memory = self.lock();
+        // Range errors cannot happen on a validated request; were one to,
+        // nothing is moved.
+        let _ = match req.op {
+            IoOp::Flush => Ok(()),
+            IoOp::Read => {
+                // SAFETY: validate() checked the buffer holds the whole
+                // transfer; the submit contract makes it ours to write.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(req.buf.host_ptr(), len as usize) };
+                memory.read(offset, dst)
             }
-            offset += run as u64;
-            done += run;
-        }
+            IoOp::Write => {
+                // SAFETY: as above, and the buffer stays unchanged until
+                // completion.
+                let src = unsafe { std::slice::from_raw_parts(req.buf.host_ptr(), len as usize) };
+                memory.write(offset, src)
+            }
+            IoOp::WriteZeroes => memory.zero(offset, len, false),
+            // Deallocation gives whole chunks back, like a thin device.
+            IoOp::Deallocate => memory.zero(offset, len, true),
+        };
     }
 }
 
@@ -400,40 +355,6 @@ impl Channel for MemChannel {
 
     fn outstanding(&self) -> usize {
         self.done.len()
-    }
-}
-
-/// Copies `buf.len()` bytes at byte `offset` of the device into `buf`.
-fn read_bytes(chunks: &[Option<Box<[u8]>>], mut offset: u64, buf: &mut [u8]) {
-    let mut done = 0;
-    while done < buf.len() {
-        let index = (offset / CHUNK_BYTES) as usize;
-        let within = (offset % CHUNK_BYTES) as usize;
-        let run = (CHUNK_BYTES as usize - within).min(buf.len() - done);
-        let out = &mut buf[done..done + run];
-        match chunks.get(index) {
-            Some(Some(chunk)) => out.copy_from_slice(&chunk[within..within + run]),
-            _ => out.fill(0),
-        }
-        offset += run as u64;
-        done += run;
-    }
-}
-
-/// Copies `buf` to byte `offset` of the device.
-fn write_bytes(chunks: &mut [Option<Box<[u8]>>], mut offset: u64, buf: &[u8]) {
-    let mut done = 0;
-    while done < buf.len() {
-        let index = (offset / CHUNK_BYTES) as usize;
-        let within = (offset % CHUNK_BYTES) as usize;
-        let run = (CHUNK_BYTES as usize - within).min(buf.len() - done);
-        let Some(slot) = chunks.get_mut(index) else {
-            return; // validated by the caller: unreachable, and harmless
-        };
-        let chunk = slot.get_or_insert_with(|| vec![0u8; CHUNK_BYTES as usize].into_boxed_slice());
-        chunk[within..within + run].copy_from_slice(&buf[done..done + run]);
-        offset += run as u64;
-        done += run;
     }
 }
 
@@ -517,27 +438,28 @@ impl MemCopyChannel {
     }
 
     /// Copies one range front to back through the scratch buffer.
-    fn copy_range(&mut self, chunks: &mut [Option<Box<[u8]>>], src: u64, dst: u64, blocks: u64) {
+    fn copy_range(&mut self, memory: &mut SparseMemory, src: u64, dst: u64, blocks: u64) {
         let bs = u64::from(self.info.block_size);
         let (src, dst, len) = (src * bs, dst * bs, blocks * bs);
         let mut done = 0;
         while done < len {
             let run = (len - done).min(self.scratch.len() as u64) as usize;
-            read_bytes(chunks, src + done, &mut self.scratch[..run]);
-            write_bytes(chunks, dst + done, &self.scratch[..run]);
+            // Validated ranges lie inside the device.
+            let _ = memory.read(src + done, &mut self.scratch[..run]);
+            let _ = memory.write(dst + done, &self.scratch[..run]);
             done += run as u64;
         }
     }
 
     /// Overwrites `blocks` blocks at `dst` with [`SCRIBBLE`].
-    fn scribble(&mut self, chunks: &mut [Option<Box<[u8]>>], dst: u64, blocks: u64) {
+    fn scribble(&mut self, memory: &mut SparseMemory, dst: u64, blocks: u64) {
         let bs = u64::from(self.info.block_size);
         let len = blocks * bs;
         let mut done = 0;
         while done < len {
             let run = (len - done).min(self.scratch.len() as u64) as usize;
             self.scratch[..run].fill(SCRIBBLE);
-            write_bytes(chunks, dst * bs + done, &self.scratch[..run]);
+            let _ = memory.write(dst * bs + done, &self.scratch[..run]);
             done += run as u64;
         }
     }

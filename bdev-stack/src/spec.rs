@@ -110,8 +110,10 @@ impl fmt::Display for SpecError {
 
 impl std::error::Error for SpecError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The first line already shows the device's error: its causes
+        // follow.
         match &self.kind {
-            SpecErrorKind::Device(e) => Some(e),
+            SpecErrorKind::Device(e) => std::error::Error::source(e),
             _ => None,
         }
     }
@@ -284,7 +286,7 @@ pub(crate) fn parse_size(value: &str) -> Result<Size, String> {
         Some(m) => n
             .checked_mul(m)
             .map(Size::Bytes)
-            .ok_or_else(|| format!("`{value}` overflows")),
+            .ok_or_else(|| format!("`{value}` is more bytes than 64 bits count")),
         None => Ok(Size::Bytes(n)),
     }
 }

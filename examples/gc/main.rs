@@ -18,7 +18,7 @@ use log_store::{
     CompareReport, Policy, Progress, RunOptions, RunReport, StoreOptions, Workload, compare,
     run_with_progress,
 };
-use ustor::bdev_stack::{BlockDevice, spec};
+use ustor::bdev_stack::{BlockDevice, error_chain, spec};
 
 /// The device used when no `--dev` is given: an emulated NVMe controller
 /// with Copy, inside the process (a doorbell write runs the command, so
@@ -47,7 +47,7 @@ struct Args {
     #[arg(long)]
     overwrites: Option<u64>,
     /// Segment size, e.g. 1m or 256k.
-    #[arg(long, default_value = "1m", value_parser = parse_size)]
+    #[arg(long, default_value = "1m", value_parser = spec::parse_bytes)]
     segment: u64,
     /// Send 80 % of the overwrites to 20 % of the blocks.
     #[arg(long)]
@@ -70,47 +70,15 @@ struct Args {
     json: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (s, 1),
-        Some((i, _)) => (
-            &s[..i],
-            match &s[i..] {
-                "k" | "K" => 1 << 10,
-                "m" | "M" => 1 << 20,
-                "g" | "G" => 1 << 30,
-                other => return Err(format!("`{other}`: sizes take k, m or g")),
-            },
-        ),
-    };
-    let n = num
-        .parse::<u64>()
-        .map_err(|_| format!("`{s}` is not a size (a number, then k, m or g)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is more bytes than 64 bits count"))
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     match real_main(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gc: {}", chain(e.as_ref()));
+            eprintln!("gc: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// `e` and its causes, one a line: the cause names the value at fault,
-/// the error what to do about it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(&format!("\n  caused by: {c}"));
-        cause = c.source();
-    }
-    out
 }
 
 fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -271,7 +239,7 @@ mod tests {
         let parsed = Args::try_parse_from(["gc"].iter().chain(args)).map_err(|e| e.to_string())?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(real_main(&parsed).map_err(|e| chain(e.as_ref())));
+            let _ = tx.send(real_main(&parsed).map_err(|e| error_chain(e.as_ref())));
         });
         rx.recv_timeout(Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("gc {args:?}: no answer within 5 s ({e})"))

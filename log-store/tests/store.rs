@@ -248,17 +248,6 @@ fn at_once<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
     }
 }
 
-/// The whole chain of `e`, one cause per line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(&format!("\n  caused by: {c}"));
-        cause = c.source();
-    }
-    out
-}
-
 #[test]
 fn a_superblock_with_a_valid_crc_and_garbage_geometry_is_refused_at_once() {
     let dev: Arc<dyn BlockDevice> = spec::build("mem:4m,bs=4096").expect("mem");
@@ -296,7 +285,7 @@ fn a_superblock_with_a_valid_crc_and_garbage_geometry_is_refused_at_once() {
         write_block0(&dev, &raw);
         let (d, o) = (Arc::clone(&dev), o.clone());
         let err = at_once(what, move || LogStore::open(d, &o).map(|_| ())).expect_err(what);
-        let text = chain(&err);
+        let text = bdev_stack::error_chain(&err);
         assert!(
             matches!(err, GcError::BadSuperblock { .. }),
             "{what}: {text}"
@@ -350,7 +339,7 @@ fn absurd_segment_sizes_and_fills_are_refused_at_once() {
     for (what, opts, field) in cases {
         let d = Arc::clone(&dev);
         let err = at_once(what, move || LogStore::format(d, &opts).map(|_| ())).expect_err(what);
-        let text = chain(&err);
+        let text = bdev_stack::error_chain(&err);
         assert!(matches!(err, GcError::BadLayout { .. }), "{what}: {text}");
         assert!(
             text.contains(&dev.info().name),

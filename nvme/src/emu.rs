@@ -24,7 +24,6 @@
 //! injected with [`EmuController::inject`] and
 //! [`EmuController::set_fatal`].
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -33,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use sparse_mem::SparseMemory;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::dma::{self, DmaContext, Region};
@@ -175,7 +175,6 @@ pub struct Fault {
 }
 
 const VENDOR_ID: u16 = 0x1b36; // Red Hat, as QEMU's controller.
-const CHUNK: usize = 64 * 1024;
 const SQE_SIZE: usize = 64;
 const CQE_SIZE: usize = 16;
 
@@ -240,7 +239,7 @@ struct Cq {
 
 enum Store {
     Null,
-    Memory(HashMap<u64, Box<[u8]>>),
+    Memory(SparseMemory),
     File(File),
 }
 
@@ -275,21 +274,7 @@ impl Namespace {
     fn read(&self, at: u64, dst: &mut [u8]) -> bool {
         match &self.store {
             Store::Null => true,
-            Store::Memory(map) => {
-                let mut done = 0;
-                while done < dst.len() {
-                    let pos = at + done as u64;
-                    let chunk = pos / CHUNK as u64;
-                    let off = (pos % CHUNK as u64) as usize;
-                    let n = (CHUNK - off).min(dst.len() - done);
-                    match map.get(&chunk) {
-                        Some(c) => dst[done..done + n].copy_from_slice(&c[off..off + n]),
-                        None => dst[done..done + n].fill(0),
-                    }
-                    done += n;
-                }
-                true
-            }
+            Store::Memory(memory) => memory.read(at, dst).is_ok(),
             Store::File(f) => f.read_exact_at(dst, at).is_ok(),
         }
     }
@@ -297,32 +282,11 @@ impl Namespace {
     fn write(&mut self, at: u64, src: Option<&[u8]>, len: usize) -> bool {
         match &mut self.store {
             Store::Null => true,
-            Store::Memory(map) => {
-                let mut done = 0;
-                while done < len {
-                    let pos = at + done as u64;
-                    let chunk = pos / CHUNK as u64;
-                    let off = (pos % CHUNK as u64) as usize;
-                    let n = (CHUNK - off).min(len - done);
-                    match src {
-                        Some(s) => {
-                            let c = map
-                                .entry(chunk)
-                                .or_insert_with(|| vec![0u8; CHUNK].into_boxed_slice());
-                            c[off..off + n].copy_from_slice(&s[done..done + n]);
-                        }
-                        None => {
-                            if off == 0 && n == CHUNK {
-                                map.remove(&chunk);
-                            } else if let Some(c) = map.get_mut(&chunk) {
-                                c[off..off + n].fill(0);
-                            }
-                        }
-                    }
-                    done += n;
-                }
-                true
-            }
+            Store::Memory(memory) => match src {
+                Some(s) => memory.write(at, &s[..len]).is_ok(),
+                // Whole chunks go back, like deallocation on a thin device.
+                None => memory.zero(at, len as u64, true).is_ok(),
+            },
             Store::File(f) => match src {
                 Some(s) => f.write_all_at(&s[..len], at).is_ok(),
                 None => {
@@ -421,9 +385,14 @@ impl EmuController {
                     "emulated namespaces have 512 or 4096-byte blocks and at least one block",
                 ));
             }
+            let Some(bytes) = ns.blocks.checked_mul(u64::from(ns.block_size)) else {
+                return Err(Error::InvalidArgument(
+                    "emulated namespace larger than 2^64 bytes",
+                ));
+            };
             let store = match &ns.backing {
                 Backing::Null => Store::Null,
-                Backing::Memory => Store::Memory(HashMap::new()),
+                Backing::Memory => Store::Memory(SparseMemory::new(bytes)),
                 Backing::File(p) => {
                     let f = std::fs::OpenOptions::new()
                         .read(true)

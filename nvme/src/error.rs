@@ -59,11 +59,24 @@ pub enum Error {
         addr: PciAddress,
     },
 
-    /// A VFIO device node does not exist (module not loaded).
-    #[error("{} does not exist: modprobe vfio-pci", .path.display())]
+    /// A VFIO device node does not exist (module not loaded, or the
+    /// device not bound to vfio-pci).
+    #[error(
+        "{} does not exist: load VFIO and bind the controller to it: \
+         modprobe vfio-pci; modprobe vfio_iommu_type1; \
+         echo vfio-pci > /sys/bus/pci/devices/{addr}/driver_override; \
+         echo {addr} > /sys/bus/pci/drivers_probe",
+        .path.display(),
+        addr = describe_addr(.addr)
+    )]
     VfioUnavailable {
         /// The missing node, e.g. `/dev/vfio/vfio`.
         path: PathBuf,
+        /// The controller being opened, where known.
+        addr: Option<PciAddress>,
+        /// The OS error (ENOENT).
+        #[source]
+        source: io::Error,
     },
 
     /// The kernel offers no type1 IOMMU backend for VFIO.
@@ -297,6 +310,10 @@ pub enum Error {
         /// Queue pairs the controller granted.
         granted: u16,
     },
+}
+
+fn describe_addr(addr: &Option<PciAddress>) -> String {
+    addr.map_or_else(|| "DDDD:BB:DD.F".to_owned(), |a| a.to_string())
 }
 
 fn describe_driver(driver: &Option<String>) -> String {

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use sparse_mem::SparseMemory;
 use tracing::{debug, trace};
 
 use crate::cdb::{self, Command};
@@ -42,6 +43,15 @@ use crate::tpc::{
 };
 use crate::vpd::{self, BlockLimits, Designator, Provisioning, RodLimits, ThirdPartyCopy};
 use crate::{Capacity16, CommandOutcome, DataTransfer, Error, ScsiTransport};
+
+/// Blocks per READ or WRITE (Block Limits' MAXIMUM TRANSFER LENGTH); a
+/// longer command is refused as real targets refuse it, so a command's
+/// answer is bounded whatever size the LUN has.
+const MAX_TRANSFER_BLOCKS: u32 = 8192;
+/// Blocks per UNMAP descriptor (MAXIMUM UNMAP LBA COUNT).
+const MAX_UNMAP_BLOCKS: u32 = 8192;
+/// Blocks per WRITE SAME (MAXIMUM WRITE SAME LENGTH).
+const MAX_WRITE_SAME_BLOCKS: u64 = 0xffff;
 
 /// How the target is built.
 #[derive(Debug, Clone)]
@@ -117,7 +127,7 @@ pub struct Fault {
 }
 
 enum Backing {
-    Memory(Vec<u8>),
+    Memory(SparseMemory),
     File(File),
 }
 
@@ -562,12 +572,18 @@ impl Inner {
             cdb::READ_16 => {
                 need(16)?;
                 let (lba, n) = (be64(cdb, 2), u64::from(be32(cdb, 10)));
+                if n > u64::from(MAX_TRANSFER_BLOCKS) {
+                    return Err(bad_cdb_field(10));
+                }
                 self.check(lun, lba, n)?;
                 self.read_blocks(lun, lba, n)
             }
             cdb::WRITE_16 => {
                 need(16)?;
                 let (lba, n) = (be64(cdb, 2), u64::from(be32(cdb, 10)));
+                if n > u64::from(MAX_TRANSFER_BLOCKS) {
+                    return Err(bad_cdb_field(10));
+                }
                 self.check(lun, lba, n)?;
                 let len = self.bytes(lun, n)?;
                 let data = out.get(..len).ok_or(PARAM_LIST_LENGTH_ERROR)?;
@@ -587,7 +603,7 @@ impl Inner {
             cdb::WRITE_SAME_16 => {
                 need(16)?;
                 let (lba, n) = (be64(cdb, 2), u64::from(be32(cdb, 10)));
-                if n == 0 {
+                if n == 0 || n > MAX_WRITE_SAME_BLOCKS {
                     return Err(bad_cdb_field(10));
                 }
                 self.check(lun, lba, n)?;
@@ -625,7 +641,12 @@ impl Inner {
                     .chunks_exact(16)
                     .map(|d| (be64(d, 0), u64::from(be32(d, 8))))
                     .collect();
-                for &(lba, n) in &ranges {
+                for (i, &(lba, n)) in ranges.iter().enumerate() {
+                    if n > u64::from(MAX_UNMAP_BLOCKS) {
+                        // The descriptor's NUMBER OF LOGICAL BLOCKS field.
+                        let field = u16::try_from(8 + 16 * i + 8).unwrap_or(u16::MAX);
+                        return Err(bad_param_field(field));
+                    }
                     self.check(lun, lba, n)?;
                 }
                 for (lba, n) in ranges {
@@ -752,13 +773,13 @@ impl Inner {
             }
             .to_bytes(),
             vpd::PAGE_BLOCK_LIMITS => BlockLimits {
-                max_transfer: 8192,
-                optimal_transfer: 8192,
-                max_unmap_lba_count: 8192,
+                max_transfer: MAX_TRANSFER_BLOCKS,
+                optimal_transfer: MAX_TRANSFER_BLOCKS,
+                max_unmap_lba_count: MAX_UNMAP_BLOCKS,
                 max_unmap_descriptors: 16,
                 optimal_unmap_granularity: 1,
                 unmap_alignment: Some(0),
-                max_write_same: 0xffff,
+                max_write_same: MAX_WRITE_SAME_BLOCKS,
                 ..BlockLimits::default()
             }
             .to_bytes(),
@@ -794,10 +815,9 @@ impl Inner {
         let len = self.bytes(lun, blocks)?;
         match &l.backing {
             Backing::Memory(m) => {
-                let start = usize::try_from(off).map_err(|_| LBA_OUT_OF_RANGE)?;
-                m.get(start..start + len)
-                    .map(<[u8]>::to_vec)
-                    .ok_or(LBA_OUT_OF_RANGE)
+                let mut v = vec![0u8; len];
+                m.read(off, &mut v).map_err(|_| LBA_OUT_OF_RANGE)?;
+                Ok(v)
             }
             Backing::File(f) => {
                 let mut v = vec![0u8; len];
@@ -827,12 +847,7 @@ impl Inner {
         let l = self.luns.get_mut(lun).ok_or(LBA_OUT_OF_RANGE)?;
         let off = lba.saturating_mul(bl);
         match &mut l.backing {
-            Backing::Memory(m) => {
-                let start = usize::try_from(off).map_err(|_| LBA_OUT_OF_RANGE)?;
-                m.get_mut(start..start + data.len())
-                    .ok_or(LBA_OUT_OF_RANGE)?
-                    .copy_from_slice(data);
-            }
+            Backing::Memory(m) => m.write(off, data).map_err(|_| LBA_OUT_OF_RANGE)?,
             Backing::File(f) => f
                 .write_all_at(data, off)
                 .map_err(|_| Sense::new(SenseKey::MediumError, 0x0c, 0x00))?,
@@ -1116,8 +1131,9 @@ impl Inner {
 
 /// Zero-filled memory for a LUN.
 fn memory(blocks: u64, block_len: u32) -> Backing {
-    let len = usize::try_from(blocks.saturating_mul(u64::from(block_len))).unwrap_or(0);
-    Backing::Memory(vec![0; len])
+    Backing::Memory(SparseMemory::new(
+        blocks.saturating_mul(u64::from(block_len)),
+    ))
 }
 
 /// The first `limit` blocks of `ranges`, in order.

@@ -730,3 +730,30 @@ fn a_short_populate_token_represents_the_first_blocks() {
     b.read(0, &mut back).unwrap();
     assert_eq!(back, src[512 * 43..512 * 44]);
 }
+
+#[test]
+fn a_huge_lun_costs_what_is_written_and_bounds_each_command() {
+    // 4000 TiB declared: stored sparsely, usable at both ends.
+    let t = EmuTarget::new("huge", EmuConfig::default());
+    let blocks = (4000u64 << 40) / 512;
+    let lun = ScsiDevice::probe(t.add_memory_lun(blocks, 512)).unwrap();
+    assert_eq!(lun.block_count(), blocks);
+    conformance::write_read_verify(&lun, blocks - 64, 64, 7).unwrap();
+    // A READ longer than Block Limits' MAXIMUM TRANSFER LENGTH (8192) is
+    // refused, as real targets refuse it, instead of answering with 2 TiB.
+    let mut buf = [0u8; 512];
+    let e = lun
+        .transport()
+        .execute_checked(
+            &cdb::read16(0, u32::MAX, false),
+            DataTransfer::FromDevice(&mut buf),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+    assert_eq!(sense_of(&e), (SenseKey::IllegalRequest, 0x24, 0x00));
+    assert_eq!(
+        lun.identity().block_limits.unwrap().max_transfer,
+        8192,
+        "the limit the target refuses by is the one it advertises"
+    );
+}

@@ -51,13 +51,8 @@ pub enum CopyBenchError {
     #[error("invalid workload: {0}")]
     Config(String),
     /// A stack spec does not build.
-    #[error("{spec}: {reason}")]
-    Spec {
-        /// The spec.
-        spec: String,
-        /// Why.
-        reason: String,
-    },
+    #[error(transparent)]
+    Spec(#[from] bdev_stack::spec::SpecError),
     /// The block-device stack failed (channels, buffers).
     #[error(transparent)]
     Bdev(#[from] BdevError),
@@ -387,12 +382,7 @@ impl Bench {
     /// naming one target share its copy manager) and places the extents.
     pub fn open(workload: &Workload) -> Result<Bench, CopyBenchError> {
         let registry = bdev_stack::spec::LeafRegistry::with_defaults();
-        let build = |spec: &str| {
-            registry.build(spec).map_err(|e| CopyBenchError::Spec {
-                spec: spec.to_string(),
-                reason: e.to_string(),
-            })
-        };
+        let build = |spec: &str| registry.build(spec).map_err(CopyBenchError::from);
         let src = build(&workload.src)?;
         let dst = match workload.dst.as_deref() {
             None => Arc::clone(&src),

@@ -12,15 +12,4 @@
 pub mod copybench;
 pub mod perf;
 
-/// `e` and its causes, one a line: the tools print the whole chain, as a
-/// cause names the value at fault and an error what to do about it.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str("\n  caused by: ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+pub use bdev_stack::error_chain;

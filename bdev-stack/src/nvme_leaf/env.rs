@@ -108,7 +108,7 @@ impl NvmeEnvironment {
     /// Errors: [`BdevError::Nvme`] when `/dev/vfio/vfio` cannot be opened
     /// (the message says why: no module, no permission, no IOMMU).
     pub fn vfio_context(&self) -> Result<Arc<DmaContext>, BdevError> {
-        vfio_context(&mut self.vfio())
+        vfio_context(&mut self.vfio(), None)
     }
 
     /// The VFIO container if a controller, allocator or buffer still holds
@@ -142,7 +142,7 @@ impl NvmeEnvironment {
         if let Some(ctrl) = vfio.controllers.get(&pci).and_then(Weak::upgrade) {
             return Ok(ctrl);
         }
-        let ctx = vfio_context(&mut vfio)?;
+        let ctx = vfio_context(&mut vfio, Some(pci))?;
         let nvme_err = |action, source| BdevError::Nvme {
             device: addr.to_string(),
             action,
@@ -251,15 +251,34 @@ impl NvmeEnvironment {
     }
 }
 
-/// The container `vfio` holds, or a new one if nothing holds it now.
-fn vfio_context(vfio: &mut Vfio) -> Result<Arc<DmaContext>, BdevError> {
+/// The container `vfio` holds, or a new one if nothing holds it now;
+/// `for_controller` is the controller it is opened for, named in the
+/// error's hint.
+fn vfio_context(
+    vfio: &mut Vfio,
+    for_controller: Option<PciAddress>,
+) -> Result<Arc<DmaContext>, BdevError> {
     if let Some(ctx) = vfio.context.upgrade() {
         return Ok(ctx);
     }
-    let ctx = DmaContext::vfio().map_err(|source| BdevError::Nvme {
-        device: "VFIO container".into(),
-        action: "open /dev/vfio/vfio",
-        source: Box::new(source),
+    let ctx = DmaContext::vfio().map_err(|source| {
+        let source = match source {
+            nvme::Error::VfioUnavailable {
+                path,
+                addr: None,
+                source,
+            } => nvme::Error::VfioUnavailable {
+                path,
+                addr: for_controller,
+                source,
+            },
+            other => other,
+        };
+        BdevError::Nvme {
+            device: for_controller.map_or_else(|| "VFIO".to_owned(), |a| a.to_string()),
+            action: "open the VFIO container /dev/vfio/vfio",
+            source: Box::new(source),
+        }
     })?;
     vfio.context = Arc::downgrade(&ctx);
     Ok(ctx)

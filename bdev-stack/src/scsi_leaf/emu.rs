@@ -95,10 +95,10 @@ impl LeafFactory for SgEmuFactory {
                 reason: format!("sgemu: takes only {}", ALLOWED.join(", ")),
             });
         }
-        let size = parse_byte_size(spec.body).map_err(LeafError::BadBody)?;
+        let size = crate::spec::parse_bytes(spec.body).map_err(LeafError::BadBody)?;
         let block_size = match spec.options.iter().rev().find(|o| o.key == "bs") {
             None => 512,
-            Some(o) => parse_byte_size(o.value)
+            Some(o) => crate::spec::parse_bytes(o.value)
                 .ok()
                 .and_then(|b| u32::try_from(b).ok())
                 .filter(|b| *b >= 512 && b.is_power_of_two())
@@ -158,19 +158,4 @@ impl LeafFactory for SgEmuFactory {
         let lun = target.add_memory_lun(blocks, block_size);
         Ok(Arc::new(ScsiLeaf::from_emu(lun)?))
     }
-}
-
-/// Bytes with an optional `k`, `m`, `g` suffix.
-fn parse_byte_size(value: &str) -> Result<u64, String> {
-    let (digits, shift) = match value.as_bytes().last() {
-        Some(b'k' | b'K') => (&value[..value.len() - 1], 10),
-        Some(b'm' | b'M') => (&value[..value.len() - 1], 20),
-        Some(b'g' | b'G') => (&value[..value.len() - 1], 30),
-        _ => (value, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| format!("`{value}` is not a size (e.g. 4096, 128k, 64m)"))
 }

@@ -617,7 +617,11 @@ pub(crate) fn map_container_error_public(e: VfioError) -> Error {
         VfioError::OpenContainer(source) => {
             let path = PathBuf::from("/dev/vfio/vfio");
             match source.kind() {
-                io::ErrorKind::NotFound => Error::VfioUnavailable { path },
+                io::ErrorKind::NotFound => Error::VfioUnavailable {
+                    path,
+                    addr: None,
+                    source,
+                },
                 io::ErrorKind::PermissionDenied => Error::Permission { path, source },
                 _ => Error::Vfio {
                     op: "open",
@@ -641,7 +645,11 @@ fn map_container_error(e: VfioError, addr: PciAddress) -> Error {
     let node = PathBuf::from("/dev/vfio/vfio");
     match e {
         VfioError::OpenContainer(source) => match source.kind() {
-            io::ErrorKind::NotFound => Error::VfioUnavailable { path: node },
+            io::ErrorKind::NotFound => Error::VfioUnavailable {
+                path: node,
+                addr: Some(addr),
+                source,
+            },
             io::ErrorKind::PermissionDenied => Error::Permission { path: node, source },
             _ => Error::Vfio {
                 op: "open",
@@ -666,7 +674,11 @@ fn map_device_error(e: VfioError, root: &SysRoot, addr: PciAddress, group: u32) 
         VfioError::OpenGroup(source, _) => {
             let path = PathBuf::from(format!("/dev/vfio/{group}"));
             match (source.kind(), source.raw_os_error()) {
-                (io::ErrorKind::NotFound, _) => Error::VfioUnavailable { path },
+                (io::ErrorKind::NotFound, _) => Error::VfioUnavailable {
+                    path,
+                    addr: Some(addr),
+                    source,
+                },
                 (io::ErrorKind::PermissionDenied, _) => Error::Permission { path, source },
                 (_, Some(libc::EBUSY)) => Error::DeviceBusy { addr, group },
                 _ => Error::Vfio {
