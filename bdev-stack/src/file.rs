@@ -11,9 +11,8 @@
 //! matters; for tests and bounce targets this is enough.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,10 +40,13 @@ pub struct FileDevice {
 
 impl FileDevice {
     /// Opens `path` with blocks of `block_size`. With `create_size`, the
-    /// file is created if missing and extended to that many bytes; without,
-    /// it must exist and its size (rounded down to blocks) is the device's.
-    /// Falls back to buffered I/O, with a warning, where the filesystem
-    /// refuses `O_DIRECT` (tmpfs).
+    /// file is created if missing (exclusively, owner-only) and extended to
+    /// that many bytes, and the path must not be a symbolic link; without,
+    /// it must exist (a link to it is fine) and its size (rounded down to
+    /// blocks) is the device's. Block devices are held exclusively: a
+    /// mounted one is refused. Falls back to buffered I/O, with a warning,
+    /// where the filesystem refuses `O_DIRECT` (tmpfs). See
+    /// [`backing_store::open_file`].
     pub fn open(
         path: &Path,
         block_size: u32,
@@ -63,28 +65,12 @@ impl FileDevice {
                 reason: format!("{block_size} is not a power of two >= 512"),
             });
         }
-        let open = |direct: bool| {
-            let mut options = OpenOptions::new();
-            options.read(true).write(true).create(create_size.is_some());
-            if direct {
-                options.custom_flags(libc::O_DIRECT);
-            }
-            options.open(path)
-        };
-        let (file, direct) = match open(true) {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                warn!(path = %path.display(), "O_DIRECT refused; using buffered I/O");
-                (open(false).map_err(|e| os("open", e))?, false)
-            }
-            Err(e) => return Err(os("open", e)),
-        };
-        if let Some(size) = create_size {
-            let current = file.metadata().map_err(|e| os("stat", e))?.len();
-            if current < size {
-                file.set_len(size).map_err(|e| os("extend", e))?;
-            }
+        let opened = backing_store::open_file(path, create_size, true)
+            .map_err(|e| os("open", e.into_io()))?;
+        if !opened.direct {
+            warn!(path = %path.display(), "O_DIRECT refused; using buffered I/O");
         }
+        let (file, direct) = (opened.file, opened.direct);
         let bytes = device_bytes(&file).map_err(|e| os("size", e))?;
         let backing = file_backing(&file).map_err(|e| os("stat", e))?;
         let block_count = bytes / u64::from(block_size);

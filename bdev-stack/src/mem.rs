@@ -25,7 +25,7 @@ use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
 };
-use sparse_mem::{CHUNK_BYTES, SparseMemory};
+use backing_store::{CHUNK_BYTES, SparseMemory};
 
 /// Largest transfer a memory device takes by default, in bytes (1 MiB, a
 /// common NVMe MDTS).

@@ -166,3 +166,41 @@ fn deep_nesting_is_refused_not_a_stack_overflow() {
         assert_eq!(column, spec::MAX_SPEC_DEPTH * "concat(".len() + 1);
     }
 }
+
+#[test]
+fn backing_files_are_never_created_through_a_planted_link() {
+    let dir = std::env::temp_dir().join(format!("bdev-spec-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"precious").expect("victim");
+    let planted = dir.join("planted");
+    std::os::unix::fs::symlink(&victim, &planted).expect("link");
+    for text in [
+        format!("file:{},size=1m", planted.display()),
+        format!("emu:1m,file={}", planted.display()),
+    ] {
+        let error = spec::build(&text).map(|_| ()).expect_err(&text);
+        let chain = bdev_stack::error_chain(&error);
+        assert!(
+            chain.contains("is a symbolic link") && chain.contains("name the file itself"),
+            "{text}: {chain}"
+        );
+    }
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+    // A file the leaf creates is its owner's alone.
+    let fresh = dir.join("fresh");
+    spec::build(&format!("file:{},size=1m", fresh.display())).expect("create");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&fresh)
+        .expect("fresh")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing device is opened through a link when nothing is created.
+    let link = dir.join("by-id");
+    std::os::unix::fs::symlink(&fresh, &link).expect("link");
+    let dev = spec::build(&format!("file:{}", link.display())).expect("through a link");
+    assert_eq!(dev.info().block_count, 2048);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

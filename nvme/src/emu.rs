@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use sparse_mem::SparseMemory;
+use backing_store::SparseMemory;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::dma::{self, DmaContext, Region};
@@ -394,21 +394,14 @@ impl EmuController {
                 Backing::Null => Store::Null,
                 Backing::Memory => Store::Memory(SparseMemory::new(bytes)),
                 Backing::File(p) => {
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(p)
-                        .map_err(|source| Error::Sysfs {
+                    // Created safely if missing, extended if short, never
+                    // shrunk: the namespace is the file's first bytes.
+                    let f = backing_store::open_file(p, Some(bytes), false)
+                        .map_err(|e| Error::BackingFile {
                             path: p.clone(),
-                            source,
-                        })?;
-                    f.set_len(ns.blocks * ns.block_size as u64)
-                        .map_err(|source| Error::Sysfs {
-                            path: p.clone(),
-                            source,
-                        })?;
+                            source: e.into_io(),
+                        })?
+                        .file;
                     Store::File(f)
                 }
             };

@@ -138,6 +138,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// An emulated namespace's backing file could not be opened.
+    #[error("emulated namespace backing file {}", .path.display())]
+    BackingFile {
+        /// The file.
+        path: PathBuf,
+        /// Why (the cause says what to do).
+        #[source]
+        source: io::Error,
+    },
+
     /// Reading sysfs failed unexpectedly.
     #[error("cannot read {}", .path.display())]
     Sysfs {

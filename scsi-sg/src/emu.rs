@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sparse_mem::SparseMemory;
+use backing_store::SparseMemory;
 use tracing::{debug, trace};
 
 use crate::cdb::{self, Command};

@@ -72,7 +72,10 @@ fn an_unopenable_controller_prints_the_whole_cause_chain() {
     assert!(err.contains("0000:ff:1f.7"), "names the controller: {err}");
     if !std::path::Path::new("/dev/vfio/vfio").exists() {
         // The OS error and what to do, not just the outer message.
-        assert!(err.contains("caused by: No such file or directory"), "{err}");
+        assert!(
+            err.contains("caused by: No such file or directory"),
+            "{err}"
+        );
         assert!(err.contains("modprobe vfio-pci"), "{err}");
         assert!(
             err.contains("echo vfio-pci > /sys/bus/pci/devices/0000:ff:1f.7/driver_override"),

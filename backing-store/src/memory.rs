@@ -1,5 +1,4 @@
-//! Sparse byte storage for the in-process devices (the emulated NVMe
-//! controller, the emulated SCSI target and the `mem:` leaf).
+//! Sparse byte storage.
 //!
 //! A device of any size costs nothing until it is written: bytes live in
 //! 64 KiB chunks allocated on first write and kept in a map keyed by chunk
