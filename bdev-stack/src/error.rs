@@ -247,6 +247,28 @@ pub enum BdevError {
         #[source]
         source: Box<scsi_sg::Error>,
     },
+    /// io_uring could not be set up for a channel.
+    #[error("{device}: io_uring is not available: {hint}")]
+    IoUringUnavailable {
+        /// The device whose channel was being opened.
+        device: String,
+        /// What to do about it.
+        hint: &'static str,
+        /// The OS error of `io_uring_setup`.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An NVMe generic character device (`ng:`) could not be used.
+    #[error("{device}: {problem}")]
+    Passthrough {
+        /// The character device.
+        device: String,
+        /// What is wrong, and what to do.
+        problem: String,
+        /// The OS error, where there is one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// A leaf kind reserved for a driver that is not registered.
     #[error("leaf kind `{kind}:` is not available yet (no factory registered)")]
     LeafKindNotAvailable {

@@ -59,6 +59,7 @@ mod hold;
 mod identity;
 mod mem;
 mod mirror;
+pub mod ng;
 #[cfg(not(feature = "emu"))]
 mod no_emu;
 pub mod nvme_leaf;
@@ -70,6 +71,7 @@ mod slice;
 pub mod spec;
 mod split;
 pub mod stack_meta;
+mod uring;
 
 pub use buffer::{
     DmaAddress, DmaAllocator, DmaContextId, DmaMemory, DmaSlice, HostAllocator, HostBuffer,
@@ -92,6 +94,7 @@ pub use mirror::{
     Assembly, CheckReport, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror,
     MirrorHealth, Resync, ResyncNeed, ResyncReport, ResyncStep,
 };
+pub use ng::NgNamespace;
 pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace};
 pub use offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,

@@ -184,8 +184,8 @@ impl Default for LeafRegistry {
 }
 
 impl LeafRegistry {
-    /// A registry with the `mem`, `file`, `emu`, `nvme`, `sg` and `sgemu`
-    /// leaves, in a fresh [`NvmeEnvironment`] of its own.
+    /// A registry with the `mem`, `file`, `emu`, `nvme`, `ng`, `sg` and
+    /// `sgemu` leaves, in a fresh [`NvmeEnvironment`] of its own.
     pub fn with_defaults() -> LeafRegistry {
         LeafRegistry::with_environment(NvmeEnvironment::new())
     }
@@ -205,6 +205,7 @@ impl LeafRegistry {
             Arc::new(crate::nvme_leaf::EmuFactory::new(env.clone())),
         );
         registry.register("nvme", Arc::new(crate::nvme_leaf::NvmeFactory::new(env)));
+        registry.register("ng", Arc::new(crate::ng::NgFactory));
         registry.register("sg", Arc::new(crate::scsi_leaf::SgFactory));
         registry.register("sgemu", Arc::new(crate::scsi_leaf::SgEmuFactory::new()));
         registry

@@ -210,7 +210,10 @@ fn an_emulated_namespace_over_a_longer_file_leaves_the_rest_alone() {
     let path = std::env::temp_dir().join(format!("bdev-spec-long-{}.img", std::process::id()));
     std::fs::write(&path, vec![0x5a; 2 << 20]).expect("file");
     let dev = spec::build(&format!("emu:1m,file={}", path.display())).expect("emu over file");
-    assert_eq!(dev.info().block_count * u64::from(dev.info().block_size), 1 << 20);
+    assert_eq!(
+        dev.info().block_count * u64::from(dev.info().block_size),
+        1 << 20
+    );
     drop(dev);
     let bytes = std::fs::read(&path).expect("file");
     assert_eq!(bytes.len(), 2 << 20, "not truncated to the namespace");

@@ -52,7 +52,7 @@ pub(super) struct NvmeChannel<T: Transport> {
 }
 
 /// The stack's error kind for an NVMe failure.
-fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
+pub(crate) fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
     match e {
         nvme::IoError::Timeout => IoErrorKind::Timeout,
         nvme::IoError::Aborted => IoErrorKind::Aborted,

@@ -38,7 +38,7 @@ pub(super) struct NvmeCopyChannel<T: Transport> {
 
 /// What an NVMe Copy failure means for the destination: the status, and
 /// DW0 (the first source range not copied).
-fn copy_outcome(
+pub(crate) fn copy_outcome(
     error: nvme::IoError,
     dw0: u32,
     range_blocks: &[u64],
@@ -146,33 +146,65 @@ impl<T: Transport> NvmeCopyChannel<T> {
     /// Checks a command against NVMe Copy's shape and the namespace's
     /// limits, filling `self.ranges`.
     fn prepare(&mut self, req: &OffloadRequest<'_>) -> Result<(), OffloadErrorKind> {
-        let ns = self.ns;
-        let Some(first) = req.ranges.first() else {
-            return Err(OffloadErrorKind::OutOfRange);
+        let limits = CopyLimits {
+            max_ranges: self.max_ranges,
+            max_range_blocks: u64::from(self.ns.mssrl),
+            max_command_blocks: u64::from(self.ns.mcl),
+            block_count: self.ns.blocks,
         };
-        if req.ranges.len() > self.max_ranges {
-            return Err(OffloadErrorKind::Limits);
-        }
-        self.ranges.clear();
-        let mut total = 0u64;
-        let mut next_dst = first.dst;
-        for r in req.ranges {
-            let inside = |start: u64| start.checked_add(r.blocks).is_some_and(|e| e <= ns.blocks);
-            if r.blocks == 0 || !inside(r.src) || !inside(r.dst) {
-                return Err(OffloadErrorKind::OutOfRange);
-            }
-            if r.blocks > u64::from(ns.mssrl) || r.dst != next_dst {
-                return Err(OffloadErrorKind::Limits);
-            }
-            next_dst += r.blocks;
-            total += r.blocks;
-            self.ranges.push((r.src, r.blocks));
-        }
-        if total > u64::from(ns.mcl) {
-            return Err(OffloadErrorKind::Limits);
-        }
-        Ok(())
+        check_copy(req, &limits, &mut self.ranges)
     }
+}
+
+/// The limits an NVMe Copy command is checked against.
+pub(crate) struct CopyLimits {
+    /// Source ranges per command.
+    pub max_ranges: usize,
+    /// MSSRL.
+    pub max_range_blocks: u64,
+    /// MCL.
+    pub max_command_blocks: u64,
+    /// The namespace's size.
+    pub block_count: u64,
+}
+
+/// Checks a command against NVMe Copy's shape (source ranges in order onto
+/// one contiguous destination) and `limits`, filling `ranges` with its
+/// `(slba, blocks)` source ranges.
+pub(crate) fn check_copy(
+    req: &OffloadRequest<'_>,
+    limits: &CopyLimits,
+    ranges: &mut Vec<(u64, u64)>,
+) -> Result<(), OffloadErrorKind> {
+    let Some(first) = req.ranges.first() else {
+        return Err(OffloadErrorKind::OutOfRange);
+    };
+    if req.ranges.len() > limits.max_ranges {
+        return Err(OffloadErrorKind::Limits);
+    }
+    ranges.clear();
+    let mut total = 0u64;
+    let mut next_dst = first.dst;
+    for r in req.ranges {
+        let inside = |start: u64| {
+            start
+                .checked_add(r.blocks)
+                .is_some_and(|e| e <= limits.block_count)
+        };
+        if r.blocks == 0 || !inside(r.src) || !inside(r.dst) {
+            return Err(OffloadErrorKind::OutOfRange);
+        }
+        if r.blocks > limits.max_range_blocks || r.dst != next_dst {
+            return Err(OffloadErrorKind::Limits);
+        }
+        next_dst += r.blocks;
+        total += r.blocks;
+        ranges.push((r.src, r.blocks));
+    }
+    if total > limits.max_command_blocks {
+        return Err(OffloadErrorKind::Limits);
+    }
+    Ok(())
 }
 
 impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {

@@ -46,6 +46,8 @@ mod namespace;
 
 #[cfg(not(feature = "emu"))]
 pub(crate) use crate::no_emu::EmuFactory;
+pub(crate) use channel::io_kind;
+pub(crate) use copy::{CopyLimits, check_copy, copy_outcome};
 pub use dma::{NvmeDmaAllocator, NvmeDmaBuffer, dma_allocator_for};
 pub use env::NvmeEnvironment;
 #[cfg(feature = "emu")]

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 
 /// Name of the topology most tests run on.
 pub const DEFAULT: &str = "default";
-/// A controller left to the kernel driver with a namespace that fails reads
-/// at [`FAULT_SECTOR`] (QEMU blkdebug), to check the fault path end to end.
+/// Controllers left to the kernel driver: one with a namespace that fails
+/// reads at [`FAULT_SECTOR`] (QEMU blkdebug), to check the fault path end
+/// to end, and one with a clean 4 KiB namespace with Copy limits for the
+/// `ng:` leaf (io_uring passthrough on its generic node; the kernel has a
+/// poll queue, `nvme.poll_queues=1`).
 pub const FAULTS: &str = "faults";
 /// Two controllers with one 512-byte namespace each, and two LIO LUNs:
 /// block sizes that let every leaf join one stack.
@@ -202,31 +205,49 @@ impl Topology {
         }
     }
 
-    /// One kernel-driven controller whose namespace fails reads of
-    /// [`FAULT_SECTOR`] with EIO, through QEMU's blkdebug.
+    /// Two kernel-driven controllers: one whose namespace fails reads of
+    /// [`FAULT_SECTOR`] with EIO, through QEMU's blkdebug; one clean, for
+    /// the `ng:` leaf.
     pub fn faults() -> Topology {
         Topology {
             name: FAULTS.to_string(),
-            nvme: vec![NvmeController {
-                serial: "USTORFAULT0".to_string(),
-                pci_slot: 4,
-                hotplug: false,
-                namespaces: vec![NvmeNamespace {
-                    block_size: 512,
-                    size_mib: 16,
-                    backing: NvmeBacking::Image,
-                    mssrl: 128,
-                    mcl: 256,
-                    msrc: 15,
-                    faults: vec![BlkdebugRule {
-                        event: "read_aio".to_string(),
-                        errno: 5,
-                        sector: Some(FAULT_SECTOR),
-                        once: false,
+            nvme: vec![
+                NvmeController {
+                    serial: "USTORFAULT0".to_string(),
+                    pci_slot: 4,
+                    hotplug: false,
+                    namespaces: vec![NvmeNamespace {
+                        block_size: 512,
+                        size_mib: 16,
+                        backing: NvmeBacking::Image,
+                        mssrl: 128,
+                        mcl: 256,
+                        msrc: 15,
+                        faults: vec![BlkdebugRule {
+                            event: "read_aio".to_string(),
+                            errno: 5,
+                            sector: Some(FAULT_SECTOR),
+                            once: false,
+                        }],
                     }],
-                }],
-                driver: GuestDriver::Kernel,
-            }],
+                    driver: GuestDriver::Kernel,
+                },
+                NvmeController {
+                    serial: "USTORKERNEL1".to_string(),
+                    pci_slot: 5,
+                    hotplug: false,
+                    namespaces: vec![NvmeNamespace {
+                        block_size: 4096,
+                        size_mib: 64,
+                        backing: NvmeBacking::Image,
+                        mssrl: 128,
+                        mcl: 256,
+                        msrc: 15,
+                        faults: Vec::new(),
+                    }],
+                    driver: GuestDriver::Kernel,
+                },
+            ],
             lio_luns: Vec::new(),
             virtio_disks: Vec::new(),
             memory_mib: 512,

@@ -56,6 +56,16 @@ fn gc_device(env: &GuestEnv) -> Result<(String, Arc<dyn BlockDevice>), String> {
 /// read back.
 fn gc_store_on_qemu_nvme(env: &GuestEnv) -> Result<(), String> {
     let (addr, dev) = gc_device(env)?;
+    gc_store_relocates_by_copy(&addr, &dev)
+}
+
+/// A short run of the store on `dev` (a namespace of 4 KiB blocks with
+/// Copy): every relocation is NVMe Copy, the store reopens from its
+/// summaries and every block reads back.
+pub(super) fn gc_store_relocates_by_copy(
+    addr: &str,
+    dev: &Arc<dyn BlockDevice>,
+) -> Result<(), String> {
     let opts = RunOptions {
         store: StoreOptions {
             segment_bytes: 256 << 10,
@@ -70,7 +80,7 @@ fn gc_store_on_qemu_nvme(env: &GuestEnv) -> Result<(), String> {
         },
         verify: true,
     };
-    let r = run(&dev, &opts).map_err(|e| format!("gc on {addr}: {e}"))?;
+    let r = run(dev, &opts).map_err(|e| format!("gc on {addr}: {e}"))?;
     println!(
         "{} blocks, {} segments cleaned, {} blocks relocated ({} MiB offloaded, {} bounced), \
          WA {:.2}, {:?} verified after reopening",

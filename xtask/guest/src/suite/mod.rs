@@ -28,6 +28,7 @@ macro_rules! ensure_eq {
 mod copybench;
 mod gc;
 mod mirrorbench;
+mod ng;
 mod nvme;
 mod rig;
 mod scsi;
@@ -85,6 +86,7 @@ pub fn all() -> impl Iterator<Item = &'static GuestTest> {
         .chain(copybench::TESTS)
         .chain(mirrorbench::TESTS)
         .chain(gc::TESTS)
+        .chain(ng::TESTS)
 }
 
 /// Looks a test up by name.

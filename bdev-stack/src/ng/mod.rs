@@ -1,0 +1,82 @@
+//! The `ng:` leaf: an NVMe namespace the kernel keeps, driven through its
+//! generic character device (`/dev/ngXnY`) with NVMe commands carried by
+//! io_uring passthrough (`IORING_OP_URING_CMD`, 128-byte submission and
+//! 32-byte completion entries; Linux 5.19 and later).
+//!
+//! For users who cannot hand a drive to VFIO (the root file system lives
+//! on it, other programs use it, there is no IOMMU), and the only way to
+//! send NVMe Copy to a namespace the kernel owns: Linux has no block-layer
+//! copy offload.
+//!
+//! - Opening reads Identify Controller and Identify Namespace through the
+//!   admin passthrough ioctl, and the kernel's queue limits from sysfs
+//!   (`/sys/block/nvmeXnY/queue`): the largest transfer is the smallest of
+//!   MDTS, `max_hw_sectors_kb` and `max_segments` pages.
+//! - Each channel owns a ring (one per thread, like a queue pair): Read,
+//!   Write, Flush, Write Zeroes and Dataset Management are built by
+//!   `nvme::cmd` and pushed on submission, handed to the kernel in one
+//!   `io_uring_enter` at the next poll; completions are reaped without
+//!   blocking. Rings poll the device (IOPOLL) where the kernel has poll
+//!   queues for the controller (`nvme.poll_queues=N`), and take interrupts
+//!   otherwise. Nothing is allocated per I/O.
+//! - With ONCS Copy and non-zero MSSRL and MCL the leaf advertises
+//!   [`CopyOffload::NvmeCopy`](crate::CopyOffload::NvmeCopy) within the
+//!   namespace, paired on the node itself (its device number), and opens
+//!   copy channels that send one format-0 Copy per request within MSRC,
+//!   MSSRL and MCL.
+//! - The kernel owns the commands' timeouts (Abort, then a controller
+//!   reset) and completes a command only once the device has let go of it;
+//!   a command cancelled by a reset completes as aborted (`EINTR`), its
+//!   destination unknown. A channel dropped with commands in flight waits
+//!   for them.
+//! - Passthrough needs CAP_SYS_ADMIN before Linux 6.2; the namespace must be
+//!   formatted without metadata or protection information.
+//!
+//! Spec leaf: `ng:/dev/ngXnY[,poll=on|off]` (default: polled where the
+//! kernel has poll queues).
+
+mod channel;
+mod copy;
+mod namespace;
+mod sys;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use namespace::{NgNamespace, QueueLimits};
+
+use crate::device::BlockDevice;
+use crate::spec::{LeafError, LeafFactory, LeafSpec};
+
+/// Opens `ng:/dev/ngXnY[,poll=on|off]` leaves.
+pub(crate) struct NgFactory;
+
+impl LeafFactory for NgFactory {
+    fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
+        let mut poll = None;
+        for option in spec.options {
+            match (option.key, option.value) {
+                ("poll", "on") => poll = Some(true),
+                ("poll", "off") => poll = Some(false),
+                ("poll", other) => {
+                    return Err(LeafError::BadOption {
+                        key: "poll".into(),
+                        reason: format!("`{other}`: on or off"),
+                    });
+                }
+                (key, _) => {
+                    return Err(LeafError::BadOption {
+                        key: key.to_string(),
+                        reason: "ng: takes only poll=on|off".into(),
+                    });
+                }
+            }
+        }
+        if spec.body.is_empty() {
+            return Err(LeafError::BadBody(
+                "expected the generic node's path, e.g. ng:/dev/ng0n1".into(),
+            ));
+        }
+        Ok(Arc::new(NgNamespace::open(Path::new(spec.body), poll)?))
+    }
+}

@@ -1,0 +1,384 @@
+//! The `ng:` leaf on a QEMU controller the kernel keeps: NVMe commands over
+//! io_uring passthrough on its generic node, checked against nvme-cli's
+//! Identify and `dd` on the block node of the same namespace.
+
+use super::{GuestEnv, GuestTest, Kind};
+use crate::setup::tool_output;
+use crate::topology::{FAULTS, GuestDriver};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ustor::bdev_stack::{
+    BlockDevice, CopyOffload, HostBuffer, NgNamespace, OffloadOutcome, OffloadRange,
+    OffloadRequest, OffloadSource, OwnedChannel, SubmitError, spec,
+};
+
+/// The tests of this module.
+pub(super) static TESTS: &[GuestTest] = &[
+    GuestTest {
+        name: "ng_identify_matches_nvme_cli",
+        kind: Kind::Test,
+        topology: FAULTS,
+        timeout: Duration::from_secs(60),
+        run: ng_identify_matches_nvme_cli,
+    },
+    GuestTest {
+        name: "ng_write_read_verify_qd1_to_128_and_beyond_mdts",
+        kind: Kind::Test,
+        topology: FAULTS,
+        timeout: Duration::from_secs(300),
+        run: ng_write_read_verify,
+    },
+    GuestTest {
+        name: "ng_copy_multi_range_matches_dd",
+        kind: Kind::Test,
+        topology: FAULTS,
+        timeout: Duration::from_secs(120),
+        run: ng_copy_multi_range_matches_dd,
+    },
+    GuestTest {
+        name: "ng_gc_store_relocates_by_copy_and_reopens",
+        kind: Kind::Test,
+        topology: FAULTS,
+        timeout: Duration::from_secs(300),
+        run: ng_gc_store,
+    },
+];
+
+/// The kernel-driven controller with the clean 4 KiB namespace: its
+/// generic node, its block node, and nvme-cli's captures.
+struct KernelNamespace {
+    ng: String,
+    block: String,
+    reference_dir: std::path::PathBuf,
+}
+
+fn kernel_namespace(env: &GuestEnv) -> Result<KernelNamespace, String> {
+    let ctrl = env
+        .devices
+        .nvme
+        .iter()
+        .find(|c| {
+            c.spec.driver == GuestDriver::Kernel
+                && c.spec
+                    .namespaces
+                    .first()
+                    .is_some_and(|n| n.block_size == 4096 && n.faults.is_empty())
+        })
+        .ok_or("the topology has no clean kernel-driven 4 KiB namespace")?;
+    let number = ctrl
+        .kernel_name
+        .strip_prefix("nvme")
+        .ok_or_else(|| format!("unexpected controller name {}", ctrl.kernel_name))?;
+    let ns = KernelNamespace {
+        ng: format!("/dev/ng{number}n1"),
+        block: format!("/dev/{}n1", ctrl.kernel_name),
+        reference_dir: ctrl.reference_dir.clone(),
+    };
+    if !Path::new(&ns.ng).exists() {
+        return Err(format!("{}: no generic node for {}", ns.ng, ns.block));
+    }
+    Ok(ns)
+}
+
+fn json_file(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn open(ns: &KernelNamespace) -> Result<NgNamespace, String> {
+    NgNamespace::open(Path::new(&ns.ng), None).map_err(|e| ustor::bdev_stack::error_chain(&e))
+}
+
+fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
+    let ns = kernel_namespace(env)?;
+    let leaf = open(&ns)?;
+    ensure_eq!(
+        format!("{} polled (nvme.poll_queues=1)", ns.ng),
+        leaf.is_polled(),
+        true
+    );
+    let j = json_file(&ns.reference_dir, "id-ctrl.json")?;
+    let id = leaf.identify_controller();
+    let num = |k: &str| j[k].as_u64();
+    let text = |k: &str| j[k].as_str().map(|s| s.trim_end().to_owned());
+    ensure_eq!("vid", Some(u64::from(id.vid.get())), num("vid"));
+    ensure_eq!("sn", Some(id.serial()), text("sn"));
+    ensure_eq!("mn", Some(id.model()), text("mn"));
+    ensure_eq!("mdts", Some(u64::from(id.mdts)), num("mdts"));
+    ensure_eq!("oncs", Some(u64::from(id.oncs.get())), num("oncs"));
+    ensure_eq!(
+        "subnqn",
+        Some(ustor::nvme::spec::ascii_field(&id.subnqn)),
+        text("subnqn")
+    );
+    let j = json_file(&ns.reference_dir, "id-ns-1.json")?;
+    let raw = leaf.identify_namespace();
+    let num = |k: &str| j[k].as_u64();
+    ensure_eq!("nsid", leaf.nsid(), 1);
+    ensure_eq!("nsze", Some(raw.nsze.get()), num("nsze"));
+    ensure_eq!("flbas", Some(u64::from(raw.flbas)), num("flbas"));
+    ensure_eq!("mssrl", Some(u64::from(raw.mssrl.get())), num("mssrl"));
+    ensure_eq!("mcl", Some(u64::from(raw.mcl.get())), num("mcl"));
+    ensure_eq!("msrc", Some(u64::from(raw.msrc)), num("msrc"));
+    let info = leaf.info();
+    ensure_eq!("block size", info.block_size, 4096);
+    ensure_eq!("block count", Some(info.block_count), num("nsze"));
+    // The kernel's limit, which the leaf takes as its largest transfer.
+    let kb = std::fs::read_to_string(format!(
+        "/sys/block/{}/queue/max_hw_sectors_kb",
+        ns.block.trim_start_matches("/dev/")
+    ))
+    .map_err(|e| e.to_string())?;
+    let kb: u64 = kb
+        .trim()
+        .parse()
+        .map_err(|e| format!("max_hw_sectors_kb: {e}"))?;
+    if info.max_transfer_blocks * 4 > kb || info.max_transfer_blocks == 0 {
+        return Err(format!(
+            "largest transfer {} blocks, kernel's max_hw_sectors_kb {kb}",
+            info.max_transfer_blocks
+        ));
+    }
+    println!(
+        "ok largest transfer: {} blocks (kernel: {kb} KiB)",
+        info.max_transfer_blocks
+    );
+    match info.copy_offloads.first() {
+        Some(CopyOffload::NvmeCopy {
+            max_ranges,
+            max_range_blocks,
+            max_command_blocks,
+            nsid,
+            ..
+        }) => {
+            ensure_eq!(
+                "copy ranges",
+                u64::from(*max_ranges),
+                u64::from(raw.msrc) + 1
+            );
+            ensure_eq!(
+                "copy range blocks",
+                *max_range_blocks,
+                u64::from(raw.mssrl.get())
+            );
+            ensure_eq!("copy blocks", *max_command_blocks, u64::from(raw.mcl.get()));
+            ensure_eq!("copy nsid", *nsid, 1);
+        }
+        other => return Err(format!("NVMe Copy not advertised: {other:?}")),
+    }
+    Ok(())
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs writes (with `data`) or reads of `extents` (lba, blocks) on `dev`,
+/// `depth` in flight; returns what reads read, in extent order.
+fn transfer(
+    dev: &dyn BlockDevice,
+    depth: usize,
+    extents: &[(u64, u64)],
+    data: Option<&[Vec<u8>]>,
+) -> Result<Vec<Vec<u8>>, String> {
+    let bs = u64::from(dev.info().block_size);
+    let mut ch = OwnedChannel::<HostBuffer>::open(dev, depth).map_err(|e| e.to_string())?;
+    let mut results = vec![Vec::new(); extents.len()];
+    let mut failures = Vec::new();
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next < extents.len() || ch.outstanding() > 0 {
+        while next < extents.len() && ch.outstanding() < depth {
+            let (lba, blocks) = extents[next];
+            let mut buf = HostBuffer::new((blocks * bs) as usize).map_err(|e| e.to_string())?;
+            let submitted = match data {
+                Some(d) => {
+                    buf.as_mut_slice().copy_from_slice(&d[next]);
+                    ch.write(lba, blocks, buf, next as u64)
+                }
+                None => ch.read(lba, blocks, buf, next as u64),
+            };
+            match submitted {
+                Ok(()) => next += 1,
+                Err(r) if r.error == SubmitError::Busy => break,
+                Err(r) => return Err(format!("extent {lba}+{blocks}: {}", r.error)),
+            }
+        }
+        ch.poll(depth, |ctx, result, buf| match (result, buf) {
+            (Ok(()), Some(buf)) => results[ctx as usize] = buf.as_slice().to_vec(),
+            (Ok(()), None) => {}
+            (Err(e), _) => failures.push(format!("extent {ctx}: {e}")),
+        });
+        if Instant::now() > deadline {
+            return Err(format!("{} requests never completed", ch.outstanding()));
+        }
+    }
+    if !failures.is_empty() {
+        return Err(failures.join("; "));
+    }
+    Ok(results)
+}
+
+/// Reads `blocks` 4 KiB blocks at `lba` of the block node with `dd`
+/// (O_DIRECT): what the kernel's own path sees.
+fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
+    let out = format!("/run/ustor/ng-dd-{}-{lba}.bin", std::process::id());
+    tool_output(
+        "dd",
+        &[
+            &format!("if={node}"),
+            &format!("of={out}"),
+            "bs=4096",
+            &format!("skip={lba}"),
+            &format!("count={blocks}"),
+            "iflag=direct",
+        ],
+    )?;
+    let bytes = std::fs::read(&out).map_err(|e| format!("{out}: {e}"))?;
+    std::fs::remove_file(&out).map_err(|e| format!("{out}: {e}"))?;
+    Ok(bytes)
+}
+
+fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
+    let ns = kernel_namespace(env)?;
+    let leaf = Arc::new(open(&ns)?);
+    let max = leaf.info().max_transfer_blocks;
+    // QD 1 to 128, each in a 2048-block region of its own, requests of
+    // varied sizes up to the largest transfer, back to back.
+    for (i, depth) in [1usize, 8, 32, 128].into_iter().enumerate() {
+        let base = i as u64 * 2048;
+        let mut extents = Vec::new();
+        let (mut at, mut k) = (base, 0u64);
+        while at < base + 2048 {
+            let blocks = (1 + (k * 7919) % max).min(base + 2048 - at);
+            extents.push((at, blocks));
+            at += blocks;
+            k += 1;
+        }
+        let data: Vec<Vec<u8>> = extents
+            .iter()
+            .map(|&(lba, blocks)| pattern(lba ^ (depth as u64) << 32, (blocks * 4096) as usize))
+            .collect();
+        transfer(&*leaf, depth, &extents, Some(&data))?;
+        let back = transfer(&*leaf, depth, &extents, None)?;
+        if back != data {
+            return Err(format!(
+                "QD {depth}: read back differs from what was written"
+            ));
+        }
+        let expected: Vec<u8> = data.concat();
+        if dd_read(&ns.block, base, 2048)? != expected {
+            return Err(format!("QD {depth}: dd on {} reads other data", ns.block));
+        }
+        println!(
+            "ok QD {depth}: {} requests of 1..={max} blocks written, read back, equal to dd",
+            extents.len()
+        );
+    }
+    // Beyond the largest transfer: a stack over the leaf splits.
+    let stacked = spec::build(&format!("concat(ng:{})", ns.ng)).map_err(|e| e.to_string())?;
+    let blocks = (max * 4 + 3).min(4096);
+    let lba = 8192;
+    let data = vec![pattern(0xbeef, (blocks * 4096) as usize)];
+    transfer(&*stacked, 4, &[(lba, blocks)], Some(&data))?;
+    if transfer(&*stacked, 4, &[(lba, blocks)], None)? != data {
+        return Err(format!("{blocks} blocks through concat: read back differs"));
+    }
+    if dd_read(&ns.block, lba, blocks)? != data[0] {
+        return Err(format!(
+            "{blocks} blocks through concat: dd reads other data"
+        ));
+    }
+    println!(
+        "ok {blocks} blocks ({}x the largest transfer) as one request through a stack",
+        blocks / max
+    );
+    Ok(())
+}
+
+fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
+    let ns = kernel_namespace(env)?;
+    let leaf = open(&ns)?;
+    // Four scattered sources, one contiguous destination.
+    let sources = [(10_000u64, 16u64), (10_100, 8), (10_050, 32), (10_400, 1)];
+    let data: Vec<Vec<u8>> = sources
+        .iter()
+        .map(|&(lba, blocks)| pattern(lba * 31, (blocks * 4096) as usize))
+        .collect();
+    transfer(&leaf, 4, &sources, Some(&data))?;
+    let dst = 12_000u64;
+    let mut ranges = Vec::new();
+    let mut at = dst;
+    for &(src, blocks) in &sources {
+        ranges.push(OffloadRange {
+            src,
+            dst: at,
+            blocks,
+        });
+        at += blocks;
+    }
+    let mut ch = leaf
+        .open_copy_channel(2)
+        .map_err(|e| e.to_string())?
+        .ok_or("no copy channel")?;
+    ch.submit_copy(&OffloadRequest {
+        source: OffloadSource::SameDevice,
+        ranges: &ranges,
+        ctx: 7,
+    })
+    .map_err(|e| format!("Copy refused: {e:?}"))?;
+    let mut done = Vec::with_capacity(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.is_empty() {
+        ch.poll(&mut done, 2);
+        if Instant::now() > deadline {
+            return Err("the Copy never completed".into());
+        }
+    }
+    match &done[0].outcome {
+        OffloadOutcome::Done => {}
+        other => return Err(format!("Copy: {other:?}")),
+    }
+    let copied = dd_read(&ns.block, dst, at - dst)?;
+    if copied != data.concat() {
+        return Err("dd reads other data at the Copy's destination".into());
+    }
+    println!(
+        "ok a Copy of {} ranges ({} blocks) reads back equal with dd",
+        ranges.len(),
+        at - dst
+    );
+    // More ranges than MSRC + 1 allows: refused by the leaf, nothing sent.
+    let many: Vec<OffloadRange> = (0..17)
+        .map(|i| OffloadRange {
+            src: 10_000 + i,
+            dst: 14_000 + i,
+            blocks: 1,
+        })
+        .collect();
+    match ch.submit_copy(&OffloadRequest {
+        source: OffloadSource::SameDevice,
+        ranges: &many,
+        ctx: 8,
+    }) {
+        Err(e) => println!("ok 17 ranges refused: {e:?}"),
+        Ok(()) => return Err("a Copy of 17 ranges (MSRC 15) was taken".into()),
+    }
+    Ok(())
+}
+
+fn ng_gc_store(env: &GuestEnv) -> Result<(), String> {
+    let ns = kernel_namespace(env)?;
+    let dev = spec::build(&format!("ng:{}", ns.ng)).map_err(|e| e.to_string())?;
+    super::gc::gc_store_relocates_by_copy(&ns.ng, &dev)
+}
