@@ -83,7 +83,7 @@ pub use device::{
 };
 pub use error::{BdevError, IoError, IoErrorKind, error_chain};
 pub use fault::{FaultAction, FaultHandle, FaultRule, FaultyDevice};
-pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice};
+pub use file::{FILE_MAX_TRANSFER_BYTES, FileDevice, FileEngine};
 pub use hold::WriteHolds;
 pub use identity::{BackingId, OffloadDomain};
 pub use mem::{

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use crate::device::BlockDevice;
 use crate::error::BdevError;
-use crate::file::FileDevice;
+use crate::file::{FileDevice, FileEngine};
 use crate::mem::{DEFAULT_MEM_MAX_TRANSFER_BYTES, MemCopyLimits, MemDevice};
 use crate::mirror::{DEFAULT_REGION_BYTES, Mirror};
 use crate::nvme_leaf::NvmeEnvironment;
@@ -734,13 +734,28 @@ struct FileFactory;
 
 impl LeafFactory for FileFactory {
     fn open(&self, spec: &LeafSpec<'_>) -> Result<Arc<dyn BlockDevice>, LeafError> {
-        const ALLOWED: &[&str] = &["bs", "size"];
+        const ALLOWED: &[&str] = &["bs", "size", "engine"];
         let block_size = block_size_option(spec, ALLOWED)?;
         let size = size_option(spec, ALLOWED, "size")?;
-        Ok(Arc::new(FileDevice::open(
+        let engine = match spec.options.iter().rev().find(|o| o.key == "engine") {
+            None => FileEngine::Auto,
+            Some(o) => match o.value {
+                "auto" => FileEngine::Auto,
+                "uring" => FileEngine::Uring,
+                "sync" => FileEngine::Sync,
+                other => {
+                    return Err(LeafError::BadOption {
+                        key: "engine".into(),
+                        reason: format!("`{other}`: auto, uring or sync"),
+                    });
+                }
+            },
+        };
+        Ok(Arc::new(FileDevice::open_with(
             Path::new(spec.body),
             block_size,
             size,
+            engine,
         )?))
     }
 }

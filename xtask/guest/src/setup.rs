@@ -195,6 +195,29 @@ pub fn rebind(addr: &str, driver: &str) -> Result<(), String> {
     })
 }
 
+/// Hands the controller at `addr` to the kernel's nvme driver (if it is
+/// not there already) and returns the block node of its namespace 1 once
+/// it appears.
+pub fn kernel_namespace(addr: &str) -> Result<String, String> {
+    rebind(addr, "nvme")?;
+    let dir = format!("{PCI_DEVICES}/{addr}/nvme");
+    let mut node = None;
+    wait_for(
+        &format!("a namespace of {addr} under nvme"),
+        DEVICE_WAIT,
+        || {
+            node = fs::read_dir(&dir).ok().and_then(|ctrls| {
+                ctrls
+                    .flatten()
+                    .map(|c| format!("/dev/{}n1", c.file_name().to_string_lossy()))
+                    .find(|n| Path::new(n).exists())
+            });
+            node.is_some()
+        },
+    )?;
+    node.ok_or_else(|| format!("{addr}: no namespace block device"))
+}
+
 /// Hands a PCI device to vfio-pci and waits for its group node.
 pub fn bind_vfio(addr: &str) -> Result<(), String> {
     let dev = format!("{PCI_DEVICES}/{addr}");

@@ -12,9 +12,8 @@
 //! alternate without rebinding a controller the process has open.
 
 use super::{GuestEnv, GuestTest, Kind};
-use crate::setup::{bind_vfio, rebind};
+use crate::setup::{bind_vfio, kernel_namespace};
 use crate::topology::COPY;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use ustor_tools::copybench::{Bench, CpuOf, Workload, cpu_time, median};
@@ -36,30 +35,6 @@ const EXTENTS: u64 = 384;
 const DD_SRC_MIB: u64 = 0;
 const DD_DST_MIB: u64 = 32;
 const ROUNDS: u64 = 7;
-
-/// Hands `addr` to the kernel's nvme driver and returns the block node of
-/// its namespace 1 once it appears.
-fn kernel_namespace(addr: &str) -> Result<String, String> {
-    rebind(addr, "nvme")?;
-    let dir = format!("/sys/bus/pci/devices/{addr}/nvme");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ctrls) = std::fs::read_dir(&dir) {
-            for c in ctrls.flatten() {
-                let node = format!("/dev/{}n1", c.file_name().to_string_lossy());
-                if Path::new(&node).exists() {
-                    return Ok(node);
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{addr}: no namespace block device after rebinding to nvme"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Runs `dd` and returns its wall seconds and CPU seconds (user + system,
 /// from the RUSAGE_CHILDREN delta around waiting for it).

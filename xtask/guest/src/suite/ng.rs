@@ -3,8 +3,8 @@
 //! Identify and `dd` on the block node of the same namespace.
 
 use super::{GuestEnv, GuestTest, Kind};
-use crate::setup::tool_output;
-use crate::topology::{FAULTS, GuestDriver};
+use crate::setup::{bind_vfio, kernel_namespace as kernel_node, tool_output};
+use crate::topology::{COPY, FAULTS, GuestDriver, NVME_BENCH};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,20 @@ pub(super) static TESTS: &[GuestTest] = &[
         topology: FAULTS,
         timeout: Duration::from_secs(300),
         run: ng_gc_store,
+    },
+    GuestTest {
+        name: "ng_bench_ustor_vs_fio_uring_cmd",
+        kind: Kind::Bench,
+        topology: NVME_BENCH,
+        timeout: Duration::from_secs(600),
+        run: ng_bench_ustor_vs_fio_uring_cmd,
+    },
+    GuestTest {
+        name: "ng_copy_bench_offload_bounce",
+        kind: Kind::Bench,
+        topology: COPY,
+        timeout: Duration::from_secs(600),
+        run: ng_copy_bench_offload_bounce,
     },
 ];
 
@@ -253,14 +267,16 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
     let leaf = Arc::new(open(&ns)?);
     let max = leaf.info().max_transfer_blocks;
-    // QD 1 to 128, each in a 2048-block region of its own, requests of
-    // varied sizes up to the largest transfer, back to back.
+    // QD 1 to 128, each in a 2048-block region of its own, requests back
+    // to back: mostly small (so 128 are in flight), every eighth up to
+    // the largest transfer.
     for (i, depth) in [1usize, 8, 32, 128].into_iter().enumerate() {
         let base = i as u64 * 2048;
         let mut extents = Vec::new();
         let (mut at, mut k) = (base, 0u64);
         while at < base + 2048 {
-            let blocks = (1 + (k * 7919) % max).min(base + 2048 - at);
+            let limit = if k % 8 == 0 { max } else { max.min(16) };
+            let blocks = (1 + (k * 7919) % limit).min(base + 2048 - at);
             extents.push((at, blocks));
             at += blocks;
             k += 1;
@@ -381,4 +397,180 @@ fn ng_gc_store(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
     let dev = spec::build(&format!("ng:{}", ns.ng)).map_err(|e| e.to_string())?;
     super::gc::gc_store_relocates_by_copy(&ns.ng, &dev)
+}
+
+/// The generic node of the block node `/dev/nvmeXnY`.
+fn generic_node(block: &str) -> Result<String, String> {
+    block
+        .strip_prefix("/dev/nvme")
+        .map(|rest| format!("/dev/ng{rest}"))
+        .ok_or_else(|| format!("{block} is not an NVMe block node"))
+}
+
+/// fio's io_uring_cmd engine on the generic node, at its strongest the
+/// kernel allows: polled (`--hipri`), registered buffers and file.
+fn fio_uring_cmd_iops(ng: &str, qd: u16) -> Result<f64, String> {
+    let args: Vec<String> = vec![
+        "--name=randread".into(),
+        format!("--filename={ng}"),
+        "--ioengine=io_uring_cmd".into(),
+        "--cmd_type=nvme".into(),
+        "--hipri".into(),
+        "--fixedbufs".into(),
+        "--registerfiles".into(),
+        "--rw=randread".into(),
+        "--bs=4k".into(),
+        format!("--iodepth={qd}"),
+        "--numjobs=1".into(),
+        format!("--runtime={}", super::nvme::BENCH_SECONDS),
+        "--time_based".into(),
+        "--output-format=json".into(),
+    ];
+    super::nvme::run_fio(&args)
+}
+
+fn ustor_ng_iops(ng: &str, qd: u16) -> Result<f64, String> {
+    let cfg = ustor_tools::perf::PerfConfig {
+        target: ustor_tools::perf::Target::Stack {
+            spec: format!("ng:{ng}"),
+        },
+        workload: ustor_tools::perf::Workload::RandRead,
+        io_size: 4096,
+        queue_depth: qd,
+        duration: Duration::from_secs(super::nvme::BENCH_SECONDS),
+        threads: 1,
+        shadow_doorbells: false,
+        batch: 1,
+        sq_doorbell_every: 0,
+    };
+    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {ng}: {e}"))?;
+    if r.errors > 0 {
+        return Err(format!("ustor-perf on {ng}: {} I/O errors", r.errors));
+    }
+    println!("{r}");
+    Ok(r.iops)
+}
+
+/// ustor-perf on `ng:` against fio's io_uring_cmd engine on the same
+/// namespace (the null-backed controller, left to the kernel), one boot,
+/// 4 KiB random reads at QD 1 and 32, alternated; median ratios.
+fn ng_bench_ustor_vs_fio_uring_cmd(env: &GuestEnv) -> Result<(), String> {
+    let addr = env
+        .devices
+        .nvme
+        .first()
+        .ok_or("topology has no NVMe controller")?
+        .pci_address
+        .clone();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
+    let result = (|| -> Result<(), String> {
+        let ng = generic_node(&kernel_node(&addr)?)?;
+        let polled = open(&KernelNamespace {
+            ng: ng.clone(),
+            block: String::new(),
+            reference_dir: Default::default(),
+        })?
+        .is_polled();
+        println!("{ng}: polled completions {polled} (nvme.poll_queues=1)");
+        for round in 1..=super::nvme::BENCH_ROUNDS {
+            for (i, qd) in [1u16, 32].into_iter().enumerate() {
+                // Alternate which runs first.
+                let (ours, fio) = if round % 2 == 1 {
+                    let o = ustor_ng_iops(&ng, qd)?;
+                    (o, fio_uring_cmd_iops(&ng, qd)?)
+                } else {
+                    let f = fio_uring_cmd_iops(&ng, qd)?;
+                    (ustor_ng_iops(&ng, qd)?, f)
+                };
+                ratios[i].push(ours / fio);
+                println!(
+                    "round {round} qd{qd}: ustor ng: {ours:.0} IOPS, fio io_uring_cmd {fio:.0} \
+                     IOPS, ratio {:.2}",
+                    ours / fio
+                );
+            }
+        }
+        Ok(())
+    })();
+    let rebound = bind_vfio(&addr);
+    result?;
+    rebound?;
+    let [r1, r32] = &mut ratios;
+    println!(
+        "ustor-ng/fio-uring-cmd iops ratio: qd1={:.2} qd32={:.2}",
+        ustor_tools::copybench::median(r1),
+        ustor_tools::copybench::median(r32)
+    );
+    Ok(())
+}
+
+/// The copy bench's relocation (384 extents of 64 KiB scattered, gathered)
+/// within one namespace through `ng:`: NVMe Copy by passthrough against the
+/// bounce path, alternated; medians of throughput and CPU per GiB.
+fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
+    use ustor_tools::copybench::{Bench, Workload, median};
+    let addr = env
+        .devices
+        .nvme
+        .get(1)
+        .ok_or("the copy topology needs two NVMe controllers")?
+        .pci_address
+        .clone();
+    let mut tput: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let result = (|| -> Result<(), String> {
+        let ng = generic_node(&kernel_node(&addr)?)?;
+        let mut bench = Bench::open(&Workload {
+            src: format!("ng:{ng}"),
+            extent_bytes: 64 << 10,
+            extents: 384,
+            ..Workload::default()
+        })
+        .map_err(|e| ustor::bdev_stack::error_chain(&e))?;
+        for offload in [true, false] {
+            bench.run(offload, 0).map_err(|e| e.to_string())?;
+        }
+        println!("warm-up done (offload, bounce once each; not counted)");
+        for round in 1..=5u64 {
+            let order = if round % 2 == 1 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for offload in order {
+                let r = bench.run(offload, round).map_err(|e| e.to_string())?;
+                let i = usize::from(!offload);
+                tput[i].push(r.mib_per_s);
+                cpu[i].push(r.cpu_s_per_gib);
+                let cmds = r
+                    .methods
+                    .iter()
+                    .map(|m| format!("{} {} cmds", m.method, m.commands))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                println!(
+                    "round {round} {:<7} {:>8.1} MiB/s  CPU {:>8.4} s/GiB, {cmds}, read back equal",
+                    if offload { "offload" } else { "bounce" },
+                    r.mib_per_s,
+                    r.cpu_s_per_gib
+                );
+            }
+        }
+        Ok(())
+    })();
+    let rebound = bind_vfio(&addr);
+    result?;
+    rebound?;
+    let ratio = |x: &[f64], y: &[f64]| -> Vec<f64> {
+        x.iter()
+            .zip(y)
+            .map(|(x, y)| if *y > 0.0 { x / y } else { f64::NAN })
+            .collect()
+    };
+    println!(
+        "ng offload/bounce: throughput={:.2} cpu={:.3}",
+        median(&ratio(&tput[0], &tput[1])),
+        median(&ratio(&cpu[0], &cpu[1]))
+    );
+    Ok(())
 }

@@ -6,6 +6,7 @@ use crate::setup::NvmeDevice;
 use crate::topology::{DEFAULT, NVME_BENCH};
 use std::path::Path;
 use std::time::Duration;
+use ustor_tools::copybench::median;
 
 /// The tests of this module.
 pub(super) static TESTS: &[GuestTest] = &[
@@ -434,37 +435,15 @@ fn vfio_regs_match_nvme_show_regs(env: &GuestEnv) -> Result<(), String> {
 }
 
 /// Rounds of the kernel-vs-ustor comparison (alternated in one boot).
-const BENCH_ROUNDS: usize = 3;
+pub(super) const BENCH_ROUNDS: usize = 3;
 /// Seconds per measured run.
-const BENCH_SECONDS: u64 = 5;
+pub(super) const BENCH_SECONDS: u64 = 5;
 /// ustor-perf's `--sq-doorbell-every` at QD 32: the refill of 32 goes to
 /// the controller in two doorbells of 16, so QEMU starts on the first half
 /// while the second is queued (about 425 K against 360 K IOPS with one
 /// doorbell per refill, measured in one boot; no gain at QD 16, a loss at
 /// QD 64 and 128, where the batches are already long).
 const QD32_SQ_DOORBELL_EVERY: u16 = 16;
-
-/// The block device of namespace 1 of the controller at `addr`, once the
-/// kernel nvme driver has bound it.
-fn kernel_namespace(addr: &str) -> Result<String, String> {
-    let dir = format!("/sys/bus/pci/devices/{addr}/nvme");
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let node = format!("/dev/{name}n1");
-                if Path::new(&node).exists() {
-                    return Ok(node);
-                }
-            }
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("{addr}: no /dev/nvmeXn1 30 s after binding nvme"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// How fio is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -509,8 +488,13 @@ fn fio_iops(node: &str, qd: u16, setup: FioSetup) -> Result<f64, String> {
             ]);
         }
     }
+    run_fio(&args)
+}
+
+/// Runs fio with `args` (a JSON-output read job) and returns its read IOPS.
+pub(super) fn run_fio(args: &[String]) -> Result<f64, String> {
     let out = std::process::Command::new("fio")
-        .args(&args)
+        .args(args)
         .output()
         .map_err(|e| format!("running fio: {e}"))?;
     if !out.status.success() {
@@ -564,14 +548,6 @@ fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String
     Ok(r.iops)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 /// fio (kernel nvme driver, io_uring, polled) against ustor-perf (VFIO) on
 /// the same controller in one boot, 4 KiB random reads at QD 1 and 32,
@@ -605,8 +581,7 @@ fn nvme_bench_ustor_vs_fio(env: &GuestEnv) -> Result<(), String> {
     let mut ratios: [[Vec<f64>; 2]; 2] = Default::default();
     let result = (|| -> Result<(), String> {
         for round in 1..=BENCH_ROUNDS {
-            crate::setup::rebind(addr, "nvme")?;
-            let node = kernel_namespace(addr)?;
+            let node = crate::setup::kernel_namespace(addr)?;
             let mut fio = [[0f64; 2]; 2];
             for (s, setup) in [FioSetup::Reference, FioSetup::Tuned]
                 .into_iter()

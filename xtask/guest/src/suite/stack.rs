@@ -5,7 +5,7 @@
 //! on the LUN) and compared with what the stack wrote.
 
 use super::{GuestEnv, GuestTest, Kind};
-use crate::setup::{bind_vfio, rebind, tool_output};
+use crate::setup::{bind_vfio, kernel_namespace, tool_output};
 use crate::topology::{HOTPLUG, STACK};
 use std::path::Path;
 use std::sync::Arc;
@@ -264,31 +264,6 @@ fn lio_lun(env: &GuestEnv, index: usize) -> Result<String, String> {
         .sg_path
         .display()
         .to_string())
-}
-
-/// Hands `addr` back to the kernel's nvme driver and returns the block
-/// node of its namespace 1 once it appears.
-fn kernel_namespace(addr: &str) -> Result<String, String> {
-    rebind(addr, "nvme")?;
-    let dir = format!("/sys/bus/pci/devices/{addr}/nvme");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ctrls) = std::fs::read_dir(&dir) {
-            for c in ctrls.flatten() {
-                let name = c.file_name().to_string_lossy().into_owned();
-                let node = format!("/dev/{name}n1");
-                if Path::new(&node).exists() {
-                    return Ok(node);
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{addr}: no namespace block device after rebinding to nvme"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Reads `count` 512-byte blocks at `skip` of `input` with the reference
