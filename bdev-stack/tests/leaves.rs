@@ -194,3 +194,56 @@ fn devices_that_need_an_iova_refuse_host_memory() {
         }
     );
 }
+
+#[test]
+fn file_leaf_on_io_uring_keeps_many_requests_in_flight() {
+    use bdev_stack::FileEngine;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("file-uring-{}.img", std::process::id()));
+    let device = FileDevice::open_with(&path, 512, Some(4 << 20), FileEngine::Uring)
+        .expect("io_uring file leaf");
+    assert_eq!(device.engine(), FileEngine::Uring);
+    let depth = 64;
+    let mut ch = device.open_channel(depth).expect("channel");
+    // 64 writes of 8 KiB at scattered offsets, all submitted before any
+    // poll: the ring holds them together.
+    let mut bufs: Vec<HostBuffer> = (0..depth)
+        .map(|i| {
+            let mut b = HostBuffer::new(8192).expect("buffer");
+            b.as_mut_slice()
+                .copy_from_slice(&pattern(i as u64 + 7, 8192));
+            b
+        })
+        .collect();
+    let lba = |i: usize| ((i * 37) % depth * 16) as u64;
+    for (i, b) in bufs.iter_mut().enumerate() {
+        let slice = bdev_stack::DmaMemory::dma_slice(b);
+        // SAFETY: the buffers outlive the requests, polled to completion.
+        unsafe { ch.submit(IoRequest::write(lba(i), 16, slice, i as u64)) }.expect("submit");
+    }
+    assert_eq!(ch.outstanding(), depth);
+    assert!(matches!(
+        unsafe { ch.submit(IoRequest::no_data(IoOp::Flush, 0, 0, 99)) },
+        Err(SubmitError::Busy)
+    ));
+    let mut out = vec![Completion::EMPTY; depth];
+    let mut done = 0;
+    while done < depth {
+        let n = ch.poll(&mut out);
+        for c in &out[..n] {
+            c.result.expect("write");
+        }
+        done += n;
+    }
+    assert_eq!(ch.outstanding(), 0);
+    drop(ch);
+    let bytes = std::fs::read(&path).expect("file");
+    for i in 0..depth {
+        let at = lba(i) as usize * 512;
+        assert!(
+            bytes[at..at + 8192] == pattern(i as u64 + 7, 8192)[..],
+            "write {i}"
+        );
+    }
+    std::fs::remove_file(&path).expect("remove");
+}

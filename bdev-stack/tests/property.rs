@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bdev_stack::{
-    Access, BlockDevice, Concat, FaultAction, FaultRule, FaultyDevice, FileDevice, HostBuffer,
-    IoErrorKind, IoOp, MemDevice, Mirror, OwnedChannel, Stripe, find_device,
+    Access, BlockDevice, Concat, FaultAction, FaultRule, FaultyDevice, FileDevice, FileEngine,
+    HostBuffer, IoErrorKind, IoOp, MemDevice, Mirror, OwnedChannel, Stripe, find_device,
 };
 use common::{pattern, read_device};
 use proptest::prelude::*;
@@ -74,14 +74,18 @@ fn build_with(shape: &Shape, faults: Option<LegFaults>) -> Arc<dyn BlockDevice> 
         ),
         Shape::File { blocks } => {
             static NEXT: AtomicU64 = AtomicU64::new(0);
-            let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-                "property-{}-{}.img",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("property-{}-{n}.img", std::process::id()));
             let _ = std::fs::remove_file(&path);
-            let device =
-                FileDevice::open(&path, BS as u32, Some(blocks * BS as u64)).expect("file");
+            // Both engines: io_uring and pread/pwrite, alternately.
+            let engine = if n.is_multiple_of(2) {
+                FileEngine::Uring
+            } else {
+                FileEngine::Sync
+            };
+            let device = FileDevice::open_with(&path, BS as u32, Some(blocks * BS as u64), engine)
+                .expect("file");
             // The open descriptor keeps the file; the name is not needed.
             std::fs::remove_file(&path).expect("unlink");
             Arc::new(device)

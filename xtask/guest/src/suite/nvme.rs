@@ -548,7 +548,6 @@ fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String
     Ok(r.iops)
 }
 
-
 /// fio (kernel nvme driver, io_uring, polled) against ustor-perf (VFIO) on
 /// the same controller in one boot, 4 KiB random reads at QD 1 and 32,
 /// alternated; ends with the median ratios. The namespace has no host I/O
