@@ -450,6 +450,14 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 
+    /// For a leaf of host memory with buffers that serve it best (the
+    /// io_uring leaves' registered buffers), their allocator; `None`
+    /// otherwise. [`crate::nvme_leaf::dma_allocator_for`] gives a stack
+    /// without IOVA leaves the first leaf's.
+    fn host_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        None
+    }
+
     /// Opens a channel for offloaded copies onto this device, for the
     /// calling thread, holding `depth` commands in flight; `None` when the
     /// device executes no copy offload (every virtual device: the copy

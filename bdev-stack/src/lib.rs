@@ -66,6 +66,7 @@ pub mod nvme_leaf;
 mod offload;
 mod owned;
 mod pool;
+mod registered;
 mod scsi_leaf;
 mod slice;
 pub mod spec;
@@ -101,6 +102,7 @@ pub use offload::{
     OffloadOutcome, OffloadRange, OffloadRequest, OffloadSource, OffloadSubmitError, RodToken,
 };
 pub use owned::{OwnedChannel, Rejected};
+pub use registered::{REGISTERED_BYTES, RegisteredAllocator, RegisteredBuffer, RegisteredMemory};
 pub use scsi_leaf::{SG_MAX_TRANSFER_BYTES, ScsiLeaf, SgEmuFactory, SgFactory};
 pub use slice::Slice;
 pub use split::{Concat, ConcatLayout, Layout, SplitDevice, Stripe, StripeLayout};

@@ -14,6 +14,7 @@ use std::io;
 use io_uring::{IoUring, cqueue, squeue};
 
 use crate::error::BdevError;
+use crate::registered::RegisteredMemory;
 
 /// What to do about an `io_uring_setup` failure, by its errno.
 pub(crate) fn setup_hint(error: &io::Error) -> &'static str {
@@ -90,6 +91,21 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Registers `memory` as fixed buffer 0; false (with a note) where the
+    /// kernel refuses, e.g. past the locked-memory limit: commands then go
+    /// without it.
+    pub(crate) fn register(&mut self, device: &str, memory: &RegisteredMemory) -> bool {
+        let iovec = memory.iovec();
+        // SAFETY: the caller keeps `memory` alive as long as the ring.
+        match unsafe { self.ring.submitter().register_buffers(&[iovec]) } {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(device, error = %e, "registered buffers refused (raise `ulimit -l`); buffers are mapped per command");
+                false
+            }
         }
     }
 

@@ -247,3 +247,72 @@ fn file_leaf_on_io_uring_keeps_many_requests_in_flight() {
     }
     std::fs::remove_file(&path).expect("remove");
 }
+
+/// Pinned memory of this process (`VmPin`), in KiB.
+fn pinned_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmPin")
+}
+
+#[test]
+fn file_leaf_buffers_are_registered_with_its_rings() {
+    use bdev_stack::nvme_leaf::dma_allocator_for;
+    use bdev_stack::{DmaMemory, FileEngine, OwnedChannel, REGISTERED_BYTES};
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("file-registered-{}.img", std::process::id()));
+    let device: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open_with(&path, 512, Some(4 << 20), FileEngine::Uring).expect("file leaf"),
+    );
+    // The stack's allocator is the leaf's registered memory ...
+    let alloc = dma_allocator_for(&device).expect("allocator");
+    let before = pinned_kib();
+    // ... which a ring opened now registers (pins) once.
+    let mut ch = OwnedChannel::<Box<dyn DmaMemory>>::open(&*device, 8).expect("channel");
+    let pinned = pinned_kib() - before;
+    assert!(
+        pinned >= (REGISTERED_BYTES / 1024) as u64,
+        "the ring pinned {pinned} KiB"
+    );
+    // Fixed-buffer writes and reads land and read back.
+    for i in 0..8u64 {
+        let mut buf = alloc.allocate(4096).expect("buffer");
+        buf.fill_from(0, &pattern(i + 100, 4096)).expect("fill");
+        ch.write(i * 8, 8, buf, i)
+            .map_err(|r| r.error)
+            .expect("write");
+    }
+    let mut done = 0;
+    while done < 8 {
+        done += ch.poll(8, |_, r, _| r.expect("write"));
+    }
+    for i in 0..8u64 {
+        let buf = alloc.allocate(4096).expect("buffer");
+        ch.read(i * 8, 8, buf, i)
+            .map_err(|r| r.error)
+            .expect("read");
+    }
+    let mut back = vec![Vec::new(); 8];
+    let mut done = 0;
+    while done < 8 {
+        done += ch.poll(8, |ctx, r, buf| {
+            r.expect("read");
+            let mut bytes = vec![0u8; 4096];
+            buf.expect("buffer").copy_to(0, &mut bytes).expect("copy");
+            back[ctx as usize] = bytes;
+        });
+    }
+    for (i, bytes) in back.iter().enumerate() {
+        assert!(
+            bytes[..] == pattern(i as u64 + 100, 4096)[..],
+            "block run {i}"
+        );
+    }
+    drop(ch);
+    let file = std::fs::read(&path).expect("file");
+    assert!(file[..4096] == pattern(100, 4096)[..]);
+    std::fs::remove_file(&path).expect("remove");
+}

@@ -26,12 +26,14 @@ use std::sync::Arc;
 use io_uring::{cqueue, squeue};
 use tracing::warn;
 
+use crate::buffer::DmaAllocator;
 use crate::device::{
     Access, BlockDevice, Channel, DeviceId, DeviceInfo, DeviceKind, LeafFragment, SupportedOps,
     map_leaf,
 };
 use crate::error::{BdevError, IoError};
 use crate::identity::BackingId;
+use crate::registered::{LazyRegistered, RegisteredAllocator};
 use sync::SyncChannel;
 use uring::UringChannel;
 
@@ -59,6 +61,7 @@ pub struct FileDevice {
     backing: BackingId,
     /// The engine decided at open: `Uring` or `Sync`.
     engine: FileEngine,
+    registered: LazyRegistered,
 }
 
 impl FileDevice {
@@ -138,6 +141,7 @@ impl FileDevice {
             direct,
             backing,
             engine: FileEngine::Sync,
+            registered: LazyRegistered::default(),
         }
         .with_engine(engine)
     }
@@ -227,12 +231,20 @@ impl BlockDevice for FileDevice {
         let (info, file) = (self.info.clone(), Arc::clone(&self.file));
         Ok(match self.engine {
             FileEngine::Sync => Box::new(SyncChannel::new(info, file, depth)?),
-            _ => Box::new(UringChannel::new(info, file, depth)?),
+            _ => Box::new(UringChannel::new(info, file, depth, self.registered.get())?),
         })
     }
 
     fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
         Vec::new()
+    }
+
+    fn host_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        if self.engine != FileEngine::Uring {
+            return None;
+        }
+        let memory = self.registered.get_or_map().ok()?;
+        Some(Arc::new(RegisteredAllocator::new(memory)))
     }
 
     fn backing(&self) -> BackingId {

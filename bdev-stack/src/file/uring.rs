@@ -14,6 +14,7 @@ use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::registered::RegisteredMemory;
 use crate::uring::Ring;
 
 /// What a channel remembers of a request while the kernel has it.
@@ -28,6 +29,8 @@ struct Slot {
     len: u64,
     /// Bytes transferred so far (short transfers continue from here).
     done: u64,
+    /// The buffer lies in the registered memory.
+    fixed: bool,
 }
 
 // SAFETY: the pointer names the buffer the submit contract hands the
@@ -47,6 +50,8 @@ pub(super) struct UringChannel {
     /// slots stay taken until then.
     ready: VecDeque<(u32, Result<(), IoErrorKind>)>,
     zeroing: Zeroing,
+    /// The leaf's registered memory, when this ring registered it.
+    registered: Option<Arc<RegisteredMemory>>,
     _not_sync: NotSync,
 }
 
@@ -55,8 +60,10 @@ impl UringChannel {
         info: DeviceInfo,
         file: Arc<File>,
         depth: usize,
+        registered: Option<Arc<RegisteredMemory>>,
     ) -> Result<UringChannel, BdevError> {
-        let ring = Ring::new(&info.name, depth, false)?;
+        let mut ring = Ring::new(&info.name, depth, false)?;
+        let registered = registered.filter(|memory| ring.register(&info.name, memory));
         let empty = Slot {
             ctx: 0,
             op: IoOp::Read,
@@ -65,6 +72,7 @@ impl UringChannel {
             ptr: std::ptr::null_mut(),
             len: 0,
             done: 0,
+            fixed: false,
         };
         Ok(UringChannel {
             zeroing: Zeroing::new(&info)?,
@@ -75,6 +83,7 @@ impl UringChannel {
             free: (0..depth as u32).rev().collect(),
             resume: VecDeque::with_capacity(depth),
             ready: VecDeque::with_capacity(depth),
+            registered,
             _not_sync: NotSync::default(),
         })
     }
@@ -87,9 +96,15 @@ impl UringChannel {
         // SAFETY: `done <= len`, inside the request's buffer.
         let ptr = unsafe { slot.ptr.add(slot.done as usize) };
         let left = (slot.len - slot.done) as u32;
-        let entry = match slot.op {
-            IoOp::Read => opcode::Read::new(fd, ptr, left).offset(offset).build(),
-            IoOp::Write => opcode::Write::new(fd, ptr, left).offset(offset).build(),
+        let entry = match (slot.op, slot.fixed) {
+            (IoOp::Read, true) => opcode::ReadFixed::new(fd, ptr, left, 0)
+                .offset(offset)
+                .build(),
+            (IoOp::Write, true) => opcode::WriteFixed::new(fd, ptr, left, 0)
+                .offset(offset)
+                .build(),
+            (IoOp::Read, false) => opcode::Read::new(fd, ptr, left).offset(offset).build(),
+            (IoOp::Write, false) => opcode::Write::new(fd, ptr, left).offset(offset).build(),
             _ => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -142,6 +157,7 @@ impl Channel for UringChannel {
                 ptr: std::ptr::null_mut(),
                 len: 0,
                 done: 0,
+                fixed: false,
             };
             self.ready.push_back((index, result));
             return Ok(());
@@ -164,6 +180,10 @@ impl Channel for UringChannel {
                 0
             },
             done: 0,
+            fixed: self
+                .registered
+                .as_ref()
+                .is_some_and(|memory| memory.contains(&req.buf)),
         };
         let entry = self.entry(index);
         // SAFETY: the buffer stays the channel's until `poll` returns the

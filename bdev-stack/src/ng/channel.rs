@@ -16,6 +16,7 @@ use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
 };
 use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::registered::RegisteredMemory;
 use crate::uring::Ring;
 
 /// Blocks one Write Zeroes command takes (NLB is 16 bits, 0's based).
@@ -69,6 +70,8 @@ pub(super) struct NgChannel {
     dsm: Vec<[DsmRange; DSM_RANGES]>,
     /// Completions decided without the kernel.
     ready: VecDeque<Completion>,
+    /// The leaf's registered memory, when this ring registered it.
+    registered: Option<Arc<RegisteredMemory>>,
     _not_sync: NotSync,
 }
 
@@ -79,8 +82,10 @@ impl NgChannel {
         nsid: u32,
         depth: usize,
         polled: bool,
+        registered: Option<Arc<RegisteredMemory>>,
     ) -> Result<NgChannel, BdevError> {
-        let ring = Ring::new(&info.name, depth + WRITE_ZEROES_PARTS as usize, polled)?;
+        let mut ring = Ring::new(&info.name, depth + WRITE_ZEROES_PARTS as usize, polled)?;
+        let registered = registered.filter(|memory| ring.register(&info.name, memory));
         Ok(NgChannel {
             info,
             file,
@@ -100,6 +105,7 @@ impl NgChannel {
             free: (0..depth as u32).rev().collect(),
             dsm: vec![[DsmRange::default(); DSM_RANGES]; depth],
             ready: VecDeque::with_capacity(depth),
+            registered,
             _not_sync: NotSync::default(),
         })
     }
@@ -114,14 +120,22 @@ impl NgChannel {
         }
     }
 
-    /// Pushes one passthrough command for `slot`.
+    /// Pushes one passthrough command for `slot`; `fixed` when the data
+    /// lies in the registered memory.
     ///
     /// # Safety
     /// `addr..addr + len` must stay valid until the command completes.
-    unsafe fn push(&mut self, slot: u32, sqe: &SubmissionEntry, addr: u64, len: usize) -> bool {
+    unsafe fn push(
+        &mut self,
+        slot: u32,
+        sqe: &SubmissionEntry,
+        (addr, len): (u64, usize),
+        fixed: bool,
+    ) -> bool {
         let cmd = PassthruCmd::from_sqe(sqe, addr, len as u32);
         let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
             .cmd(cmd.uring_cmd())
+            .buf_index(fixed.then_some(0))
             .build()
             .user_data(u64::from(slot));
         // SAFETY: the caller keeps the data valid; the file lives in self.
@@ -170,6 +184,10 @@ impl Channel for NgChannel {
         };
         let nsid = self.nsid;
         let addr = req.buf.host_ptr() as u64;
+        let fixed = self
+            .registered
+            .as_ref()
+            .is_some_and(|memory| memory.contains(&req.buf));
         // The room was reserved: every push below succeeds.
         // SAFETY (all pushes): the request's buffer stays valid until
         // `poll` returns its completion (the contract of `submit`); the
@@ -177,14 +195,14 @@ impl Channel for NgChannel {
         match req.op {
             IoOp::Read => unsafe {
                 let sqe = Read::new(nsid, req.lba, req.blocks as u32).build(Prps::NONE);
-                self.push(slot, &sqe, addr, req.buf.len());
+                self.push(slot, &sqe, (addr, req.buf.len()), fixed);
             },
             IoOp::Write => unsafe {
                 let sqe = Write::new(nsid, req.lba, req.blocks as u32).build(Prps::NONE);
-                self.push(slot, &sqe, addr, req.buf.len());
+                self.push(slot, &sqe, (addr, req.buf.len()), fixed);
             },
             IoOp::Flush => unsafe {
-                self.push(slot, &Flush::new(nsid).build(), 0, 0);
+                self.push(slot, &Flush::new(nsid).build(), (0, 0), false);
             },
             IoOp::WriteZeroes => {
                 let (mut lba, mut left) = (req.lba, req.blocks);
@@ -192,7 +210,7 @@ impl Channel for NgChannel {
                     let take = left.min(WRITE_ZEROES_BLOCKS);
                     let sqe = WriteZeroes::new(nsid, lba, take as u32).build();
                     // SAFETY: no data.
-                    unsafe { self.push(slot, &sqe, 0, 0) };
+                    unsafe { self.push(slot, &sqe, (0, 0), false) };
                     lba += take;
                     left -= take;
                 }
@@ -215,7 +233,7 @@ impl Channel for NgChannel {
                 let (addr, len) = (bytes.as_ptr() as u64, bytes.len());
                 let sqe = Deallocate::new(nsid, n as u32).build(Prps::NONE);
                 // SAFETY: the ranges live in self.dsm until completion.
-                unsafe { self.push(slot, &sqe, addr, len) };
+                unsafe { self.push(slot, &sqe, (addr, len), false) };
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ use zerocopy::FromBytes;
 use super::channel::NgChannel;
 use super::copy::NgCopyChannel;
 use super::sys::{self, AdminError};
+use crate::buffer::DmaAllocator;
 use crate::device::{
     Access, BlockDevice, Channel, CopyOffload, DeviceId, DeviceInfo, DeviceKind, LeafFragment,
     SupportedOps, map_leaf,
@@ -24,6 +25,7 @@ use crate::device::{
 use crate::error::{BdevError, IoError};
 use crate::identity::{BackingId, OffloadDomain};
 use crate::offload::CopyChannel;
+use crate::registered::{LazyRegistered, RegisteredAllocator};
 
 /// Source ranges one Copy command carries at most: one 4 KiB page of
 /// format-0 descriptors.
@@ -59,6 +61,7 @@ pub struct NgNamespace {
     copy_limits: Option<(u32, u64, u64)>,
     backing: BackingId,
     identify: Box<(IdentifyController, IdentifyNamespace)>,
+    registered: LazyRegistered,
 }
 
 fn problem(path: &Path, problem: impl Into<String>, source: Option<io::Error>) -> BdevError {
@@ -287,6 +290,7 @@ impl NgNamespace {
             copy_limits,
             backing,
             identify: Box::new((ctrl, ns)),
+            registered: LazyRegistered::default(),
         })
     }
 
@@ -365,6 +369,7 @@ impl BlockDevice for NgNamespace {
             self.nsid,
             depth.max(1),
             self.polled,
+            self.registered.get(),
         )?))
     }
 
@@ -374,6 +379,11 @@ impl BlockDevice for NgNamespace {
 
     fn backing(&self) -> BackingId {
         self.backing.clone()
+    }
+
+    fn host_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        let memory = self.registered.get_or_map().ok()?;
+        Some(Arc::new(RegisteredAllocator::new(memory)))
     }
 
     fn open_copy_channel(&self, depth: usize) -> Result<Option<Box<dyn CopyChannel>>, BdevError> {

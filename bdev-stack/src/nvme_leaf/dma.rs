@@ -161,5 +161,20 @@ pub fn dma_allocator_for(
         }
         stack.extend(members);
     }
-    Ok(found.map_or_else(|| Arc::new(crate::buffer::HostAllocator) as _, |(_, a)| a))
+    if let Some((_, alloc)) = found {
+        return Ok(alloc);
+    }
+    // Host memory serves every leaf; the first leaf with buffers of its
+    // own (registered with its rings) gets them.
+    let mut stack = vec![Arc::clone(device)];
+    while let Some(d) = stack.pop() {
+        let members = d.members();
+        if members.is_empty()
+            && let Some(alloc) = d.host_allocator()
+        {
+            return Ok(alloc);
+        }
+        stack.extend(members.into_iter().rev());
+    }
+    Ok(Arc::new(crate::buffer::HostAllocator))
 }

@@ -8,9 +8,10 @@ use crate::topology::{COPY, FAULTS, GuestDriver, NVME_BENCH};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ustor::bdev_stack::nvme_leaf::dma_allocator_for;
 use ustor::bdev_stack::{
-    BlockDevice, CopyOffload, HostBuffer, NgNamespace, OffloadOutcome, OffloadRange,
-    OffloadRequest, OffloadSource, OwnedChannel, SubmitError, spec,
+    BlockDevice, CopyOffload, DmaMemory, NgNamespace, OffloadOutcome, OffloadRange, OffloadRequest,
+    OffloadSource, OwnedChannel, SubmitError, spec,
 };
 
 /// The tests of this module.
@@ -42,6 +43,13 @@ pub(super) static TESTS: &[GuestTest] = &[
         topology: FAULTS,
         timeout: Duration::from_secs(300),
         run: ng_gc_store,
+    },
+    GuestTest {
+        name: "file_leaf_holds_a_block_device_exclusively",
+        kind: Kind::Test,
+        topology: FAULTS,
+        timeout: Duration::from_secs(60),
+        run: file_leaf_holds_a_block_device_exclusively,
     },
     GuestTest {
         name: "ng_bench_ustor_vs_fio_uring_cmd",
@@ -198,15 +206,19 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Runs writes (with `data`) or reads of `extents` (lba, blocks) on `dev`,
-/// `depth` in flight; returns what reads read, in extent order.
+/// `depth` in flight, with buffers from the stack's allocator (for an
+/// io_uring leaf: its registered memory, fixed-buffer commands); returns
+/// what reads read, in extent order.
 fn transfer(
-    dev: &dyn BlockDevice,
+    dev: &Arc<dyn BlockDevice>,
     depth: usize,
     extents: &[(u64, u64)],
     data: Option<&[Vec<u8>]>,
 ) -> Result<Vec<Vec<u8>>, String> {
     let bs = u64::from(dev.info().block_size);
-    let mut ch = OwnedChannel::<HostBuffer>::open(dev, depth).map_err(|e| e.to_string())?;
+    let alloc = dma_allocator_for(dev).map_err(|e| e.to_string())?;
+    let mut ch =
+        OwnedChannel::<Box<dyn DmaMemory>>::open(&**dev, depth).map_err(|e| e.to_string())?;
     let mut results = vec![Vec::new(); extents.len()];
     let mut failures = Vec::new();
     let mut next = 0;
@@ -214,10 +226,12 @@ fn transfer(
     while next < extents.len() || ch.outstanding() > 0 {
         while next < extents.len() && ch.outstanding() < depth {
             let (lba, blocks) = extents[next];
-            let mut buf = HostBuffer::new((blocks * bs) as usize).map_err(|e| e.to_string())?;
+            let mut buf = alloc
+                .allocate((blocks * bs) as usize)
+                .map_err(|e| e.to_string())?;
             let submitted = match data {
                 Some(d) => {
-                    buf.as_mut_slice().copy_from_slice(&d[next]);
+                    buf.fill_from(0, &d[next]).map_err(|e| e.to_string())?;
                     ch.write(lba, blocks, buf, next as u64)
                 }
                 None => ch.read(lba, blocks, buf, next as u64),
@@ -229,7 +243,13 @@ fn transfer(
             }
         }
         ch.poll(depth, |ctx, result, buf| match (result, buf) {
-            (Ok(()), Some(buf)) => results[ctx as usize] = buf.as_slice().to_vec(),
+            (Ok(()), Some(mut buf)) => {
+                let mut bytes = vec![0u8; extents[ctx as usize].1 as usize * bs as usize];
+                match buf.copy_to(0, &mut bytes) {
+                    Ok(()) => results[ctx as usize] = bytes,
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
             (Ok(()), None) => {}
             (Err(e), _) => failures.push(format!("extent {ctx}: {e}")),
         });
@@ -265,7 +285,7 @@ fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
 
 fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf = Arc::new(open(&ns)?);
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns)?);
     let max = leaf.info().max_transfer_blocks;
     // QD 1 to 128, each in a 2048-block region of its own, requests back
     // to back: mostly small (so 128 are in flight), every eighth up to
@@ -285,8 +305,8 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
             .iter()
             .map(|&(lba, blocks)| pattern(lba ^ (depth as u64) << 32, (blocks * 4096) as usize))
             .collect();
-        transfer(&*leaf, depth, &extents, Some(&data))?;
-        let back = transfer(&*leaf, depth, &extents, None)?;
+        transfer(&leaf, depth, &extents, Some(&data))?;
+        let back = transfer(&leaf, depth, &extents, None)?;
         if back != data {
             return Err(format!(
                 "QD {depth}: read back differs from what was written"
@@ -306,8 +326,8 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
     let blocks = (max * 4 + 3).min(4096);
     let lba = 8192;
     let data = vec![pattern(0xbeef, (blocks * 4096) as usize)];
-    transfer(&*stacked, 4, &[(lba, blocks)], Some(&data))?;
-    if transfer(&*stacked, 4, &[(lba, blocks)], None)? != data {
+    transfer(&stacked, 4, &[(lba, blocks)], Some(&data))?;
+    if transfer(&stacked, 4, &[(lba, blocks)], None)? != data {
         return Err(format!("{blocks} blocks through concat: read back differs"));
     }
     if dd_read(&ns.block, lba, blocks)? != data[0] {
@@ -324,7 +344,7 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
 
 fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf = open(&ns)?;
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns)?);
     // Four scattered sources, one contiguous destination.
     let sources = [(10_000u64, 16u64), (10_100, 8), (10_050, 32), (10_400, 1)];
     let data: Vec<Vec<u8>> = sources
@@ -571,6 +591,46 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
         "ng offload/bounce: throughput={:.2} cpu={:.3}",
         median(&ratio(&tput[0], &tput[1])),
         median(&ratio(&cpu[0], &cpu[1]))
+    );
+    Ok(())
+}
+
+/// A `file:` leaf over a block device holds it exclusively (`O_EXCL`):
+/// a second exclusive user (another leaf, a mount) is refused with the
+/// typed "in use" error while the first lives, and welcome after; and it
+/// runs on io_uring.
+fn file_leaf_holds_a_block_device_exclusively(env: &GuestEnv) -> Result<(), String> {
+    let ns = kernel_namespace(env)?;
+    let spec_text = format!("file:{},bs=4096", ns.block);
+    let first = spec::build(&spec_text).map_err(|e| e.to_string())?;
+    ensure_eq!("block count", first.info().block_count, 16384);
+    match spec::build(&spec_text) {
+        Ok(_) => return Err(format!("{}: opened twice exclusively", ns.block)),
+        Err(e) => {
+            let chain = ustor::bdev_stack::error_chain(&e);
+            if !chain.contains("is in use") || !chain.contains("Device or resource busy") {
+                return Err(format!("not the typed in-use error: {chain}"));
+            }
+            println!("ok second exclusive open refused: {chain}");
+        }
+    }
+    let leaf = ustor::bdev_stack::FileDevice::open(Path::new(&ns.block), 4096, None);
+    if leaf.is_ok() {
+        return Err("a FileDevice opened the held block device".into());
+    }
+    // Writes through the first, on io_uring, read by dd.
+    let data = vec![pattern(0xfeed, 8 * 4096)];
+    transfer(&first, 4, &[(15_000, 8)], Some(&data))?;
+    if dd_read(&ns.block, 15_000, 8)? != data[0] {
+        return Err("dd reads other data than the file leaf wrote".into());
+    }
+    drop(first);
+    let again = ustor::bdev_stack::FileDevice::open(Path::new(&ns.block), 4096, None)
+        .map_err(|e| format!("after the first closed: {e}"))?;
+    ensure_eq!(
+        "engine",
+        again.engine(),
+        ustor::bdev_stack::FileEngine::Uring
     );
     Ok(())
 }
