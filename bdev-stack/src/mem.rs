@@ -21,6 +21,7 @@ use crate::device::{
 };
 use crate::error::{BdevError, IoError};
 use crate::identity::OffloadDomain;
+use crate::offload::no_rod_tokens;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -533,22 +534,14 @@ impl CopyChannel for MemCopyChannel {
         if self.done.len() >= self.depth {
             return Err(OffloadSubmitError::Busy);
         }
-        // An NVMe-like leaf has no ROD tokens: the command is not supported.
-        let error = OffloadError {
-            device: self.info.id,
-            dst_lba: ranges.first().map_or(0, |r| r.lba),
-            blocks: ranges.iter().map(|r| r.blocks).sum(),
-            kind: OffloadErrorKind::Unsupported,
-            status: DeviceStatus::Nvme {
-                sct: 0,
-                sc: 0x01,
-                dnr: true,
-            },
+        // An NVMe-like leaf has no ROD tokens: Invalid Command Opcode.
+        let status = DeviceStatus::Nvme {
+            sct: 0,
+            sc: 0x01,
+            dnr: true,
         };
-        self.done.push_back(OffloadCompletion {
-            ctx,
-            outcome: OffloadOutcome::NotDone(error),
-        });
+        self.done
+            .push_back(no_rod_tokens(self.info.id, ranges, ctx, status));
         Ok(())
     }
 

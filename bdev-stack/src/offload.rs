@@ -327,3 +327,23 @@ pub trait CopyChannel: Send {
     /// Commands submitted and not yet returned by `poll`.
     fn outstanding(&self) -> usize;
 }
+
+/// The completion of a POPULATE TOKEN sent to a leaf without ROD tokens
+/// (NVMe has none): not done, unsupported, with the device's `status`.
+pub(crate) fn no_rod_tokens(
+    device: DeviceId,
+    ranges: &[LbaRange],
+    ctx: u64,
+    status: DeviceStatus,
+) -> OffloadCompletion {
+    OffloadCompletion {
+        ctx,
+        outcome: OffloadOutcome::NotDone(OffloadError {
+            device,
+            dst_lba: ranges.first().map_or(0, |r| r.lba),
+            blocks: ranges.iter().map(|r| r.blocks).sum(),
+            kind: OffloadErrorKind::Unsupported,
+            status,
+        }),
+    }
+}

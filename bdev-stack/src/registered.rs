@@ -4,6 +4,12 @@
 //! whose buffer lies in it goes as a fixed-buffer command: the kernel maps
 //! no pages per I/O.
 //!
+//! The mapping is registered as [`SEGMENT_BYTES`] segments, one fixed
+//! buffer each, and no buffer crosses a segment: Linux 6.1 hands NVMe
+//! passthrough the pages from the buffer's start to its fixed buffer's
+//! end, and refuses (EINVAL) more than the queue's `max_segments` of them,
+//! so one registration of the whole mapping works only for files.
+//!
 //! The mapping is made when someone first asks the leaf for buffers
 //! ([`crate::BlockDevice::host_allocator`], which
 //! [`crate::nvme_leaf::dma_allocator_for`] consults), so leaves nobody
@@ -20,6 +26,9 @@ use crate::error::BdevError;
 
 /// Bytes of a leaf's registered memory.
 pub const REGISTERED_BYTES: usize = 16 << 20;
+/// Bytes of one registered segment (one fixed buffer): 64 pages, within
+/// every NVMe queue's `max_segments`. Larger buffers come from the heap.
+pub const SEGMENT_BYTES: usize = 256 << 10;
 
 /// One mapping registered with a leaf's rings.
 pub struct RegisteredMemory {
@@ -36,9 +45,9 @@ unsafe impl Send for RegisteredMemory {}
 unsafe impl Sync for RegisteredMemory {}
 
 impl RegisteredMemory {
-    /// Maps `len` bytes (rounded up to pages) of anonymous memory.
+    /// Maps `len` bytes (rounded up to segments) of anonymous memory.
     pub fn new(len: usize) -> Result<Arc<RegisteredMemory>, BdevError> {
-        let len = len.max(PAGE_SIZE).next_multiple_of(PAGE_SIZE);
+        let len = len.max(SEGMENT_BYTES).next_multiple_of(SEGMENT_BYTES);
         // SAFETY: an anonymous private mapping, no fixed address.
         let raw = unsafe {
             libc::mmap(
@@ -61,29 +70,51 @@ impl RegisteredMemory {
         }))
     }
 
-    /// The mapping as an `iovec`, for `io_uring_register`.
-    pub(crate) fn iovec(&self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.base.as_ptr().cast(),
-            iov_len: self.len,
-        }
+    /// The segments as `iovec`s, for `io_uring_register` (fixed buffer
+    /// `i` is segment `i`).
+    pub(crate) fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.len / SEGMENT_BYTES)
+            .map(|i| libc::iovec {
+                // SAFETY: inside the mapping.
+                iov_base: unsafe { self.base.as_ptr().add(i * SEGMENT_BYTES) }.cast(),
+                iov_len: SEGMENT_BYTES,
+            })
+            .collect()
     }
 
-    /// True when `slice` lies inside the mapping.
-    pub(crate) fn contains(&self, slice: &DmaSlice) -> bool {
-        let start = self.base.as_ptr() as usize;
-        let at = slice.host_ptr() as usize;
-        at >= start && at.saturating_add(slice.len()) <= start + self.len
+    /// The fixed buffer `slice` lies in, if it lies in one.
+    pub(crate) fn fixed_index(&self, slice: &DmaSlice) -> Option<u16> {
+        let offset = (slice.host_ptr() as usize).checked_sub(self.base.as_ptr() as usize)?;
+        let end = offset.checked_add(slice.len())?;
+        if slice.is_empty() || end > self.len {
+            return None;
+        }
+        let segment = offset / SEGMENT_BYTES;
+        (segment == (end - 1) / SEGMENT_BYTES)
+            .then(|| u16::try_from(segment).ok())
+            .flatten()
     }
 
     fn take(self: &Arc<RegisteredMemory>, len: usize) -> Option<RegisteredBuffer> {
         let want = len.max(1).next_multiple_of(PAGE_SIZE);
+        if want > SEGMENT_BYTES {
+            return None;
+        }
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        let index = free.iter().position(|r| r.len() >= want)?;
-        let start = free[index].start;
-        free[index].start += want;
-        if free[index].is_empty() {
-            free.remove(index);
+        // First fit that does not cross a segment.
+        let (index, start) = free.iter().enumerate().find_map(|(i, r)| {
+            let mut start = r.start;
+            if start % SEGMENT_BYTES + want > SEGMENT_BYTES {
+                start = start.next_multiple_of(SEGMENT_BYTES);
+            }
+            (start + want <= r.end).then_some((i, start))
+        })?;
+        let range = free.remove(index);
+        if start + want < range.end {
+            free.insert(index, start + want..range.end);
+        }
+        if range.start < start {
+            free.insert(index, range.start..start);
         }
         drop(free);
         // SAFETY: `start..start + want` lies inside the mapping and was
@@ -199,20 +230,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buffers_are_carved_given_back_and_coalesced() {
-        let memory = RegisteredMemory::new(4 * PAGE_SIZE).expect("map");
+    fn buffers_stay_within_a_segment_and_are_given_back_coalesced() {
+        let memory = RegisteredMemory::new(2 * SEGMENT_BYTES).expect("map");
+        assert_eq!(memory.iovecs().len(), 2);
         let alloc = RegisteredAllocator::new(Arc::clone(&memory));
-        let mut a = alloc.allocate(PAGE_SIZE).expect("a");
+        let mut a = alloc.allocate(SEGMENT_BYTES - PAGE_SIZE).expect("a");
+        assert_eq!(memory.fixed_index(&a.dma_slice()), Some(0));
+        // Two pages do not fit the page left in segment 0: segment 1.
         let mut b = alloc.allocate(2 * PAGE_SIZE).expect("b");
-        assert!(memory.contains(&a.dma_slice()) && memory.contains(&b.dma_slice()));
-        // Full: the next comes from the heap.
-        let mut c = alloc.allocate(2 * PAGE_SIZE).expect("c");
-        assert!(!memory.contains(&c.dma_slice()));
+        assert_eq!(memory.fixed_index(&b.dma_slice()), Some(1));
+        // One page does.
+        let mut c = alloc.allocate(PAGE_SIZE).expect("c");
+        assert_eq!(memory.fixed_index(&c.dma_slice()), Some(0));
+        // Larger than a segment: from the heap.
+        let mut big = alloc.allocate(SEGMENT_BYTES + PAGE_SIZE).expect("big");
+        assert_eq!(memory.fixed_index(&big.dma_slice()), None);
         drop(a);
         drop(b);
-        // Coalesced back into one run: four pages fit again.
-        let mut d = alloc.allocate(4 * PAGE_SIZE).expect("d");
-        assert!(memory.contains(&d.dma_slice()));
+        drop(c);
+        // Coalesced back: a whole segment fits again, twice.
+        let mut d = alloc.allocate(SEGMENT_BYTES).expect("d");
+        let mut e = alloc.allocate(SEGMENT_BYTES).expect("e");
+        assert!(memory.fixed_index(&d.dma_slice()).is_some());
+        assert!(memory.fixed_index(&e.dma_slice()).is_some());
         let mut bytes = [1u8; 16];
         d.copy_to(0, &mut bytes).expect("read");
         assert_eq!(bytes, [0u8; 16], "zeroed");

@@ -94,13 +94,13 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
         }
     }
 
-    /// Registers `memory` as fixed buffer 0; false (with a note) where the
-    /// kernel refuses, e.g. past the locked-memory limit: commands then go
-    /// without it.
+    /// Registers `memory`'s segments as fixed buffers; false (with a note)
+    /// where the kernel refuses, e.g. past the locked-memory limit:
+    /// commands then go without them.
     pub(crate) fn register(&mut self, device: &str, memory: &RegisteredMemory) -> bool {
-        let iovec = memory.iovec();
+        let iovecs = memory.iovecs();
         // SAFETY: the caller keeps `memory` alive as long as the ring.
-        match unsafe { self.ring.submitter().register_buffers(&[iovec]) } {
+        match unsafe { self.ring.submitter().register_buffers(&iovecs) } {
             Ok(()) => true,
             Err(e) => {
                 tracing::info!(device, error = %e, "registered buffers refused (raise `ulimit -l`); buffers are mapped per command");

@@ -29,8 +29,8 @@ struct Slot {
     len: u64,
     /// Bytes transferred so far (short transfers continue from here).
     done: u64,
-    /// The buffer lies in the registered memory.
-    fixed: bool,
+    /// The registered buffer the data lies in.
+    fixed: Option<u16>,
 }
 
 // SAFETY: the pointer names the buffer the submit contract hands the
@@ -72,7 +72,7 @@ impl UringChannel {
             ptr: std::ptr::null_mut(),
             len: 0,
             done: 0,
-            fixed: false,
+            fixed: None,
         };
         Ok(UringChannel {
             zeroing: Zeroing::new(&info)?,
@@ -97,14 +97,14 @@ impl UringChannel {
         let ptr = unsafe { slot.ptr.add(slot.done as usize) };
         let left = (slot.len - slot.done) as u32;
         let entry = match (slot.op, slot.fixed) {
-            (IoOp::Read, true) => opcode::ReadFixed::new(fd, ptr, left, 0)
+            (IoOp::Read, Some(index)) => opcode::ReadFixed::new(fd, ptr, left, index)
                 .offset(offset)
                 .build(),
-            (IoOp::Write, true) => opcode::WriteFixed::new(fd, ptr, left, 0)
+            (IoOp::Write, Some(index)) => opcode::WriteFixed::new(fd, ptr, left, index)
                 .offset(offset)
                 .build(),
-            (IoOp::Read, false) => opcode::Read::new(fd, ptr, left).offset(offset).build(),
-            (IoOp::Write, false) => opcode::Write::new(fd, ptr, left).offset(offset).build(),
+            (IoOp::Read, None) => opcode::Read::new(fd, ptr, left).offset(offset).build(),
+            (IoOp::Write, None) => opcode::Write::new(fd, ptr, left).offset(offset).build(),
             _ => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -135,39 +135,14 @@ impl Channel for UringChannel {
 
     unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         self.info.validate(&req).map_err(SubmitError::Invalid)?;
-        if self.free.is_empty() {
-            return Err(SubmitError::Busy);
-        }
-        let bs = u64::from(self.info.block_size);
-        if matches!(req.op, IoOp::WriteZeroes | IoOp::Deallocate) {
-            // Rare, and not the data path: performed here, completed at
-            // the next poll.
-            let fd = self.file.as_raw_fd();
-            let result = self
-                .zeroing
-                .perform(fd, req.op, req.lba * bs, req.blocks * bs);
-            let Some(index) = self.free.pop() else {
-                return Err(SubmitError::Busy);
-            };
-            self.slots[index as usize] = Slot {
-                ctx: req.ctx,
-                op: req.op,
-                lba: req.lba,
-                blocks: req.blocks,
-                ptr: std::ptr::null_mut(),
-                len: 0,
-                done: 0,
-                fixed: false,
-            };
-            self.ready.push_back((index, result));
-            return Ok(());
-        }
-        if !self.ring.reserve(1) {
+        let zeroing = matches!(req.op, IoOp::WriteZeroes | IoOp::Deallocate);
+        if self.free.is_empty() || (!zeroing && !self.ring.reserve(1)) {
             return Err(SubmitError::Busy);
         }
         let Some(index) = self.free.pop() else {
             return Err(SubmitError::Busy);
         };
+        let bs = u64::from(self.info.block_size);
         self.slots[index as usize] = Slot {
             ctx: req.ctx,
             op: req.op,
@@ -183,8 +158,18 @@ impl Channel for UringChannel {
             fixed: self
                 .registered
                 .as_ref()
-                .is_some_and(|memory| memory.contains(&req.buf)),
+                .and_then(|memory| memory.fixed_index(&req.buf)),
         };
+        if zeroing {
+            // Rare, and not the data path: performed here, completed at
+            // the next poll.
+            let fd = self.file.as_raw_fd();
+            let result = self
+                .zeroing
+                .perform(fd, req.op, req.lba * bs, req.blocks * bs);
+            self.ready.push_back((index, result));
+            return Ok(());
+        }
         let entry = self.entry(index);
         // SAFETY: the buffer stays the channel's until `poll` returns the
         // completion (the contract of `submit`); room was reserved.

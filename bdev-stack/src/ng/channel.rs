@@ -120,8 +120,8 @@ impl NgChannel {
         }
     }
 
-    /// Pushes one passthrough command for `slot`; `fixed` when the data
-    /// lies in the registered memory.
+    /// Pushes one passthrough command for `slot`; `fixed`: the registered
+    /// buffer the data lies in.
     ///
     /// # Safety
     /// `addr..addr + len` must stay valid until the command completes.
@@ -130,12 +130,12 @@ impl NgChannel {
         slot: u32,
         sqe: &SubmissionEntry,
         (addr, len): (u64, usize),
-        fixed: bool,
+        fixed: Option<u16>,
     ) -> bool {
         let cmd = PassthruCmd::from_sqe(sqe, addr, len as u32);
         let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
             .cmd(cmd.uring_cmd())
-            .buf_index(fixed.then_some(0))
+            .buf_index(fixed)
             .build()
             .user_data(u64::from(slot));
         // SAFETY: the caller keeps the data valid; the file lives in self.
@@ -187,7 +187,7 @@ impl Channel for NgChannel {
         let fixed = self
             .registered
             .as_ref()
-            .is_some_and(|memory| memory.contains(&req.buf));
+            .and_then(|memory| memory.fixed_index(&req.buf));
         // The room was reserved: every push below succeeds.
         // SAFETY (all pushes): the request's buffer stays valid until
         // `poll` returns its completion (the contract of `submit`); the
@@ -202,7 +202,7 @@ impl Channel for NgChannel {
                 self.push(slot, &sqe, (addr, req.buf.len()), fixed);
             },
             IoOp::Flush => unsafe {
-                self.push(slot, &Flush::new(nsid).build(), (0, 0), false);
+                self.push(slot, &Flush::new(nsid).build(), (0, 0), None);
             },
             IoOp::WriteZeroes => {
                 let (mut lba, mut left) = (req.lba, req.blocks);
@@ -210,7 +210,7 @@ impl Channel for NgChannel {
                     let take = left.min(WRITE_ZEROES_BLOCKS);
                     let sqe = WriteZeroes::new(nsid, lba, take as u32).build();
                     // SAFETY: no data.
-                    unsafe { self.push(slot, &sqe, (0, 0), false) };
+                    unsafe { self.push(slot, &sqe, (0, 0), None) };
                     lba += take;
                     left -= take;
                 }
@@ -233,7 +233,7 @@ impl Channel for NgChannel {
                 let (addr, len) = (bytes.as_ptr() as u64, bytes.len());
                 let sqe = Deallocate::new(nsid, n as u32).build(Prps::NONE);
                 // SAFETY: the ranges live in self.dsm until completion.
-                unsafe { self.push(slot, &sqe, (addr, len), false) };
+                unsafe { self.push(slot, &sqe, (addr, len), None) };
             }
         }
         Ok(())

@@ -15,7 +15,8 @@ use super::namespace::COPY_RANGES;
 use super::sys::{self, NVME_URING_CMD_IO, Outcome, PassthruCmd};
 use crate::device::{DeviceId, DeviceInfo, NotSync};
 use crate::error::BdevError;
-use crate::nvme_leaf::{CopyLimits, check_copy, copy_outcome};
+use crate::nvme_leaf::{CopyLimits, check_copy, failed_copy};
+use crate::offload::no_rod_tokens;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -184,18 +185,8 @@ impl CopyChannel for NgCopyChannel {
         if self.outstanding() >= self.depth {
             return Err(OffloadSubmitError::Busy);
         }
-        // NVMe has no ROD tokens.
-        let error = OffloadError {
-            device: self.info.id,
-            dst_lba: ranges.first().map_or(0, |r| r.lba),
-            blocks: ranges.iter().map(|r| r.blocks).sum(),
-            kind: OffloadErrorKind::Unsupported,
-            status: DeviceStatus::None,
-        };
-        self.ready.push_back(OffloadCompletion {
-            ctx,
-            outcome: OffloadOutcome::NotDone(error),
-        });
+        self.ready
+            .push_back(no_rod_tokens(self.info.id, ranges, ctx, DeviceStatus::None));
         Ok(())
     }
 
@@ -215,27 +206,25 @@ impl CopyChannel for NgCopyChannel {
             }
             slot.busy = false;
             free.push(user_data as u32);
-            let blocks = slot.range_blocks.iter().sum();
-            let dst = slot.dst;
-            let make = |kind, status| OffloadError {
-                device: id,
-                dst_lba: dst,
-                blocks,
-                kind,
-                status,
-            };
             let outcome = match sys::outcome(result) {
                 Outcome::Done => OffloadOutcome::Done,
-                Outcome::Status(s) => copy_outcome(
+                Outcome::Status(s) => failed_copy(
+                    id,
+                    slot.dst,
                     nvme::IoError::Status(s),
                     // DW0: the first source range not copied.
                     cqe.big_cqe()[0] as u32,
                     &slot.range_blocks,
-                    make,
                 ),
                 Outcome::Errno(errno) => errno_outcome(
                     errno,
-                    make(OffloadErrorKind::NotExecuted, DeviceStatus::None),
+                    OffloadError {
+                        device: id,
+                        dst_lba: slot.dst,
+                        blocks: slot.range_blocks.iter().sum(),
+                        kind: OffloadErrorKind::NotExecuted,
+                        status: DeviceStatus::None,
+                    },
                 ),
             };
             let completion = OffloadCompletion {

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nvme::spec::{
-    IdentifyController, IdentifyNamespace, ONCS_COPY, ONCS_DSM, ONCS_WRITE_ZEROES, SubmissionEntry,
-    admin_opc, ascii_field, cns,
+    IdentifyController, IdentifyNamespace, ONCS_COPY, SubmissionEntry, admin_opc, ascii_field, cns,
 };
 use zerocopy::FromBytes;
 
@@ -20,7 +19,7 @@ use super::sys::{self, AdminError};
 use crate::buffer::DmaAllocator;
 use crate::device::{
     Access, BlockDevice, Channel, CopyOffload, DeviceId, DeviceInfo, DeviceKind, LeafFragment,
-    SupportedOps, map_leaf,
+    map_leaf,
 };
 use crate::error::{BdevError, IoError};
 use crate::identity::{BackingId, OffloadDomain};
@@ -218,14 +217,7 @@ impl NgNamespace {
                     .map_or(u64::MAX, |s| s.saturating_mul(PAGE)),
             );
         let oncs = ctrl.oncs.get();
-        let mut ops = SupportedOps::READ | SupportedOps::WRITE | SupportedOps::FLUSH;
-        if oncs & ONCS_WRITE_ZEROES != 0 {
-            ops |= SupportedOps::WRITE_ZEROES;
-        }
-        // Deallocated blocks must read as zeroes (DLFEAT 2:0 = 1).
-        if oncs & ONCS_DSM != 0 && ns.dlfeat & 0x7 == 1 {
-            ops |= SupportedOps::DEALLOCATE;
-        }
+        let ops = crate::nvme_leaf::nvme_ops(oncs, ns.dlfeat);
         let rdev = meta.rdev();
         let name = format!("ng:{}", path.display());
         let mut copy_offloads = Vec::new();

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use nvme::{Namespace, NvmeStatus, QueuePair, Transport};
 
 use crate::device::{DeviceId, DeviceInfo, NotSync};
+use crate::offload::no_rod_tokens;
 use crate::offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,
     OffloadOutcome, OffloadRequest, OffloadSource, OffloadSubmitError,
@@ -34,6 +35,25 @@ pub(super) struct NvmeCopyChannel<T: Transport> {
     ready: VecDeque<OffloadCompletion>,
     depth: usize,
     _not_sync: NotSync,
+}
+
+/// What a failed NVMe Copy onto `dst` of `device` means for the
+/// destination (see [`copy_outcome`]).
+pub(crate) fn failed_copy(
+    device: DeviceId,
+    dst: u64,
+    error: nvme::IoError,
+    dw0: u32,
+    range_blocks: &[u64],
+) -> OffloadOutcome {
+    let blocks = range_blocks.iter().sum();
+    copy_outcome(error, dw0, range_blocks, |kind, status| OffloadError {
+        device,
+        dst_lba: dst,
+        blocks,
+        kind,
+        status,
+    })
 }
 
 /// What an NVMe Copy failure means for the destination: the status, and
@@ -277,18 +297,8 @@ impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
         if self.outstanding() >= self.depth {
             return Err(OffloadSubmitError::Busy);
         }
-        // NVMe has no ROD tokens.
-        let error = OffloadError {
-            device: self.info.id,
-            dst_lba: ranges.first().map_or(0, |r| r.lba),
-            blocks: ranges.iter().map(|r| r.blocks).sum(),
-            kind: OffloadErrorKind::Unsupported,
-            status: DeviceStatus::None,
-        };
-        self.ready.push_back(OffloadCompletion {
-            ctx,
-            outcome: OffloadOutcome::NotDone(error),
-        });
+        self.ready
+            .push_back(no_rod_tokens(self.info.id, ranges, ctx, DeviceStatus::None));
         Ok(())
     }
 
@@ -308,17 +318,9 @@ impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
             }
             slot.busy = false;
             free.push(c.tag as u32);
-            let blocks = slot.range_blocks.iter().sum();
-            let dst = slot.dst;
             let outcome = match c.result {
                 Ok(_) => OffloadOutcome::Done,
-                Err(e) => copy_outcome(e, c.dw0, &slot.range_blocks, |kind, status| OffloadError {
-                    device: id,
-                    dst_lba: dst,
-                    blocks,
-                    kind,
-                    status,
-                }),
+                Err(e) => failed_copy(id, slot.dst, e, c.dw0, &slot.range_blocks),
             };
             out.push(OffloadCompletion {
                 ctx: slot.ctx,

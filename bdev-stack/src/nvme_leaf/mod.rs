@@ -47,7 +47,7 @@ mod namespace;
 #[cfg(not(feature = "emu"))]
 pub(crate) use crate::no_emu::EmuFactory;
 pub(crate) use channel::io_kind;
-pub(crate) use copy::{CopyLimits, check_copy, copy_outcome};
+pub(crate) use copy::{CopyLimits, check_copy, failed_copy};
 pub use dma::{NvmeDmaAllocator, NvmeDmaBuffer, dma_allocator_for};
 pub use env::NvmeEnvironment;
 #[cfg(feature = "emu")]
@@ -56,6 +56,7 @@ pub(crate) use factory::EmuFactory;
 pub use factory::EmuNamespace;
 pub(crate) use factory::NvmeFactory;
 pub use namespace::NvmeNamespace;
+pub(crate) use namespace::nvme_ops;
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,21 @@ pub struct NvmeNamespace<T: Transport> {
     queue: QueueOptions,
 }
 
+/// The operations an NVMe namespace supports, from the controller's ONCS
+/// and the namespace's DLFEAT.
+pub(crate) fn nvme_ops(oncs: u16, dlfeat: u8) -> SupportedOps {
+    let mut ops = SupportedOps::READ | SupportedOps::WRITE | SupportedOps::FLUSH;
+    if oncs & ONCS_WRITE_ZEROES != 0 {
+        ops |= SupportedOps::WRITE_ZEROES;
+    }
+    // The stack promises zeroes after a deallocate: only where DLFEAT
+    // bits 2:0 say deallocated blocks read as zeroes.
+    if oncs & ONCS_DSM != 0 && dlfeat & 0x7 == 1 {
+        ops |= SupportedOps::DEALLOCATE;
+    }
+    ops
+}
+
 impl<T: Transport> NvmeNamespace<T> {
     /// The leaf over namespace `nsid` of `ctrl`, described from Identify.
     ///
@@ -68,15 +83,7 @@ impl<T: Transport> NvmeNamespace<T> {
             })?;
         let ident = ctrl.identify();
         let oncs = ident.oncs.get();
-        let mut ops = SupportedOps::READ | SupportedOps::WRITE | SupportedOps::FLUSH;
-        if oncs & ONCS_WRITE_ZEROES != 0 {
-            ops |= SupportedOps::WRITE_ZEROES;
-        }
-        // The stack promises zeroes after a deallocate: only where DLFEAT
-        // bits 2:0 say deallocated blocks read as zeroes.
-        if oncs & ONCS_DSM != 0 && id_ns.dlfeat & 0x7 == 1 {
-            ops |= SupportedOps::DEALLOCATE;
-        }
+        let ops = nvme_ops(oncs, id_ns.dlfeat);
         let bs = u64::from(ns.block_size);
         let mut copy_offloads = Vec::new();
         if oncs & ONCS_COPY != 0 && ns.mssrl > 0 && ns.mcl > 0 {

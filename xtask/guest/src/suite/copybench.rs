@@ -140,12 +140,7 @@ fn copy_bench_offload_bounce_dd(env: &GuestEnv) -> Result<(), String> {
                     Path3::Offload | Path3::Bounce => {
                         let offload = matches!(p, Path3::Offload);
                         let r = bench.run(offload, round).map_err(|e| e.to_string())?;
-                        let cmds = r
-                            .methods
-                            .iter()
-                            .map(|m| format!("{} {} cmds", m.method, m.commands))
-                            .collect::<Vec<_>>()
-                            .join(", ");
+                        let cmds = commands(&r);
                         (
                             if offload { 1 } else { 2 },
                             r.mib_per_s,
@@ -168,12 +163,6 @@ fn copy_bench_offload_bounce_dd(env: &GuestEnv) -> Result<(), String> {
     let rebound = bind_vfio(&b);
     result?;
     rebound?;
-    let ratios = |x: &[f64], y: &[f64]| -> Vec<f64> {
-        x.iter()
-            .zip(y)
-            .map(|(x, y)| if *y > 0.0 { x / y } else { f64::NAN })
-            .collect()
-    };
     let names = ["dd", "offload", "bounce"];
     for i in 0..3 {
         println!(
@@ -190,4 +179,21 @@ fn copy_bench_offload_bounce_dd(env: &GuestEnv) -> Result<(), String> {
         median(&ratios(&tput[2], &tput[0]))
     );
     Ok(())
+}
+
+/// The commands each method of a run sent, e.g. `nvme-copy 24 cmds`.
+pub(super) fn commands(r: &ustor_tools::copybench::RunFigures) -> String {
+    r.methods
+        .iter()
+        .map(|m| format!("{} {} cmds", m.method, m.commands))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `x[i] / y[i]`, NaN where `y[i]` is not positive.
+pub(super) fn ratios(x: &[f64], y: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(y)
+        .map(|(x, y)| if *y > 0.0 { x / y } else { f64::NAN })
+        .collect()
 }

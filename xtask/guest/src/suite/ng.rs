@@ -2,6 +2,7 @@
 //! io_uring passthrough on its generic node, checked against nvme-cli's
 //! Identify and `dd` on the block node of the same namespace.
 
+use super::stack::pattern;
 use super::{GuestEnv, GuestTest, Kind};
 use crate::setup::{bind_vfio, kernel_namespace as kernel_node, tool_output};
 use crate::topology::{COPY, FAULTS, GuestDriver, NVME_BENCH};
@@ -191,18 +192,6 @@ fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
         other => return Err(format!("NVMe Copy not advertised: {other:?}")),
     }
     Ok(())
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Runs writes (with `data`) or reads of `extents` (lba, blocks) on `dev`,
@@ -562,12 +551,7 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
                 let i = usize::from(!offload);
                 tput[i].push(r.mib_per_s);
                 cpu[i].push(r.cpu_s_per_gib);
-                let cmds = r
-                    .methods
-                    .iter()
-                    .map(|m| format!("{} {} cmds", m.method, m.commands))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let cmds = super::copybench::commands(&r);
                 println!(
                     "round {round} {:<7} {:>8.1} MiB/s  CPU {:>8.4} s/GiB, {cmds}, read back equal",
                     if offload { "offload" } else { "bounce" },
@@ -581,16 +565,11 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
     let rebound = bind_vfio(&addr);
     result?;
     rebound?;
-    let ratio = |x: &[f64], y: &[f64]| -> Vec<f64> {
-        x.iter()
-            .zip(y)
-            .map(|(x, y)| if *y > 0.0 { x / y } else { f64::NAN })
-            .collect()
-    };
+    let ratios = super::copybench::ratios;
     println!(
         "ng offload/bounce: throughput={:.2} cpu={:.3}",
-        median(&ratio(&tput[0], &tput[1])),
-        median(&ratio(&cpu[0], &cpu[1]))
+        median(&ratios(&tput[0], &tput[1])),
+        median(&ratios(&cpu[0], &cpu[1]))
     );
     Ok(())
 }

@@ -89,7 +89,7 @@ fn allocator(registry: &LeafRegistry) -> Result<NvmeDmaAllocator, String> {
         .map_err(|e| e.to_string())
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
