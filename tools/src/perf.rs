@@ -202,6 +202,10 @@ pub struct PerfConfig {
     /// starts on the first part while the rest is queued; 0 (the default)
     /// rings once per refill. Queue-pair targets only.
     pub sq_doorbell_every: u16,
+    /// Stack targets: plain heap buffers instead of the device's own (an
+    /// io_uring leaf's registered memory), to compare the two. Not for
+    /// devices that need DMA-mapped buffers.
+    pub host_buffers: bool,
 }
 
 impl Default for PerfConfig {
@@ -219,6 +223,7 @@ impl Default for PerfConfig {
             shadow_doorbells: false,
             batch: 1,
             sq_doorbell_every: 0,
+            host_buffers: false,
         }
     }
 }
@@ -378,7 +383,17 @@ pub fn run_on_stack(
         )));
     }
     check_common(cfg)?;
-    let alloc = dma_allocator_for(device)?;
+    let alloc: Arc<dyn bdev_stack::DmaAllocator> = if cfg.host_buffers {
+        if info.needs_iova {
+            return Err(PerfError::Config(format!(
+                "--host-buffers: {} needs DMA-mapped buffers",
+                info.name
+            )));
+        }
+        Arc::new(bdev_stack::HostAllocator)
+    } else {
+        dma_allocator_for(device)?
+    };
     let results: Vec<Result<ThreadResult, PerfError>> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..cfg.threads)
             .map(|t| {

@@ -56,11 +56,14 @@ impl NgCopyChannel {
         file: Arc<File>,
         nsid: u32,
         depth: usize,
-        polled: bool,
         (max_ranges, max_range_blocks, max_command_blocks): (u32, u64, u64),
     ) -> Result<NgCopyChannel, BdevError> {
         let max_ranges = max_ranges.min(COPY_RANGES) as usize;
-        let ring = Ring::new(&info.name, depth, polled)?;
+        // Interrupts: a Copy is long and the copy engine sleeps while it
+        // runs; on a polled ring it would complete only at the next poll
+        // (relocation through a polled ring fell to a third of the
+        // interrupt-driven rate, falling further each round).
+        let ring = Ring::new(&info.name, depth, false)?;
         let limits = CopyLimits {
             max_ranges,
             max_range_blocks,

@@ -76,16 +76,19 @@ const NEED_ADMIN: &str = "NVMe passthrough needs CAP_SYS_ADMIN before Linux 6.2 
                           access to the node after): run as root or grant the capability";
 
 impl NgNamespace {
-    /// Opens `path`, an NVMe generic character device; `poll` asks for
-    /// polled completions (IORING_SETUP_IOPOLL), `None` uses them where the
-    /// kernel has poll queues for the namespace.
+    /// Opens `path`, an NVMe generic character device. With `poll`, I/O
+    /// channels poll the device for completions (IORING_SETUP_IOPOLL, on
+    /// the kernel's poll queues): for callers that poll without sleeping,
+    /// since a polled ring completes nothing between polls. Copy channels
+    /// always take interrupts (a Copy is long, and the copy engine sleeps
+    /// while it runs).
     ///
     /// Errors ([`BdevError::Passthrough`], saying what to do): no such
     /// node, no permission, not an NVMe generic character device, Identify
     /// refused, a namespace format the leaf cannot use (metadata or
     /// protection information per block), polling asked for where the
     /// kernel has no poll queues.
-    pub fn open(path: &Path, poll: Option<bool>) -> Result<NgNamespace, BdevError> {
+    pub fn open(path: &Path, poll: bool) -> Result<NgNamespace, BdevError> {
         let meta = std::fs::metadata(path).map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::NotFound => format!("no such node: {FIND_NODE}"),
@@ -180,26 +183,16 @@ impl NgNamespace {
             ));
         }
         let limits = queue_limits(&meta);
-        let polled = match poll {
-            Some(true) if !limits.poll_queues => {
-                return Err(problem(
-                    path,
-                    "polling asked for, but the kernel has no poll queues for this controller: \
-                     load nvme with poll_queues=N (kernel command line nvme.poll_queues=N when \
-                     the driver is built in), or leave poll out",
-                    None,
-                ));
-            }
-            Some(p) => p,
-            None => limits.poll_queues,
-        };
-        if !polled {
-            tracing::info!(
-                path = %path.display(),
-                "no poll queues for this namespace: completions come by interrupt \
-                 (nvme.poll_queues=N gives polled I/O)"
-            );
+        if poll && !limits.poll_queues {
+            return Err(problem(
+                path,
+                "polling asked for, but the kernel has no poll queues for this controller: \
+                 load nvme with poll_queues=N (kernel command line nvme.poll_queues=N when \
+                 the driver is built in), or leave poll out",
+                None,
+            ));
         }
+        let polled = poll;
         let bs = u64::from(block_size);
         let mdts_bytes = match ctrl.mdts {
             // The kernel's controller page is 4 KiB (CAP.MPSMIN permitting).
@@ -387,7 +380,6 @@ impl BlockDevice for NgNamespace {
             Arc::clone(&self.file),
             self.nsid,
             depth.max(1),
-            self.polled,
             limits,
         )?)))
     }

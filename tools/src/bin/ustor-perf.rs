@@ -66,6 +66,10 @@ struct Args {
     /// (0: once per refill). Queue-pair targets (emu, vfio:) only.
     #[arg(long, default_value_t = 0)]
     sq_doorbell_every: u16,
+    /// Stack targets: plain heap buffers instead of the device's own (an
+    /// io_uring leaf's registered buffers), to compare the two.
+    #[arg(long)]
+    host_buffers: bool,
 }
 
 fn parse_io_size(s: &str) -> Result<usize, String> {
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         shadow_doorbells: args.shadow_doorbells,
         batch: args.batch,
         sq_doorbell_every: args.sq_doorbell_every,
+        host_buffers: args.host_buffers,
     };
     match run(&cfg) {
         Ok(report) => {

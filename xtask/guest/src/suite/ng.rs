@@ -110,15 +110,20 @@ fn json_file(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn open(ns: &KernelNamespace) -> Result<NgNamespace, String> {
-    NgNamespace::open(Path::new(&ns.ng), None).map_err(|e| ustor::bdev_stack::error_chain(&e))
+fn open(ns: &KernelNamespace, poll: bool) -> Result<NgNamespace, String> {
+    NgNamespace::open(Path::new(&ns.ng), poll).map_err(|e| ustor::bdev_stack::error_chain(&e))
 }
 
 fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf = open(&ns)?;
     ensure_eq!(
-        format!("{} polled (nvme.poll_queues=1)", ns.ng),
+        format!("{} by default: interrupts", ns.ng),
+        open(&ns, false)?.is_polled(),
+        false
+    );
+    let leaf = open(&ns, true)?;
+    ensure_eq!(
+        format!("{} poll=on: polled (nvme.poll_queues=1)", ns.ng),
         leaf.is_polled(),
         true
     );
@@ -274,7 +279,17 @@ fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
 
 fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns)?);
+    for poll in [false, true] {
+        write_read_verify(&ns, poll)?;
+    }
+    Ok(())
+}
+
+/// Writes and reads at QD 1 to 128 through `ng:` (polled or not), checked
+/// against `dd`; then beyond the largest transfer through a stack.
+fn write_read_verify(ns: &KernelNamespace, poll: bool) -> Result<(), String> {
+    let mode = if poll { "polled" } else { "interrupts" };
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(ns, poll)?);
     let max = leaf.info().max_transfer_blocks;
     // QD 1 to 128, each in a 2048-block region of its own, requests back
     // to back: mostly small (so 128 are in flight), every eighth up to
@@ -306,12 +321,18 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
             return Err(format!("QD {depth}: dd on {} reads other data", ns.block));
         }
         println!(
-            "ok QD {depth}: {} requests of 1..={max} blocks written, read back, equal to dd",
+            "ok {mode} QD {depth}: {} requests of 1..={max} blocks written, read back, equal \
+             to dd",
             extents.len()
         );
     }
     // Beyond the largest transfer: a stack over the leaf splits.
-    let stacked = spec::build(&format!("concat(ng:{})", ns.ng)).map_err(|e| e.to_string())?;
+    let stacked = spec::build(&format!(
+        "concat(ng:{},poll={})",
+        ns.ng,
+        if poll { "on" } else { "off" }
+    ))
+    .map_err(|e| e.to_string())?;
     let blocks = (max * 4 + 3).min(4096);
     let lba = 8192;
     let data = vec![pattern(0xbeef, (blocks * 4096) as usize)];
@@ -333,7 +354,7 @@ fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
 
 fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns)?);
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns, false)?);
     // Four scattered sources, one contiguous destination.
     let sources = [(10_000u64, 16u64), (10_100, 8), (10_050, 32), (10_400, 1)];
     let data: Vec<Vec<u8>> = sources
@@ -404,8 +425,15 @@ fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
 
 fn ng_gc_store(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let dev = spec::build(&format!("ng:{}", ns.ng)).map_err(|e| e.to_string())?;
-    super::gc::gc_store_relocates_by_copy(&ns.ng, &dev)
+    // The default (interrupts), and polled for information: a polled ring
+    // completes nothing while the store sleeps between polls.
+    for spec in [format!("ng:{}", ns.ng), format!("ng:{},poll=on", ns.ng)] {
+        let dev = spec::build(&spec).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        super::gc::gc_store_relocates_by_copy(&spec, &dev)?;
+        println!("{spec}: {:.1} s", start.elapsed().as_secs_f64());
+    }
+    Ok(())
 }
 
 /// The generic node of the block node `/dev/nvmeXnY`.
@@ -438,10 +466,12 @@ fn fio_uring_cmd_iops(ng: &str, qd: u16) -> Result<f64, String> {
     super::nvme::run_fio(&args)
 }
 
-fn ustor_ng_iops(ng: &str, qd: u16) -> Result<f64, String> {
+/// ustor-perf on `ng:`; `host_buffers`: heap buffers, not the leaf's
+/// registered ones.
+fn ustor_ng_iops(ng: &str, qd: u16, host_buffers: bool) -> Result<f64, String> {
     let cfg = ustor_tools::perf::PerfConfig {
         target: ustor_tools::perf::Target::Stack {
-            spec: format!("ng:{ng}"),
+            spec: format!("ng:{ng},poll=on"),
         },
         workload: ustor_tools::perf::Workload::RandRead,
         io_size: 4096,
@@ -451,6 +481,7 @@ fn ustor_ng_iops(ng: &str, qd: u16) -> Result<f64, String> {
         shadow_doorbells: false,
         batch: 1,
         sq_doorbell_every: 0,
+        host_buffers,
     };
     let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {ng}: {e}"))?;
     if r.errors > 0 {
@@ -474,27 +505,23 @@ fn ng_bench_ustor_vs_fio_uring_cmd(env: &GuestEnv) -> Result<(), String> {
     let mut ratios: [Vec<f64>; 2] = Default::default();
     let result = (|| -> Result<(), String> {
         let ng = generic_node(&kernel_node(&addr)?)?;
-        let polled = open(&KernelNamespace {
-            ng: ng.clone(),
-            block: String::new(),
-            reference_dir: Default::default(),
-        })?
-        .is_polled();
-        println!("{ng}: polled completions {polled} (nvme.poll_queues=1)");
+        println!("{ng}: ustor-perf on ng:{ng},poll=on (nvme.poll_queues=1), fio --hipri");
         for round in 1..=super::nvme::BENCH_ROUNDS {
             for (i, qd) in [1u16, 32].into_iter().enumerate() {
                 // Alternate which runs first.
                 let (ours, fio) = if round % 2 == 1 {
-                    let o = ustor_ng_iops(&ng, qd)?;
+                    let o = ustor_ng_iops(&ng, qd, false)?;
                     (o, fio_uring_cmd_iops(&ng, qd)?)
                 } else {
                     let f = fio_uring_cmd_iops(&ng, qd)?;
-                    (ustor_ng_iops(&ng, qd)?, f)
+                    (ustor_ng_iops(&ng, qd, false)?, f)
                 };
+                // For information: the same with heap buffers.
+                let heap = ustor_ng_iops(&ng, qd, true)?;
                 ratios[i].push(ours / fio);
                 println!(
-                    "round {round} qd{qd}: ustor ng: {ours:.0} IOPS, fio io_uring_cmd {fio:.0} \
-                     IOPS, ratio {:.2}",
+                    "round {round} qd{qd}: ustor ng: {ours:.0} IOPS (heap buffers {heap:.0}), \
+                     fio io_uring_cmd {fio:.0} IOPS, ratio {:.2}",
                     ours / fio
                 );
             }
@@ -525,39 +552,49 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
         .ok_or("the copy topology needs two NVMe controllers")?
         .pci_address
         .clone();
-    let mut tput: [Vec<f64>; 2] = Default::default();
-    let mut cpu: [Vec<f64>; 2] = Default::default();
+    // Per I/O completion mode (interrupts, polled) and method (offload,
+    // bounce): MiB/s and CPU s/GiB of each round.
+    let mut tput: [[Vec<f64>; 2]; 2] = Default::default();
+    let mut cpu: [[Vec<f64>; 2]; 2] = Default::default();
     let result = (|| -> Result<(), String> {
         let ng = generic_node(&kernel_node(&addr)?)?;
-        let mut bench = Bench::open(&Workload {
-            src: format!("ng:{ng}"),
-            extent_bytes: 64 << 10,
-            extents: 384,
-            ..Workload::default()
-        })
-        .map_err(|e| ustor::bdev_stack::error_chain(&e))?;
-        for offload in [true, false] {
-            bench.run(offload, 0).map_err(|e| e.to_string())?;
+        let mut benches = Vec::new();
+        for spec in [format!("ng:{ng}"), format!("ng:{ng},poll=on")] {
+            let mut bench = Bench::open(&Workload {
+                src: spec,
+                extent_bytes: 64 << 10,
+                extents: 384,
+                ..Workload::default()
+            })
+            .map_err(|e| ustor::bdev_stack::error_chain(&e))?;
+            for offload in [true, false] {
+                bench.run(offload, 0).map_err(|e| e.to_string())?;
+            }
+            benches.push(bench);
         }
-        println!("warm-up done (offload, bounce once each; not counted)");
+        println!("warm-up done (each mode and method once; not counted)");
         for round in 1..=5u64 {
             let order = if round % 2 == 1 {
                 [true, false]
             } else {
                 [false, true]
             };
-            for offload in order {
-                let r = bench.run(offload, round).map_err(|e| e.to_string())?;
-                let i = usize::from(!offload);
-                tput[i].push(r.mib_per_s);
-                cpu[i].push(r.cpu_s_per_gib);
-                let cmds = super::copybench::commands(&r);
-                println!(
-                    "round {round} {:<7} {:>8.1} MiB/s  CPU {:>8.4} s/GiB, {cmds}, read back equal",
-                    if offload { "offload" } else { "bounce" },
-                    r.mib_per_s,
-                    r.cpu_s_per_gib
-                );
+            for (m, bench) in benches.iter_mut().enumerate() {
+                for offload in order {
+                    let r = bench.run(offload, round).map_err(|e| e.to_string())?;
+                    let i = usize::from(!offload);
+                    tput[m][i].push(r.mib_per_s);
+                    cpu[m][i].push(r.cpu_s_per_gib);
+                    println!(
+                        "round {round} {} {:<7} {:>8.1} MiB/s  CPU {:>8.4} s/GiB, {}, read back \
+                         equal",
+                        ["interrupts", "polled I/O"][m],
+                        if offload { "offload" } else { "bounce" },
+                        r.mib_per_s,
+                        r.cpu_s_per_gib,
+                        super::copybench::commands(&r)
+                    );
+                }
             }
         }
         Ok(())
@@ -567,9 +604,15 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
     rebound?;
     let ratios = super::copybench::ratios;
     println!(
+        "for information, poll=on (bounce on polled rings): offload/bounce throughput={:.2} \
+         cpu={:.3}",
+        median(&ratios(&tput[1][0], &tput[1][1])),
+        median(&ratios(&cpu[1][0], &cpu[1][1]))
+    );
+    println!(
         "ng offload/bounce: throughput={:.2} cpu={:.3}",
-        median(&ratios(&tput[0], &tput[1])),
-        median(&ratios(&cpu[0], &cpu[1]))
+        median(&ratios(&tput[0][0], &tput[0][1])),
+        median(&ratios(&cpu[0][0], &cpu[0][1]))
     );
     Ok(())
 }

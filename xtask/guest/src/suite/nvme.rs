@@ -539,6 +539,7 @@ fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String
         shadow_doorbells: false,
         batch: 1,
         sq_doorbell_every,
+        host_buffers: false,
     };
     let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {addr}: {e}"))?;
     if r.errors > 0 {
