@@ -47,7 +47,9 @@ fn options_are_checked() {
         .map(|_| ())
         .expect_err("unknown");
     assert!(
-        error.to_string().contains("ng: takes only poll=on|off"),
+        error
+            .to_string()
+            .contains("ng: takes poll=on|off and registered=on|off"),
         "{error}"
     );
 }

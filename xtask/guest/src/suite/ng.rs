@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ustor::bdev_stack::nvme_leaf::dma_allocator_for;
 use ustor::bdev_stack::{
-    BlockDevice, CopyOffload, DmaMemory, NgNamespace, OffloadOutcome, OffloadRange, OffloadRequest,
-    OffloadSource, OwnedChannel, SubmitError, spec,
+    BlockDevice, CopyOffload, DmaMemory, NgNamespace, NgOptions, OffloadOutcome, OffloadRange,
+    OffloadRequest, OffloadSource, OwnedChannel, SubmitError, spec,
 };
 
 /// The tests of this module.
@@ -110,18 +110,25 @@ fn json_file(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn open(ns: &KernelNamespace, poll: bool) -> Result<NgNamespace, String> {
-    NgNamespace::open(Path::new(&ns.ng), poll).map_err(|e| ustor::bdev_stack::error_chain(&e))
+fn open(ns: &KernelNamespace, options: NgOptions) -> Result<NgNamespace, String> {
+    NgNamespace::open(Path::new(&ns.ng), options).map_err(|e| ustor::bdev_stack::error_chain(&e))
+}
+
+fn polled(poll: bool) -> NgOptions {
+    NgOptions {
+        poll,
+        ..NgOptions::default()
+    }
 }
 
 fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
     ensure_eq!(
         format!("{} by default: interrupts", ns.ng),
-        open(&ns, false)?.is_polled(),
+        open(&ns, polled(false))?.is_polled(),
         false
     );
-    let leaf = open(&ns, true)?;
+    let leaf = open(&ns, polled(true))?;
     ensure_eq!(
         format!("{} poll=on: polled (nvme.poll_queues=1)", ns.ng),
         leaf.is_polled(),
@@ -279,17 +286,28 @@ fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
 
 fn ng_write_read_verify(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    for poll in [false, true] {
-        write_read_verify(&ns, poll)?;
+    for (poll, registered_buffers) in [(false, false), (true, false), (false, true)] {
+        write_read_verify(
+            &ns,
+            NgOptions {
+                poll,
+                registered_buffers,
+            },
+        )?;
     }
     Ok(())
 }
 
-/// Writes and reads at QD 1 to 128 through `ng:` (polled or not), checked
-/// against `dd`; then beyond the largest transfer through a stack.
-fn write_read_verify(ns: &KernelNamespace, poll: bool) -> Result<(), String> {
-    let mode = if poll { "polled" } else { "interrupts" };
-    let leaf: Arc<dyn BlockDevice> = Arc::new(open(ns, poll)?);
+/// Writes and reads at QD 1 to 128 through `ng:` as `options` say,
+/// checked against `dd`; then beyond the largest transfer through a stack.
+fn write_read_verify(ns: &KernelNamespace, options: NgOptions) -> Result<(), String> {
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let mode = format!(
+        "poll={} registered={}",
+        on_off(options.poll),
+        on_off(options.registered_buffers)
+    );
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(ns, options)?);
     let max = leaf.info().max_transfer_blocks;
     // QD 1 to 128, each in a 2048-block region of its own, requests back
     // to back: mostly small (so 128 are in flight), every eighth up to
@@ -328,9 +346,10 @@ fn write_read_verify(ns: &KernelNamespace, poll: bool) -> Result<(), String> {
     }
     // Beyond the largest transfer: a stack over the leaf splits.
     let stacked = spec::build(&format!(
-        "concat(ng:{},poll={})",
+        "concat(ng:{},poll={},registered={})",
         ns.ng,
-        if poll { "on" } else { "off" }
+        on_off(options.poll),
+        on_off(options.registered_buffers)
     ))
     .map_err(|e| e.to_string())?;
     let blocks = (max * 4 + 3).min(4096);
@@ -354,7 +373,7 @@ fn write_read_verify(ns: &KernelNamespace, poll: bool) -> Result<(), String> {
 
 fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns, false)?);
+    let leaf: Arc<dyn BlockDevice> = Arc::new(open(&ns, NgOptions::default())?);
     // Four scattered sources, one contiguous destination.
     let sources = [(10_000u64, 16u64), (10_100, 8), (10_050, 32), (10_400, 1)];
     let data: Vec<Vec<u8>> = sources
@@ -425,14 +444,14 @@ fn ng_copy_multi_range_matches_dd(env: &GuestEnv) -> Result<(), String> {
 
 fn ng_gc_store(env: &GuestEnv) -> Result<(), String> {
     let ns = kernel_namespace(env)?;
-    // The default (interrupts), and polled for information: a polled ring
-    // completes nothing while the store sleeps between polls.
-    for spec in [format!("ng:{}", ns.ng), format!("ng:{},poll=on", ns.ng)] {
-        let dev = spec::build(&spec).map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        super::gc::gc_store_relocates_by_copy(&spec, &dev)?;
-        println!("{spec}: {:.1} s", start.elapsed().as_secs_f64());
-    }
+    // Completions by interrupt (the default): with poll=on the same run
+    // took 54-66 s instead of 2, as the store sleeps between polls and a
+    // polled ring completes nothing meanwhile.
+    let spec = format!("ng:{}", ns.ng);
+    let dev = spec::build(&spec).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    super::gc::gc_store_relocates_by_copy(&spec, &dev)?;
+    println!("{spec}: {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -466,12 +485,15 @@ fn fio_uring_cmd_iops(ng: &str, qd: u16) -> Result<f64, String> {
     super::nvme::run_fio(&args)
 }
 
-/// ustor-perf on `ng:`; `host_buffers`: heap buffers, not the leaf's
-/// registered ones.
-fn ustor_ng_iops(ng: &str, qd: u16, host_buffers: bool) -> Result<f64, String> {
+/// ustor-perf on `ng:...,poll=on`; `registered`: with the leaf's
+/// registered buffers.
+fn ustor_ng_iops(ng: &str, qd: u16, registered: bool) -> Result<f64, String> {
     let cfg = ustor_tools::perf::PerfConfig {
         target: ustor_tools::perf::Target::Stack {
-            spec: format!("ng:{ng},poll=on"),
+            spec: format!(
+                "ng:{ng},poll=on,registered={}",
+                if registered { "on" } else { "off" }
+            ),
         },
         workload: ustor_tools::perf::Workload::RandRead,
         io_size: 4096,
@@ -481,7 +503,7 @@ fn ustor_ng_iops(ng: &str, qd: u16, host_buffers: bool) -> Result<f64, String> {
         shadow_doorbells: false,
         batch: 1,
         sq_doorbell_every: 0,
-        host_buffers,
+        host_buffers: false,
     };
     let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {ng}: {e}"))?;
     if r.errors > 0 {
@@ -516,11 +538,12 @@ fn ng_bench_ustor_vs_fio_uring_cmd(env: &GuestEnv) -> Result<(), String> {
                     let f = fio_uring_cmd_iops(&ng, qd)?;
                     (ustor_ng_iops(&ng, qd, false)?, f)
                 };
-                // For information: the same with heap buffers.
-                let heap = ustor_ng_iops(&ng, qd, true)?;
+                // For information: the same with registered buffers.
+                let registered = ustor_ng_iops(&ng, qd, true)?;
                 ratios[i].push(ours / fio);
                 println!(
-                    "round {round} qd{qd}: ustor ng: {ours:.0} IOPS (heap buffers {heap:.0}), \
+                    "round {round} qd{qd}: ustor ng: {ours:.0} IOPS (registered buffers \
+                     {registered:.0}), \
                      fio io_uring_cmd {fio:.0} IOPS, ratio {:.2}",
                     ours / fio
                 );
