@@ -271,6 +271,7 @@ impl BlockDevice for MemDevice {
             done: VecDeque::with_capacity(depth),
             depth,
             scratch: vec![0; CHUNK_BYTES].into_boxed_slice(),
+            ranges: Vec::with_capacity(limits.max_ranges as usize),
             _not_sync: NotSync::default(),
         })))
     }
@@ -369,6 +370,8 @@ struct MemCopyChannel {
     depth: usize,
     /// One step of a copy: the device copies front to back through it.
     scratch: Box<[u8]>,
+    /// The command's source ranges, as checked.
+    ranges: Vec<(u64, u64)>,
     _not_sync: NotSync,
 }
 
@@ -378,64 +381,42 @@ const SCRIBBLE: u8 = 0xde;
 
 impl MemCopyChannel {
     fn error(&self, req: &OffloadRequest<'_>, kind: OffloadErrorKind) -> OffloadError {
-        OffloadError {
-            device: self.info.id,
-            dst_lba: req.ranges.first().map_or(0, |r| r.dst),
-            blocks: req.blocks(),
-            kind,
-            status: match kind {
-                // NVMe generic status: Invalid Field in Command, LBA Out of
-                // Range; media: Unrecovered Read Error; otherwise aborted.
-                OffloadErrorKind::Unsupported | OffloadErrorKind::Limits => DeviceStatus::Nvme {
-                    sct: 0,
-                    sc: 0x02,
-                    dnr: true,
-                },
-                OffloadErrorKind::OutOfRange => DeviceStatus::Nvme {
-                    sct: 0,
-                    sc: 0x80,
-                    dnr: true,
-                },
-                OffloadErrorKind::Medium => DeviceStatus::Nvme {
-                    sct: 2,
-                    sc: 0x81,
-                    dnr: false,
-                },
-                _ => DeviceStatus::Nvme {
-                    sct: 0,
-                    sc: 0x07,
-                    dnr: false,
-                },
+        let status = match kind {
+            // NVMe generic status: Invalid Field in Command, LBA Out of
+            // Range; media: Unrecovered Read Error; otherwise aborted.
+            OffloadErrorKind::Unsupported | OffloadErrorKind::Limits => DeviceStatus::Nvme {
+                sct: 0,
+                sc: 0x02,
+                dnr: true,
             },
-        }
+            OffloadErrorKind::OutOfRange => DeviceStatus::Nvme {
+                sct: 0,
+                sc: 0x80,
+                dnr: true,
+            },
+            OffloadErrorKind::Medium => DeviceStatus::Nvme {
+                sct: 2,
+                sc: 0x81,
+                dnr: false,
+            },
+            _ => DeviceStatus::Nvme {
+                sct: 0,
+                sc: 0x07,
+                dnr: false,
+            },
+        };
+        req.error(self.info.id, kind, status)
     }
 
     /// Checks a command against NVMe Copy's rules and this leaf's limits.
-    fn validate(&self, req: &OffloadRequest<'_>) -> Result<(), OffloadErrorKind> {
-        let count = self.info.block_count;
-        if req.ranges.is_empty() {
-            return Err(OffloadErrorKind::OutOfRange);
-        }
-        if req.ranges.len() as u64 > u64::from(self.limits.max_ranges) {
-            return Err(OffloadErrorKind::Limits);
-        }
-        let mut total: u64 = 0;
-        let mut next_dst = req.ranges[0].dst;
-        for r in req.ranges {
-            let inside = |start: u64| start.checked_add(r.blocks).is_some_and(|e| e <= count);
-            if r.blocks == 0 || !inside(r.src) || !inside(r.dst) {
-                return Err(OffloadErrorKind::OutOfRange);
-            }
-            if r.blocks > self.limits.max_range_blocks || r.dst != next_dst {
-                return Err(OffloadErrorKind::Limits);
-            }
-            next_dst = r.dst + r.blocks;
-            total += r.blocks;
-        }
-        if total > self.limits.max_command_blocks {
-            return Err(OffloadErrorKind::Limits);
-        }
-        Ok(())
+    fn validate(&mut self, req: &OffloadRequest<'_>) -> Result<(), OffloadErrorKind> {
+        let limits = crate::nvme_leaf::CopyLimits {
+            max_ranges: self.limits.max_ranges as usize,
+            max_range_blocks: self.limits.max_range_blocks,
+            max_command_blocks: self.limits.max_command_blocks,
+            block_count: self.info.block_count,
+        };
+        crate::nvme_leaf::check_copy(req, &limits, &mut self.ranges)
     }
 
     /// Copies one range front to back through the scratch buffer.

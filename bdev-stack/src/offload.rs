@@ -160,6 +160,22 @@ impl OffloadRequest<'_> {
     pub fn blocks(&self) -> u64 {
         self.ranges.iter().map(|r| r.blocks).sum()
     }
+
+    /// The error of this command failing on `device` for `kind`.
+    pub fn error(
+        &self,
+        device: DeviceId,
+        kind: OffloadErrorKind,
+        status: DeviceStatus,
+    ) -> OffloadError {
+        OffloadError {
+            device,
+            dst_lba: self.ranges.first().map_or(0, |r| r.dst),
+            blocks: self.blocks(),
+            kind,
+            status,
+        }
+    }
 }
 
 /// The device's own words about a failed command, when it gave any.

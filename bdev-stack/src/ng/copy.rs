@@ -99,13 +99,7 @@ impl NgCopyChannel {
         kind: OffloadErrorKind,
         status: DeviceStatus,
     ) -> OffloadError {
-        OffloadError {
-            device: self.info.id,
-            dst_lba: req.ranges.first().map_or(0, |r| r.dst),
-            blocks: req.blocks(),
-            kind,
-            status,
-        }
+        req.error(self.info.id, kind, status)
     }
 }
 

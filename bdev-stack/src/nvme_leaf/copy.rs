@@ -154,13 +154,7 @@ impl<T: Transport> NvmeCopyChannel<T> {
         kind: OffloadErrorKind,
         status: DeviceStatus,
     ) -> OffloadError {
-        OffloadError {
-            device: self.info.id,
-            dst_lba: req.ranges.first().map_or(0, |r| r.dst),
-            blocks: req.blocks(),
-            kind,
-            status,
-        }
+        req.error(self.info.id, kind, status)
     }
 
     /// Checks a command against NVMe Copy's shape and the namespace's
