@@ -52,6 +52,23 @@ pub enum FileOpenError {
         /// The path.
         path: PathBuf,
     },
+    /// An existing file that may be extended, and is not this user's own
+    /// or has other names: someone may have planted it to read what is
+    /// written, or to have us write over another file.
+    #[error(
+        "{} (owner uid {owner}, {links} links) is not a file of this user with one name, and a \
+         size was given (it may be extended and written): name a file of your own, or leave \
+         the size out to use it as it is",
+        .path.display()
+    )]
+    NotOwnFile {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Its hard links.
+        links: u64,
+    },
     /// An operating-system call failed.
     #[error("{}: {action}", .path.display())]
     Os {
@@ -69,9 +86,9 @@ impl FileOpenError {
     /// The closest [`io::ErrorKind`], for callers that carry I/O errors.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
-            FileOpenError::SymbolicLink { .. } | FileOpenError::NotFileOrBlockDevice { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            FileOpenError::SymbolicLink { .. }
+            | FileOpenError::NotFileOrBlockDevice { .. }
+            | FileOpenError::NotOwnFile { .. } => io::ErrorKind::InvalidInput,
             FileOpenError::Busy { .. } => io::ErrorKind::ResourceBusy,
             FileOpenError::Os { source, .. } => source.kind(),
         }
@@ -115,6 +132,25 @@ pub fn open_file(
         action,
         source,
     };
+    // Check the type before opening: opening a character device can act
+    // (a watchdog arms on open) or block (a terminal).
+    let looked = if create_size.is_some() {
+        std::fs::symlink_metadata(path)
+    } else {
+        std::fs::metadata(path)
+    };
+    if let Ok(meta) = looked {
+        if meta.file_type().is_symlink() {
+            return Err(FileOpenError::SymbolicLink {
+                path: path.to_path_buf(),
+            });
+        }
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(FileOpenError::NotFileOrBlockDevice {
+                path: path.to_path_buf(),
+            });
+        }
+    }
     let open_existing = || {
         let mut options = OpenOptions::new();
         options.read(true).write(true);
@@ -161,6 +197,18 @@ pub fn open_file(
         return Err(FileOpenError::NotFileOrBlockDevice {
             path: path.to_path_buf(),
         });
+    }
+    if create_size.is_some() && meta.is_file() && !created {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.nlink() != 1 {
+            return Err(FileOpenError::NotOwnFile {
+                path: path.to_path_buf(),
+                owner: meta.uid(),
+                links: meta.nlink(),
+            });
+        }
     }
     if let Some(size) = create_size
         && meta.is_file()
@@ -263,6 +311,24 @@ mod tests {
         open_file(&path, Some(16384), false).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 16384);
         assert_eq!(&std::fs::read(&path).unwrap()[..8192], &[7u8; 8192][..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_with_other_names_is_not_extended() {
+        let dir = scratch("links");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let planted = dir.join("disk");
+        std::fs::hard_link(&victim, &planted).unwrap();
+        let e = open_file(&planted, Some(1 << 20), false).unwrap_err();
+        assert!(
+            matches!(e, FileOpenError::NotOwnFile { links: 2, .. }),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // Used as it is, without a size: fine.
+        open_file(&planted, None, false).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -47,17 +47,26 @@ pub(crate) struct Ring<S: squeue::EntryMarker, C: cqueue::EntryMarker> {
 }
 
 impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
-    /// A ring of at least `entries` submission entries; with `iopoll`,
-    /// completions are polled from the device (IORING_SETUP_IOPOLL).
-    pub(crate) fn new(device: &str, entries: usize, iopoll: bool) -> Result<Self, BdevError> {
+    /// A ring of at least `entries` submission entries and room for
+    /// `commands` completions (every command the channel can have in
+    /// flight, so the kernel never has to hold one back in memory it
+    /// allocates); with `iopoll`, completions are polled from the device
+    /// (IORING_SETUP_IOPOLL).
+    pub(crate) fn new(
+        device: &str,
+        entries: usize,
+        commands: usize,
+        iopoll: bool,
+    ) -> Result<Self, BdevError> {
         let entries = u32::try_from(entries.clamp(1, 4096).next_power_of_two()).unwrap_or(4096);
+        let completions = u32::try_from(commands.clamp(1, 1 << 16).next_power_of_two())
+            .unwrap_or(1 << 16)
+            .max(entries * 2);
         let mut builder = IoUring::<S, C>::builder();
         if iopoll {
             builder.setup_iopoll();
         }
-        // Room for every command of a full submission queue, twice over,
-        // before the kernel has to hold completions back.
-        builder.setup_cqsize(entries * 2);
+        builder.setup_cqsize(completions);
         let ring = builder
             .build(entries)
             .map_err(|source| BdevError::IoUringUnavailable {
@@ -81,7 +90,7 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
     /// completion has been reaped.
     pub(crate) unsafe fn push(&mut self, entry: &S) -> bool {
         if self.ring.submission().is_full() {
-            self.enter();
+            let _ = self.enter();
         }
         // SAFETY: the caller keeps what the entry names valid until it
         // completes.
@@ -118,7 +127,7 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
             sq.capacity() - sq.len()
         };
         if room(&mut self.ring) < n {
-            self.enter();
+            let _ = self.enter();
         }
         room(&mut self.ring) >= n
     }
@@ -127,27 +136,40 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
     /// poll the device; never waits. Errors the kernel returns for
     /// transient reasons (full completion queue, signal) leave the entries
     /// queued for the next call.
-    fn enter(&mut self) {
+    fn enter(&mut self) -> bool {
         if self.queued == 0 && self.in_flight == 0 {
-            return;
+            return true;
         }
-        match self.ring.submit() {
+        let result = self.ring.submit();
+        self.entered(result)
+    }
+
+    /// Accounts what an `io_uring_enter` handed to the kernel; false on an
+    /// error.
+    fn entered(&mut self, result: std::io::Result<usize>) -> bool {
+        match result {
             Ok(submitted) => {
                 let submitted = submitted.min(self.queued);
                 self.queued -= submitted;
                 self.in_flight += submitted;
+                true
             }
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EBUSY | libc::EINTR) => {}
-                _ => tracing::warn!(error = %e, "io_uring_enter failed; retrying at the next poll"),
-            },
+            Err(e) => {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                ) {
+                    tracing::warn!(error = %e, "io_uring_enter failed; retrying at the next poll");
+                }
+                false
+            }
         }
     }
 
     /// Submits what is queued, then hands up to `max` completions to
     /// `each` (user data, result, the whole entry); returns how many.
     pub(crate) fn reap(&mut self, max: usize, mut each: impl FnMut(u64, i32, &C)) -> usize {
-        self.enter();
+        let _ = self.enter();
         let mut n = 0;
         for cqe in self.ring.completion().take(max) {
             let result = Into::<cqueue::Entry>::into(cqe.clone()).result();
@@ -168,8 +190,14 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
     /// commands in flight, whose buffers the device may still touch.
     pub(crate) fn drain(&mut self, mut each: impl FnMut(u64, i32, &C)) {
         while self.outstanding() > 0 {
-            if self.reap(usize::MAX, &mut each) == 0 {
-                let _ = self.ring.submit_and_wait(1);
+            if self.reap(usize::MAX, &mut each) > 0 {
+                continue;
+            }
+            let waited = self.ring.submit_and_wait(1);
+            if !self.entered(waited) {
+                // The buffers may still be in use: never give up, but do
+                // not spin on a kernel that keeps refusing.
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
     }

@@ -13,8 +13,8 @@
 //!
 //! [`FileEngine::Auto`], the default, takes io_uring where the kernel
 //! gives it and falls back, with a warning, where it does not. Write
-//! zeroes and deallocation run synchronously on either engine (rare
-//! operations, not the data path).
+//! zeroes and deallocation run synchronously inside `poll` on either
+//! engine (rare operations, not the data path); submission never blocks.
 
 mod sync;
 mod uring;
@@ -151,12 +151,18 @@ impl FileDevice {
         self.engine = match engine {
             FileEngine::Sync => FileEngine::Sync,
             FileEngine::Uring => {
-                crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(&self.info.name, 1, false)?;
+                crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(
+                    &self.info.name,
+                    1,
+                    1,
+                    false,
+                )?;
                 FileEngine::Uring
             }
             FileEngine::Auto => {
                 match crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(
                     &self.info.name,
+                    1,
                     1,
                     false,
                 ) {

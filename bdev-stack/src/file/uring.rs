@@ -31,6 +31,8 @@ struct Slot {
     done: u64,
     /// The registered buffer the data lies in.
     fixed: Option<u16>,
+    /// Accepted and not yet handed back.
+    busy: bool,
 }
 
 // SAFETY: the pointer names the buffer the submit contract hands the
@@ -46,6 +48,9 @@ pub(super) struct UringChannel {
     free: Vec<u32>,
     /// Continuations of short transfers the ring had no room for.
     resume: VecDeque<u32>,
+    /// Write zeroes and deallocations accepted, to be performed at the
+    /// next poll (synchronously: rare, and not the data path).
+    zero_pending: VecDeque<u32>,
     /// Finished requests not yet handed out, with their outcome; their
     /// slots stay taken until then.
     ready: VecDeque<(u32, Result<(), IoErrorKind>)>,
@@ -62,7 +67,7 @@ impl UringChannel {
         depth: usize,
         registered: Option<Arc<RegisteredMemory>>,
     ) -> Result<UringChannel, BdevError> {
-        let mut ring = Ring::new(&info.name, depth, false)?;
+        let mut ring = Ring::new(&info.name, depth, depth, false)?;
         let registered = registered.filter(|memory| ring.register(&info.name, memory));
         let empty = Slot {
             ctx: 0,
@@ -73,6 +78,7 @@ impl UringChannel {
             len: 0,
             done: 0,
             fixed: None,
+            busy: false,
         };
         Ok(UringChannel {
             zeroing: Zeroing::new(&info)?,
@@ -82,6 +88,7 @@ impl UringChannel {
             slots: vec![empty; depth],
             free: (0..depth as u32).rev().collect(),
             resume: VecDeque::with_capacity(depth),
+            zero_pending: VecDeque::with_capacity(depth),
             ready: VecDeque::with_capacity(depth),
             registered,
             _not_sync: NotSync::default(),
@@ -159,15 +166,11 @@ impl Channel for UringChannel {
                 .registered
                 .as_ref()
                 .and_then(|memory| memory.fixed_index(&req.buf)),
+            busy: true,
         };
         if zeroing {
-            // Rare, and not the data path: performed here, completed at
-            // the next poll.
-            let fd = self.file.as_raw_fd();
-            let result = self
-                .zeroing
-                .perform(fd, req.op, req.lba * bs, req.blocks * bs);
-            self.ready.push_back((index, result));
+            // Performed at the next poll: submission never blocks.
+            self.zero_pending.push_back(index);
             return Ok(());
         }
         let entry = self.entry(index);
@@ -178,6 +181,16 @@ impl Channel for UringChannel {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        let bs = u64::from(self.info.block_size);
+        let fd = self.file.as_raw_fd();
+        while let Some(index) = self.zero_pending.pop_front() {
+            let slot = self.slots[index as usize];
+            let result = self
+                .zeroing
+                .perform(fd, slot.op, slot.lba * bs, slot.blocks * bs);
+            self.slots[index as usize].busy = false;
+            self.ready.push_back((index, result));
+        }
         // Continuations first, while there is room on the ring.
         while let Some(&index) = self.resume.front() {
             let entry = self.entry(index);
@@ -199,6 +212,11 @@ impl Channel for UringChannel {
                 let Some(slot) = self.slots.get_mut(index as usize) else {
                     continue;
                 };
+                if !slot.busy {
+                    // Not ours to complete (a completion the kernel should
+                    // not have sent): completing it would free a slot twice.
+                    continue;
+                }
                 let outcome = if result < 0 {
                     Err(IoErrorKind::Os { errno: -result })
                 } else if slot.len == 0 {
@@ -214,6 +232,7 @@ impl Channel for UringChannel {
                     }
                     Ok(())
                 };
+                slot.busy = false;
                 self.ready.push_back((index, outcome));
             }
             if count < reaped.len() {

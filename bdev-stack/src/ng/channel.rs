@@ -84,7 +84,13 @@ impl NgChannel {
         polled: bool,
         registered: Option<Arc<RegisteredMemory>>,
     ) -> Result<NgChannel, BdevError> {
-        let mut ring = Ring::new(&info.name, depth + WRITE_ZEROES_PARTS as usize, polled)?;
+        // A request is at most WRITE_ZEROES_PARTS commands.
+        let mut ring = Ring::new(
+            &info.name,
+            depth + WRITE_ZEROES_PARTS as usize,
+            depth * WRITE_ZEROES_PARTS as usize,
+            polled,
+        )?;
         let registered = registered.filter(|memory| ring.register(&info.name, memory));
         Ok(NgChannel {
             info,

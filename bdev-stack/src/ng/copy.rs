@@ -63,7 +63,7 @@ impl NgCopyChannel {
         // runs; on a polled ring it would complete only at the next poll
         // (relocation through a polled ring fell to a third of the
         // interrupt-driven rate, falling further each round).
-        let ring = Ring::new(&info.name, depth, false)?;
+        let ring = Ring::new(&info.name, depth, depth, false)?;
         let limits = CopyLimits {
             max_ranges,
             max_range_blocks,

@@ -36,7 +36,7 @@ const PAGE: u64 = 4096;
 const FALLBACK_MAX_TRANSFER: u64 = 128 * 1024;
 
 /// What the kernel says about the namespace's queue (sysfs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueLimits {
     /// `max_hw_sectors_kb` in bytes.
     pub max_hw_bytes: Option<u64>,
@@ -46,6 +46,8 @@ pub struct QueueLimits {
     pub poll_queues: bool,
     /// The block device's number (`dev`), the same blocks as this node.
     pub block_dev: Option<u64>,
+    /// The block device's name (`nvmeXnY`).
+    pub block_name: Option<String>,
 }
 
 /// How an `ng:` leaf runs its channels.
@@ -73,6 +75,9 @@ pub struct NgNamespace {
     limits: QueueLimits,
     copy_limits: Option<(u32, u64, u64)>,
     backing: BackingId,
+    /// The namespace's block device, held exclusively (`O_EXCL`) so that
+    /// nothing mounts it while this leaf writes.
+    _claim: Option<File>,
     identify: Box<(IdentifyController, IdentifyNamespace)>,
     registered: LazyRegistered,
     registered_buffers: bool,
@@ -133,6 +138,17 @@ impl NgNamespace {
                 };
                 problem(path, hint, Some(e))
             })?;
+        // What was opened, not what the path names now.
+        let meta = file
+            .metadata()
+            .map_err(|e| problem(path, "cannot stat the open node", Some(e)))?;
+        if !meta.file_type().is_char_device() {
+            return Err(problem(
+                path,
+                "changed under us: no longer a character device",
+                None,
+            ));
+        }
         let fd = file.as_raw_fd();
         let nsid = sys::namespace_id(fd).map_err(|e| {
             problem(
@@ -196,6 +212,7 @@ impl NgNamespace {
             ));
         }
         let limits = queue_limits(&meta);
+        let claim = claim_block_device(path, limits.block_name.as_deref())?;
         if poll && !limits.poll_queues {
             return Err(problem(
                 path,
@@ -216,12 +233,11 @@ impl NgNamespace {
             .max_hw_bytes
             .unwrap_or(FALLBACK_MAX_TRANSFER)
             .min(mdts_bytes)
-            // An unregistered buffer's pages are one segment each.
-            .min(
-                limits
-                    .max_segments
-                    .map_or(u64::MAX, |s| s.saturating_mul(PAGE)),
-            );
+            // An unregistered buffer's pages are one segment each, and a
+            // buffer that does not start on a page spans one more.
+            .min(limits.max_segments.map_or(u64::MAX, |s| {
+                s.saturating_sub(1).max(1).saturating_mul(PAGE)
+            }));
         let oncs = ctrl.oncs.get();
         let ops = crate::nvme_leaf::nvme_ops(oncs, ns.dlfeat);
         let rdev = meta.rdev();
@@ -287,6 +303,7 @@ impl NgNamespace {
             limits,
             copy_limits,
             backing,
+            _claim: claim,
             identify: Box::new((ctrl, ns)),
             registered: LazyRegistered::default(),
             registered_buffers: options.registered_buffers,
@@ -319,8 +336,8 @@ impl NgNamespace {
     }
 
     /// What the kernel reported about the namespace's queue.
-    pub fn queue_limits(&self) -> QueueLimits {
-        self.limits
+    pub fn queue_limits(&self) -> &QueueLimits {
+        &self.limits
     }
 }
 
@@ -333,10 +350,12 @@ fn queue_limits(meta: &std::fs::Metadata) -> QueueLimits {
         libc::major(rdev),
         libc::minor(rdev)
     ));
-    let block = std::fs::canonicalize(&node)
+    let block_name = std::fs::canonicalize(&node)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .and_then(|n| n.strip_prefix("ng").map(|rest| format!("nvme{rest}")))
+        .and_then(|n| n.strip_prefix("ng").map(|rest| format!("nvme{rest}")));
+    let block = block_name
+        .as_ref()
         .map(|n| PathBuf::from("/sys/block").join(n));
     let read = |name: &str| -> Option<String> {
         let path = block.as_ref()?.join(name);
@@ -353,6 +372,39 @@ fn queue_limits(meta: &std::fs::Metadata) -> QueueLimits {
             let (major, minor) = s.split_once(':')?;
             Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
         }),
+        block_name,
+    }
+}
+
+/// Holds the namespace's block device exclusively, as the kernel lets one
+/// holder do: a mounted file system on it (or on a partition) makes this
+/// fail, and nothing can mount it while the claim lives. Readers such as
+/// `dd` are not held off.
+fn claim_block_device(path: &Path, block_name: Option<&str>) -> Result<Option<File>, BdevError> {
+    let Some(name) = block_name else {
+        tracing::warn!(path = %path.display(), "no block device found for this node; it is not held against mounts");
+        return Ok(None);
+    };
+    let node = PathBuf::from("/dev").join(name);
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(&node)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(problem(
+            path,
+            format!(
+                "its block device {} is in use (a mounted file system, or held exclusively by \
+                 another program or another ng: leaf): unmount it or stop its other user",
+                node.display()
+            ),
+            Some(e),
+        )),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), node = %node.display(), error = %e, "cannot hold the block device against mounts");
+            Ok(None)
+        }
     }
 }
 

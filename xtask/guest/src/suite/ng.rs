@@ -134,6 +134,20 @@ fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
         leaf.is_polled(),
         true
     );
+    // The leaf holds the block device: no second leaf, no mount, no
+    // exclusive opener writes under it.
+    for other in [format!("ng:{}", ns.ng), format!("file:{}", ns.block)] {
+        match spec::build(&other) {
+            Ok(_) => return Err(format!("{other} opened while ng: holds {}", ns.block)),
+            Err(e) => {
+                let chain = ustor::bdev_stack::error_chain(&e);
+                if !chain.contains("in use") {
+                    return Err(format!("{other}: not the in-use error: {chain}"));
+                }
+                println!("ok {other} refused while held: in use");
+            }
+        }
+    }
     let j = json_file(&ns.reference_dir, "id-ctrl.json")?;
     let id = leaf.identify_controller();
     let num = |k: &str| j[k].as_u64();
@@ -344,7 +358,9 @@ fn write_read_verify(ns: &KernelNamespace, options: NgOptions) -> Result<(), Str
             extents.len()
         );
     }
-    // Beyond the largest transfer: a stack over the leaf splits.
+    // Beyond the largest transfer: a stack over the leaf splits (the leaf
+    // goes first: one ng: leaf holds the namespace at a time).
+    drop(leaf);
     let stacked = spec::build(&format!(
         "concat(ng:{},poll={},registered={})",
         ns.ng,
@@ -581,8 +597,11 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
     let mut cpu: [[Vec<f64>; 2]; 2] = Default::default();
     let result = (|| -> Result<(), String> {
         let ng = generic_node(&kernel_node(&addr)?)?;
-        let mut benches = Vec::new();
-        for spec in [format!("ng:{ng}"), format!("ng:{ng},poll=on")] {
+        // One mode at a time: an ng: leaf holds its namespace.
+        for (m, spec) in [format!("ng:{ng}"), format!("ng:{ng},poll=on")]
+            .into_iter()
+            .enumerate()
+        {
             let mut bench = Bench::open(&Workload {
                 src: spec,
                 extent_bytes: 64 << 10,
@@ -593,16 +612,12 @@ fn ng_copy_bench_offload_bounce(env: &GuestEnv) -> Result<(), String> {
             for offload in [true, false] {
                 bench.run(offload, 0).map_err(|e| e.to_string())?;
             }
-            benches.push(bench);
-        }
-        println!("warm-up done (each mode and method once; not counted)");
-        for round in 1..=5u64 {
-            let order = if round % 2 == 1 {
-                [true, false]
-            } else {
-                [false, true]
-            };
-            for (m, bench) in benches.iter_mut().enumerate() {
+            for round in 1..=5u64 {
+                let order = if round % 2 == 1 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
                 for offload in order {
                     let r = bench.run(offload, round).map_err(|e| e.to_string())?;
                     let i = usize::from(!offload);
