@@ -230,15 +230,7 @@ impl DeviceInfo {
     /// inside the device, buffer length and alignment right, transfer not
     /// too large.
     pub fn validate(&self, req: &IoRequest) -> Result<(), IoError> {
-        let fail = |kind| {
-            Err(IoError {
-                device: self.id,
-                op: req.op,
-                lba: req.lba,
-                blocks: req.blocks,
-                kind,
-            })
-        };
+        let fail = |kind| Err(req.error(self.id, kind));
         if !self.ops.contains(req.op.required_op()) {
             return fail(IoErrorKind::Unsupported);
         }
@@ -324,6 +316,17 @@ impl IoRequest {
             blocks,
             buf,
             ctx,
+        }
+    }
+
+    /// The error of this request failing on `device` for `kind`.
+    pub fn error(&self, device: DeviceId, kind: IoErrorKind) -> IoError {
+        IoError {
+            device,
+            op: self.op,
+            lba: self.lba,
+            blocks: self.blocks,
+            kind,
         }
     }
 

@@ -189,13 +189,7 @@ impl Channel for FaultyChannel {
             Some(FaultAction::Fail(kind)) => {
                 self.failed.push_back(Completion {
                     ctx: req.ctx,
-                    result: Err(IoError {
-                        device: self.info.id,
-                        op: req.op,
-                        lba: req.lba,
-                        blocks: req.blocks,
-                        kind,
-                    }),
+                    result: Err(req.error(self.info.id, kind)),
                 });
                 Ok(())
             }

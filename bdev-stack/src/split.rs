@@ -815,13 +815,7 @@ mod tests {
                 return Err(SubmitError::Busy);
             }
             let result = if req.lba == self.fail_lba {
-                Err(IoError {
-                    device: self.id,
-                    op: req.op,
-                    lba: req.lba,
-                    blocks: req.blocks,
-                    kind: IoErrorKind::Medium,
-                })
+                Err(req.error(self.id, IoErrorKind::Medium))
             } else {
                 Ok(())
             };

@@ -148,30 +148,17 @@ impl FileDevice {
 
     /// Settles the engine: io_uring is probed with a ring of one entry.
     fn with_engine(mut self, engine: FileEngine) -> Result<FileDevice, BdevError> {
-        self.engine = match engine {
-            FileEngine::Sync => FileEngine::Sync,
-            FileEngine::Uring => {
-                crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(
-                    &self.info.name,
-                    1,
-                    1,
-                    false,
-                )?;
-                FileEngine::Uring
-            }
-            FileEngine::Auto => {
-                match crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(
-                    &self.info.name,
-                    1,
-                    1,
-                    false,
-                ) {
-                    Ok(_) => FileEngine::Uring,
-                    Err(e) => {
-                        warn!(device = %self.info.name, error = %crate::error_chain(&e), "io_uring refused; requests run one at a time with pread/pwrite");
-                        FileEngine::Sync
-                    }
-                }
+        if engine == FileEngine::Sync {
+            return Ok(self);
+        }
+        let probe =
+            crate::uring::Ring::<squeue::Entry, cqueue::Entry>::new(&self.info.name, 1, 1, false);
+        self.engine = match (probe, engine) {
+            (Ok(_), _) => FileEngine::Uring,
+            (Err(e), FileEngine::Uring) => return Err(e),
+            (Err(e), _) => {
+                warn!(device = %self.info.name, error = %crate::error_chain(&e), "io_uring refused; requests run one at a time with pread/pwrite");
+                FileEngine::Sync
             }
         };
         Ok(self)

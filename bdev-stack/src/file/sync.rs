@@ -11,7 +11,7 @@ use crate::buffer::{DmaMemory, HostBuffer};
 use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
 };
-use crate::error::{BdevError, IoError, IoErrorKind};
+use crate::error::{BdevError, IoErrorKind};
 
 /// Write zeroes and deallocation of a file, performed synchronously.
 pub(super) struct Zeroing {
@@ -164,13 +164,9 @@ impl Channel for SyncChannel {
             let Some(req) = self.pending.pop_front() else {
                 break;
             };
-            let result = self.perform(&req).map_err(|kind| IoError {
-                device: self.info.id,
-                op: req.op,
-                lba: req.lba,
-                blocks: req.blocks,
-                kind,
-            });
+            let result = self
+                .perform(&req)
+                .map_err(|kind| req.error(self.info.id, kind));
             out[n] = Completion {
                 ctx: req.ctx,
                 result,

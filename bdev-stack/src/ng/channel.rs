@@ -116,16 +116,6 @@ impl NgChannel {
         })
     }
 
-    fn error(&self, req: &IoRequest, kind: IoErrorKind) -> IoError {
-        IoError {
-            device: self.info.id,
-            op: req.op,
-            lba: req.lba,
-            blocks: req.blocks,
-            kind,
-        }
-    }
-
     /// Pushes one passthrough command for `slot`; `fixed`: the registered
     /// buffer the data lies in.
     ///
@@ -171,7 +161,7 @@ impl Channel for NgChannel {
         };
         if let Some(max_blocks) = too_large {
             return Err(SubmitError::Invalid(
-                self.error(&req, IoErrorKind::TooLarge { max_blocks }),
+                req.error(self.info.id, IoErrorKind::TooLarge { max_blocks }),
             ));
         }
         if !self.ring.reserve(parts as usize) {

@@ -89,16 +89,6 @@ impl<T: Transport> NvmeChannel<T> {
         }
     }
 
-    fn error(&self, req: &IoRequest, kind: IoErrorKind) -> IoError {
-        IoError {
-            device: self.info.id,
-            op: req.op,
-            lba: req.lba,
-            blocks: req.blocks,
-            kind,
-        }
-    }
-
     /// Fails every outstanding request with [`IoErrorKind::DeviceFailed`]
     /// and stops taking new ones.
     fn fail_all(&mut self) {
@@ -166,7 +156,7 @@ impl<T: Transport> Channel for NvmeChannel<T> {
     unsafe fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         if self.dead {
             return Err(SubmitError::Invalid(
-                self.error(&req, IoErrorKind::DeviceFailed),
+                req.error(self.info.id, IoErrorKind::DeviceFailed),
             ));
         }
         // Refuses, among others, a buffer of another DMA context
@@ -176,16 +166,16 @@ impl<T: Transport> Channel for NvmeChannel<T> {
             IoOp::WriteZeroes
                 if req.blocks.div_ceil(WRITE_ZEROES_BLOCKS) > self.slots.len() as u64 =>
             {
-                return Err(SubmitError::Invalid(self.error(
-                    &req,
+                return Err(SubmitError::Invalid(req.error(
+                    self.info.id,
                     IoErrorKind::TooLarge {
                         max_blocks: WRITE_ZEROES_BLOCKS * self.slots.len() as u64,
                     },
                 )));
             }
             IoOp::Deallocate if req.blocks > u64::from(u32::MAX) * DSM_RANGES as u64 => {
-                return Err(SubmitError::Invalid(self.error(
-                    &req,
+                return Err(SubmitError::Invalid(req.error(
+                    self.info.id,
                     IoErrorKind::TooLarge {
                         max_blocks: u64::from(u32::MAX) * DSM_RANGES as u64,
                     },
@@ -212,12 +202,12 @@ impl<T: Transport> Channel for NvmeChannel<T> {
                 match e {
                     nvme::SubmitError::QueueFull => Err(SubmitError::Busy),
                     nvme::SubmitError::Removed => Err(SubmitError::Invalid(
-                        self.error(&req, IoErrorKind::DeviceRemoved),
+                        req.error(self.info.id, IoErrorKind::DeviceRemoved),
                     )),
                     nvme::SubmitError::Invalid(why) => {
                         tracing::warn!(device = %self.info.name, why, op = %req.op, lba = req.lba, "NVMe queue pair refused a request");
                         Err(SubmitError::Invalid(
-                            self.error(&req, IoErrorKind::DeviceFailed),
+                            req.error(self.info.id, IoErrorKind::DeviceFailed),
                         ))
                     }
                 }

@@ -37,13 +37,7 @@ fn check_no_data_limits(info: &DeviceInfo, caps: DataCaps, req: &IoRequest) -> R
     let max = if max == 0 { u64::from(u32::MAX) } else { max };
     let max = max.min(u64::from(u32::MAX));
     if req.blocks > max {
-        return Err(IoError {
-            device: info.id,
-            op: req.op,
-            lba: req.lba,
-            blocks: req.blocks,
-            kind: IoErrorKind::TooLarge { max_blocks: max },
-        });
+        return Err(req.error(info.id, IoErrorKind::TooLarge { max_blocks: max }));
     }
     Ok(())
 }
@@ -144,13 +138,7 @@ impl Channel for EmuChannel {
         };
         let result = result.map_err(|e| {
             debug!(leaf = %self.info.name, op = %req.op, lba = req.lba, blocks = req.blocks, error = %e, "SCSI command failed");
-            IoError {
-                device: self.info.id,
-                op: req.op,
-                lba: req.lba,
-                blocks: req.blocks,
-                kind: io_kind_of(e.sense(), self.info.block_count),
-            }
+            req.error(self.info.id, io_kind_of(e.sense(), self.info.block_count))
         });
         self.done.push_back(Completion {
             ctx: req.ctx,
@@ -378,13 +366,7 @@ impl SgChannel {
         self.free.push(i);
         self.done.push_back(Completion {
             ctx: req.ctx,
-            result: result.map_err(|kind| IoError {
-                device: self.info.id,
-                op: req.op,
-                lba: req.lba,
-                blocks: req.blocks,
-                kind,
-            }),
+            result: result.map_err(|kind| req.error(self.info.id, kind)),
         });
     }
 }
@@ -423,13 +405,9 @@ impl Channel for SgChannel {
                             scsi_sg::RejectReason::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
                             _ => libc::EINVAL,
                         };
-                        Err(SubmitError::Invalid(IoError {
-                            device: self.info.id,
-                            op: req.op,
-                            lba: req.lba,
-                            blocks: req.blocks,
-                            kind: IoErrorKind::Os { errno },
-                        }))
+                        Err(SubmitError::Invalid(
+                            req.error(self.info.id, IoErrorKind::Os { errno }),
+                        ))
                     }
                 }
             }
