@@ -563,6 +563,14 @@ impl DmaSlice {
         self.len
     }
 
+    /// The host address of the first byte, for transports that move the
+    /// data themselves (NVMe/TCP). Only raw access is sound.
+    pub(crate) fn host_ptr(&self) -> *mut u8 {
+        // SAFETY: offset is within the region (checked when the slice was
+        // made).
+        unsafe { self.region.map.as_mut_ptr().add(self.offset) }
+    }
+
     /// The context whose IOVA space [`DmaSlice::iova`] is in: a device of
     /// any other context must not be given it.
     #[inline]

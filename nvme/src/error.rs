@@ -312,6 +312,10 @@ pub enum Error {
         what: String,
     },
 
+    /// An NVMe/TCP connection or its controller failed.
+    #[error(transparent)]
+    Tcp(Box<crate::tcp::TcpError>),
+
     /// No I/O queue id is free.
     #[error("{device}: all {granted} I/O queue pairs are in use")]
     NoFreeQueue {

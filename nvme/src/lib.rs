@@ -84,6 +84,7 @@ pub mod mmio;
 pub mod regs;
 pub mod spec;
 pub mod split;
+pub mod tcp;
 mod transport;
 pub mod vfio;
 

@@ -512,8 +512,22 @@ pub struct IdentifyController {
     pub _rsvd544: [u8; 224],
     /// NVM Subsystem NVMe Qualified Name.
     pub subnqn: [u8; 256],
-    /// Bytes 1024..2047, reserved / fabrics.
-    pub _rsvd1024: [u8; 1024],
+    /// Bytes 1024..1791, reserved.
+    pub _rsvd1024: [u8; 768],
+    /// I/O Queue Command Capsule Supported Size (fabrics; 16-byte units).
+    pub ioccsz: U32,
+    /// I/O Queue Response Capsule Supported Size (fabrics; 16-byte units).
+    pub iorcsz: U32,
+    /// In Capsule Data Offset (fabrics; 16-byte units).
+    pub icdoff: U16,
+    /// Fabrics Controller Attributes.
+    pub fcatt: u8,
+    /// Maximum SGL Data Block Descriptors.
+    pub msdbd: u8,
+    /// Optional Fabric Commands Supported.
+    pub ofcs: U16,
+    /// Bytes 1806..2047, reserved.
+    pub _rsvd1806: [u8; 242],
     /// Power State Descriptors.
     pub psd: [PowerStateDescriptor; 32],
     /// Vendor Specific.
@@ -538,6 +552,9 @@ const _: () = {
     assert!(offset_of!(IdentifyController, ocfs) == 534);
     assert!(offset_of!(IdentifyController, sgls) == 536);
     assert!(offset_of!(IdentifyController, subnqn) == 768);
+    assert!(offset_of!(IdentifyController, ioccsz) == 1792);
+    assert!(offset_of!(IdentifyController, icdoff) == 1800);
+    assert!(offset_of!(IdentifyController, msdbd) == 1803);
     assert!(offset_of!(IdentifyController, psd) == 2048);
     assert!(offset_of!(IdentifyController, vs) == 3072);
 };

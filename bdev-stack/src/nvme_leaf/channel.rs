@@ -57,6 +57,9 @@ pub(crate) fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
         nvme::IoError::Timeout => IoErrorKind::Timeout,
         nvme::IoError::Aborted => IoErrorKind::Aborted,
         nvme::IoError::Removed => IoErrorKind::DeviceRemoved,
+        // The connection failed: the command may have executed; the queue
+        // takes nothing until it is connected again.
+        nvme::IoError::Disconnected => IoErrorKind::DeviceFailed,
         nvme::IoError::Status(s) => {
             if s.sct == nvme::spec::sct::MEDIA {
                 IoErrorKind::Medium
@@ -203,6 +206,9 @@ impl<T: Transport> Channel for NvmeChannel<T> {
                     nvme::SubmitError::QueueFull => Err(SubmitError::Busy),
                     nvme::SubmitError::Removed => Err(SubmitError::Invalid(
                         req.error(self.info.id, IoErrorKind::DeviceRemoved),
+                    )),
+                    nvme::SubmitError::Disconnected => Err(SubmitError::Invalid(
+                        req.error(self.info.id, IoErrorKind::DeviceFailed),
                     )),
                     nvme::SubmitError::Invalid(why) => {
                         tracing::warn!(device = %self.info.name, why, op = %req.op, lba = req.lba, "NVMe queue pair refused a request");

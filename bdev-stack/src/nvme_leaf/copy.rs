@@ -267,7 +267,7 @@ impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
                 self.free.push(slot);
                 Err(OffloadSubmitError::Busy)
             }
-            Err(nvme::SubmitError::Removed) => {
+            Err(nvme::SubmitError::Removed | nvme::SubmitError::Disconnected) => {
                 self.free.push(slot);
                 Err(OffloadSubmitError::Invalid(self.error(
                     req,

@@ -223,40 +223,9 @@ impl<T: Transport> Controller<T> {
         let sqe =
             SubmissionEntry::new(admin_opc::IDENTIFY, 0).with_cdws(&[cns::ACTIVE_NS_LIST as u32]);
         let (_, data) = self.admin("Identify Active Namespace List", sqe, 4096, None)?;
-        let mut out = Vec::new();
-        let mut last = 0u32;
-        for w in data.chunks_exact(4) {
-            let nsid = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            if nsid == 0 {
-                break;
-            }
-            if nsid <= last || nsid > nn {
-                return Err(Error::BadDeviceData {
-                    device: self.shared.name.clone(),
-                    what: format!("active namespace list entry {nsid} after {last} (NN {nn})"),
-                });
-            }
-            last = nsid;
-            let id = self.identify_namespace(nsid)?;
-            let Some(block_size) = id.block_size() else {
-                return Err(Error::BadDeviceData {
-                    device: self.shared.name.clone(),
-                    what: format!(
-                        "namespace {nsid}: FLBAS {:#x} names no valid LBA format",
-                        id.flbas
-                    ),
-                });
-            };
-            out.push(Namespace {
-                nsid,
-                block_size,
-                blocks: id.nsze.get(),
-                mssrl: id.mssrl.get(),
-                mcl: id.mcl.get(),
-                msrc: id.msrc,
-            });
-        }
-        Ok(out)
+        active_namespaces(&self.shared.name, &data, nn, |nsid| {
+            self.identify_namespace(nsid)
+        })
     }
 
     fn set_queue_count(&self, want: u16) -> Result<u16> {

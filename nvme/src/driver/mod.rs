@@ -137,6 +137,19 @@ impl Namespace {
         self.block_size.trailing_zeros()
     }
 
+    /// The namespace `nsid` that Identify Namespace describes, or `None`
+    /// when FLBAS names no usable LBA format.
+    pub fn from_identify(nsid: u32, id: &IdentifyNamespace) -> Option<Namespace> {
+        Some(Namespace {
+            nsid,
+            block_size: id.block_size()?,
+            blocks: id.nsze.get(),
+            mssrl: id.mssrl.get(),
+            mcl: id.mcl.get(),
+            msrc: id.msrc,
+        })
+    }
+
     /// Copy limits for one command with format-0 descriptors.
     pub fn copy_limits(&self) -> CopyLimits {
         CopyLimits {
@@ -162,6 +175,9 @@ pub enum SubmitError {
     /// nothing more is sent to it.
     #[error("controller removed")]
     Removed,
+    /// The queue's connection is down (NVMe/TCP): reconnect it.
+    #[error("connection to the controller is down; reconnect the queue")]
+    Disconnected,
 }
 
 /// How a request failed.
@@ -186,6 +202,11 @@ pub enum IoError {
     /// executed in part; the device touches its memory no more.
     #[error("controller removed (the command may have executed in part)")]
     Removed,
+    /// Outstanding when its connection failed (NVMe/TCP: reset, closed, a
+    /// malformed PDU, a timeout): it may have executed, wholly or in part.
+    /// Nothing arrives for it any more.
+    #[error("connection to the controller lost (the command may have executed, wholly or in part)")]
+    Disconnected,
 }
 
 impl IoError {
@@ -194,7 +215,7 @@ impl IoError {
         match self {
             IoError::Status(s) => Some(*s),
             IoError::Aborted => Some(NvmeStatus::ABORTED_SQ_DELETION),
-            IoError::Timeout | IoError::Removed => None,
+            IoError::Timeout | IoError::Removed | IoError::Disconnected => None,
         }
     }
 }
@@ -210,6 +231,43 @@ pub struct Completion {
     /// reports there the first source range it did not copy); 0 when no
     /// completion arrived (timeout, reset).
     pub dw0: u32,
+}
+
+/// The namespaces of an Identify Active Namespace List (`list`, 4 KiB),
+/// each described by `identify`; NSIDs must ascend and be at most `nn`.
+pub(crate) fn active_namespaces(
+    device: &str,
+    list: &[u8],
+    nn: u32,
+    mut identify: impl FnMut(u32) -> Result<IdentifyNamespace>,
+) -> Result<Vec<Namespace>> {
+    let mut out = Vec::new();
+    let mut last = 0u32;
+    for w in list.chunks_exact(4) {
+        let nsid = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        if nsid == 0 {
+            break;
+        }
+        if nsid <= last || nsid > nn {
+            return Err(Error::BadDeviceData {
+                device: device.to_owned(),
+                what: format!("active namespace list entry {nsid} after {last} (NN {nn})"),
+            });
+        }
+        last = nsid;
+        let id = identify(nsid)?;
+        let Some(ns) = Namespace::from_identify(nsid, &id) else {
+            return Err(Error::BadDeviceData {
+                device: device.to_owned(),
+                what: format!(
+                    "namespace {nsid}: FLBAS {:#x} names no valid LBA format",
+                    id.flbas
+                ),
+            });
+        };
+        out.push(ns);
+    }
+    Ok(out)
 }
 
 const _: () = assert!(PRP_LIST_ENTRIES * 8 == PAGE_SIZE as usize);
