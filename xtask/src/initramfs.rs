@@ -25,6 +25,10 @@ pub const MODULES: &[&str] = &[
     "vfio-pci",
 ];
 
+/// Modules packed but loaded only by the setup of a topology that needs
+/// them (nvmet over TCP, null_blk, the kernel's NVMe/TCP initiator).
+pub const ON_DEMAND_MODULES: &[&str] = &["null_blk", "nvmet", "nvmet_tcp", "nvme_tcp"];
+
 /// Reference tools copied into the guest, for cross-checks.
 pub const TOOLS: &[&str] = &[
     "nvme",
@@ -224,7 +228,8 @@ pub fn build_base(work: &Path, kernel: &Kernel, programs: &[PathBuf]) -> Result<
 
     // Kernel modules.
     let mod_root = root.join("lib/modules").join(&kernel.release);
-    for file in module_closure(&kernel.modules, MODULES)? {
+    let packed: Vec<&str> = MODULES.iter().chain(ON_DEMAND_MODULES).copied().collect();
+    for file in module_closure(&kernel.modules, &packed)? {
         let rel = file.strip_prefix(&kernel.modules).unwrap_or(&file);
         let dst = mod_root.join(rel);
         if let Some(parent) = dst.parent() {

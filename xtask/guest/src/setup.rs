@@ -1,7 +1,9 @@
 //! Guest-side rig setup: reference captures, vfio-pci binding, LIO.
 
 use crate::runner::wait_for;
-use crate::topology::{GuestDriver, LioLun, NvmeController, Topology};
+use crate::topology::{
+    GuestDriver, LioLun, NVMET_PORT, NvmeController, NvmetBacking, NvmetSubsystem, Topology,
+};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -61,6 +63,31 @@ pub struct Devices {
     pub lio: Vec<ScsiDevice>,
     /// virtio-scsi disks, in topology order.
     pub virtio: Vec<ScsiDevice>,
+    /// nvmet subsystems served over TCP, in topology order.
+    #[serde(default)]
+    pub nvmet: Vec<NvmetDevice>,
+}
+
+/// An nvmet subsystem served over TCP on loopback.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NvmetDevice {
+    /// The subsystem NQN.
+    pub nqn: String,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The block device or file behind its namespace.
+    pub backing_path: String,
+    /// Namespace size in bytes.
+    pub size_bytes: u64,
+    /// Block size.
+    pub block_size: u32,
+}
+
+impl NvmetDevice {
+    /// The `nvme-tcp:` leaf spec of its namespace 1.
+    pub fn spec(&self) -> String {
+        format!("nvme-tcp:{}/{}/1", self.addr, self.nqn)
+    }
 }
 
 impl Devices {
@@ -116,7 +143,91 @@ pub fn prepare(topology: &Topology) -> Result<Devices, String> {
     }
     devices.lio = prepare_lio(&topology.lio_luns)?;
     devices.virtio = find_virtio_disks(topology)?;
+    devices.nvmet = prepare_nvmet(&topology.nvmet)?;
     Ok(devices)
+}
+
+/// The host identity both NVMe/TCP initiators use (nvme-cli and ours read
+/// these files).
+const HOST_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:6e7573746f722d677565737400000001";
+const HOST_ID: &str = "6e757374-6f72-2d67-7565-737400000001";
+const NVMET: &str = "/sys/kernel/config/nvmet";
+const NULLB: &str = "/sys/kernel/config/nullb";
+
+fn modprobe(module: &str) -> Result<(), String> {
+    tool_output("modprobe", &[module]).map(|_| ())
+}
+
+/// Serves `subsystems` with nvmet over TCP on 127.0.0.1.
+fn prepare_nvmet(subsystems: &[NvmetSubsystem]) -> Result<Vec<NvmetDevice>, String> {
+    if subsystems.is_empty() {
+        return Ok(Vec::new());
+    }
+    tool_output("ifconfig", &["lo", "127.0.0.1", "up"])?;
+    write("/etc/nvme/hostnqn", &format!("{HOST_NQN}\n"))?;
+    write("/etc/nvme/hostid", &format!("{HOST_ID}\n"))?;
+    // null_blk with no devices of its own: they are made in configfs,
+    // sized in MiB and keeping what is written.
+    tool_output("modprobe", &["null_blk", "nr_devices=0"])?;
+    for m in ["nvmet", "nvmet_tcp", "nvme_tcp"] {
+        modprobe(m)?;
+    }
+    let port = format!("{NVMET}/ports/1");
+    fs::create_dir_all(&port).map_err(|e| format!("creating {port}: {e}"))?;
+    write(format!("{port}/addr_trtype"), "tcp")?;
+    write(format!("{port}/addr_adrfam"), "ipv4")?;
+    write(format!("{port}/addr_traddr"), "127.0.0.1")?;
+    write(format!("{port}/addr_trsvcid"), &NVMET_PORT.to_string())?;
+    let mut out = Vec::new();
+    for (i, sub) in subsystems.iter().enumerate() {
+        let size = sub.size_mib << 20;
+        let backing_path = match sub.backing {
+            NvmetBacking::NullBlk => {
+                let dev = format!("{NULLB}/ustor{i}");
+                fs::create_dir_all(&dev).map_err(|e| format!("creating {dev}: {e}"))?;
+                write(format!("{dev}/size"), &sub.size_mib.to_string())?;
+                write(format!("{dev}/blocksize"), "512")?;
+                write(format!("{dev}/memory_backed"), "1")?;
+                write(format!("{dev}/power"), "1")?;
+                let index = read_trimmed(format!("{dev}/index"))
+                    .ok_or_else(|| format!("{dev}/index unreadable"))?;
+                let path = format!("/dev/nullb{index}");
+                wait_for(&format!("{path} to appear"), DEVICE_WAIT, || {
+                    Path::new(&path).exists()
+                })?;
+                path
+            }
+            NvmetBacking::File => {
+                let path = format!("/run/ustor/nvmet{i}.img");
+                fs::create_dir_all("/run/ustor").map_err(|e| format!("creating /run/ustor: {e}"))?;
+                let f = fs::File::create(&path).map_err(|e| format!("creating {path}: {e}"))?;
+                f.set_len(size).map_err(|e| format!("sizing {path}: {e}"))?;
+                path
+            }
+        };
+        let subsys = format!("{NVMET}/subsystems/{}", sub.nqn);
+        fs::create_dir_all(&subsys).map_err(|e| format!("creating {subsys}: {e}"))?;
+        write(format!("{subsys}/attr_allow_any_host"), "1")?;
+        let ns = format!("{subsys}/namespaces/1");
+        fs::create_dir_all(&ns).map_err(|e| format!("creating {ns}: {e}"))?;
+        write(format!("{ns}/device_path"), &backing_path)?;
+        if sub.backing == NvmetBacking::File {
+            // tmpfs has no O_DIRECT.
+            write(format!("{ns}/buffered_io"), "1")?;
+        }
+        write(format!("{ns}/enable"), "1")?;
+        let link = format!("{port}/subsystems/{}", sub.nqn);
+        std::os::unix::fs::symlink(&subsys, &link)
+            .map_err(|e| format!("linking {link} -> {subsys}: {e}"))?;
+        out.push(NvmetDevice {
+            nqn: sub.nqn.clone(),
+            addr: format!("127.0.0.1:{NVMET_PORT}"),
+            backing_path,
+            size_bytes: size,
+            block_size: 512,
+        });
+    }
+    Ok(out)
 }
 
 fn driver_of(pci_address: &str) -> Option<String> {

@@ -35,6 +35,12 @@ pub const GC_BENCH: &str = "gc-bench";
 /// PCIe root port, so a test can have the host unplug it (`device_del`)
 /// while I/O runs.
 pub const HOTPLUG: &str = "hotplug";
+/// Linux nvmet serving NVMe/TCP on the guest's loopback: a subsystem over
+/// a null_blk device and one over a file, for the `nvme-tcp:` initiator
+/// and the kernel's own (`nvme connect`) side by side. No QEMU devices.
+pub const TCP: &str = "tcp";
+/// The port nvmet listens on in the `tcp` topology.
+pub const NVMET_PORT: u16 = 4420;
 /// The 512-byte sector the `faults` topology fails reads of.
 pub const FAULT_SECTOR: u64 = 2048;
 
@@ -53,6 +59,31 @@ pub struct Topology {
     pub memory_mib: u32,
     /// Kernel command-line arguments added for this boot.
     pub kernel_args: Vec<String>,
+    /// Linux nvmet subsystems served over TCP on 127.0.0.1.
+    #[serde(default)]
+    pub nvmet: Vec<NvmetSubsystem>,
+}
+
+/// One nvmet subsystem with one namespace, on port [`NVMET_PORT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmetSubsystem {
+    /// Its NQN.
+    pub nqn: String,
+    /// What backs its namespace.
+    pub backing: NvmetBacking,
+    /// Size in MiB.
+    pub size_mib: u64,
+}
+
+/// What backs an nvmet namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NvmetBacking {
+    /// A null_blk device that keeps what is written (`memory_backed`),
+    /// served through nvmet's block-device backend.
+    NullBlk,
+    /// A file in the guest's tmpfs, served through nvmet's file backend
+    /// (buffered: tmpfs has no O_DIRECT).
+    File,
 }
 
 /// One QEMU NVMe controller.
@@ -202,6 +233,7 @@ impl Topology {
             virtio_disks: vec![VirtioDisk { size_mib: 32 }],
             memory_mib: 1024,
             kernel_args: Vec::new(),
+            nvmet: Vec::new(),
         }
     }
 
@@ -252,6 +284,7 @@ impl Topology {
             virtio_disks: Vec::new(),
             memory_mib: 512,
             kernel_args: Vec::new(),
+            nvmet: Vec::new(),
         }
     }
 
@@ -335,6 +368,30 @@ impl Topology {
         topo
     }
 
+    /// nvmet over TCP on loopback (see [`TCP`]): no QEMU devices, two
+    /// subsystems of 256 MiB, 512-byte blocks.
+    pub fn tcp() -> Topology {
+        let mut topo = Topology::default_rig();
+        topo.name = TCP.to_string();
+        topo.nvme.clear();
+        topo.lio_luns.clear();
+        topo.virtio_disks.clear();
+        topo.kernel_args.push("tsc=reliable".to_string());
+        topo.nvmet = vec![
+            NvmetSubsystem {
+                nqn: "nqn.2026-01.io.ustor:nullb".to_string(),
+                backing: NvmetBacking::NullBlk,
+                size_mib: 256,
+            },
+            NvmetSubsystem {
+                nqn: "nqn.2026-01.io.ustor:file".to_string(),
+                backing: NvmetBacking::File,
+                size_mib: 256,
+            },
+        ];
+        topo
+    }
+
     /// Looks a topology up by the name a test gave.
     pub fn named(name: &str) -> Option<Topology> {
         match name {
@@ -345,13 +402,14 @@ impl Topology {
             NVME_BENCH => Some(Topology::nvme_bench()),
             GC_BENCH => Some(Topology::gc_bench()),
             HOTPLUG => Some(Topology::hotplug()),
+            TCP => Some(Topology::tcp()),
             _ => None,
         }
     }
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH, HOTPLUG]
+        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH, HOTPLUG, TCP]
     }
 }
 
