@@ -576,6 +576,15 @@ impl DmaSlice {
         self.len == 0
     }
 
+    /// The host address of the first byte, for transports that hand host
+    /// memory to the operating system rather than an IOVA to a device (a
+    /// kernel's NVMe passthrough builds its own PRPs or SGLs from it). Only
+    /// raw access is sound, as for [`DmaBuffer::as_ptr`].
+    #[inline]
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.region.map.as_mut_ptr().wrapping_add(self.offset)
+    }
+
     /// The sub-slice `[offset, offset + len)` of this slice.
     pub fn sub(&self, offset: usize, len: usize) -> Option<DmaSlice> {
         let end = offset.checked_add(len)?;

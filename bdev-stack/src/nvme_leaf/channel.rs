@@ -57,6 +57,7 @@ pub(crate) fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
         nvme::IoError::Timeout => IoErrorKind::Timeout,
         nvme::IoError::Aborted => IoErrorKind::Aborted,
         nvme::IoError::Removed => IoErrorKind::DeviceRemoved,
+        nvme::IoError::Os { errno } => IoErrorKind::Os { errno },
         nvme::IoError::Status(s) => {
             if s.sct == nvme::spec::sct::MEDIA {
                 IoErrorKind::Medium

@@ -186,6 +186,16 @@ pub enum IoError {
     /// executed in part; the device touches its memory no more.
     #[error("controller removed (the command may have executed in part)")]
     Removed,
+    /// The host's transport failed the command with this OS error number
+    /// instead of passing on a device status: a kernel's passthrough
+    /// refuses command shapes it does not forward (EINVAL for a command
+    /// naming another namespace than its node's), before the device sees
+    /// them. Never produced by [`QueuePair`].
+    #[error("the host refused or failed the command (OS error {errno}): see the errno")]
+    Os {
+        /// The `errno` value.
+        errno: i32,
+    },
 }
 
 impl IoError {
@@ -194,7 +204,7 @@ impl IoError {
         match self {
             IoError::Status(s) => Some(*s),
             IoError::Aborted => Some(NvmeStatus::ABORTED_SQ_DELETION),
-            IoError::Timeout | IoError::Removed => None,
+            IoError::Timeout | IoError::Removed | IoError::Os { .. } => None,
         }
     }
 }
