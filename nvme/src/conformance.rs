@@ -183,8 +183,8 @@ pub fn identify_consistent<C: ControllerView>(ctrl: &C) -> Check {
 }
 
 /// Writes random data then reads it back, at each queue depth in `depths`
-/// (capped by the largest queue) and each size from one block to beyond the maximum
-/// transfer (so requests are split), verifying every byte.
+/// (capped by the largest queue) and each size from one block to beyond
+/// the maximum transfer (so requests are split), verifying every byte.
 pub fn write_read_verify<C: ControllerView>(
     ctrl: &C,
     nsid: u32,
