@@ -95,7 +95,7 @@ pub use mirror::{
     Assembly, CheckReport, DEFAULT_REGION_BYTES, DirtyMap, LegHealth, MAX_LEGS, Mirror,
     MirrorHealth, Resync, ResyncNeed, ResyncReport, ResyncStep,
 };
-pub use ng::{NgNamespace, NgOptions};
+pub use ng::{NgNamespace, NgOptions, NgPassthru, NgPassthruQueue};
 pub use nvme_leaf::{NvmeDmaAllocator, NvmeDmaBuffer, NvmeEnvironment, NvmeNamespace};
 pub use offload::{
     CopyChannel, DeviceStatus, LbaRange, OffloadCompletion, OffloadError, OffloadErrorKind,

@@ -36,6 +36,9 @@ pub(crate) fn setup_hint(error: &io::Error) -> &'static str {
     }
 }
 
+/// The most submission entries a ring is given.
+pub(crate) const MAX_ENTRIES: usize = 4096;
+
 /// A ring with its bookkeeping: entries pushed but not yet handed to the
 /// kernel, and commands the kernel has.
 pub(crate) struct Ring<S: squeue::EntryMarker, C: cqueue::EntryMarker> {
@@ -58,7 +61,8 @@ impl<S: squeue::EntryMarker, C: cqueue::EntryMarker> Ring<S, C> {
         commands: usize,
         iopoll: bool,
     ) -> Result<Self, BdevError> {
-        let entries = u32::try_from(entries.clamp(1, 4096).next_power_of_two()).unwrap_or(4096);
+        let entries = u32::try_from(entries.clamp(1, MAX_ENTRIES).next_power_of_two())
+            .unwrap_or(MAX_ENTRIES as u32);
         let completions = u32::try_from(commands.clamp(1, 1 << 16).next_power_of_two())
             .unwrap_or(1 << 16)
             .max(entries * 2);

@@ -563,14 +563,6 @@ impl DmaSlice {
         self.len
     }
 
-    /// The host address of the first byte, for transports that move the
-    /// data themselves (NVMe/TCP). Only raw access is sound.
-    pub(crate) fn host_ptr(&self) -> *mut u8 {
-        // SAFETY: offset is within the region (checked when the slice was
-        // made).
-        unsafe { self.region.map.as_mut_ptr().add(self.offset) }
-    }
-
     /// The context whose IOVA space [`DmaSlice::iova`] is in: a device of
     /// any other context must not be given it.
     #[inline]
@@ -582,6 +574,16 @@ impl DmaSlice {
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The host address of the first byte, for transports that hand host
+    /// memory to the operating system rather than an IOVA to a device (a
+    /// kernel's NVMe passthrough builds its own PRPs or SGLs from it; NVMe/TCP
+    /// copies the data to and from its sockets). Only
+    /// raw access is sound, as for [`DmaBuffer::as_ptr`].
+    #[inline]
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.region.map.as_mut_ptr().wrapping_add(self.offset)
     }
 
     /// The sub-slice `[offset, offset + len)` of this slice.

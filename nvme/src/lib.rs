@@ -28,8 +28,13 @@
 //!   batched, `poll` is bounded, every device-supplied value is checked.
 //! - [`dma`]: [`DmaContext`], [`DmaBuffer`] (RAII, volatile access only),
 //!   [`DmaSlice`] (keeps memory alive while the device owns it).
-//! - [`conformance`]: checks run on both the emulator (host tests) and
-//!   QEMU's controller (VM tests).
+//! - [`view`]: [`ControllerView`] / [`IoQueue`], commands and their
+//!   status without PRPs, IOVAs or doorbells; [`Controller`] /
+//!   [`QueuePair`] implement them, and so can other hosts (the block-device
+//!   stack's io_uring passthrough).
+//! - [`conformance`]: checks run on the emulator (host tests) and on
+//!   QEMU's controller (VM tests): the command checks over any
+//!   [`ControllerView`], the reset checks over [`Controller`].
 //!
 //! `unsafe` lives in `vfio::sys` (ioctls and syscalls), the BAR's volatile
 //! accessors and [`dma`]'s volatile accessors; each block carries a
@@ -87,6 +92,7 @@ pub mod split;
 pub mod tcp;
 mod transport;
 pub mod vfio;
+pub mod view;
 
 pub use dma::{DmaBuffer, DmaContext, DmaContextId, DmaSlice};
 pub use driver::{
@@ -97,3 +103,4 @@ pub use error::{Error, Result};
 pub use mmio::RegisterAccess;
 pub use spec::NvmeStatus;
 pub use transport::Transport;
+pub use view::{ControllerView, IoQueue, NamespaceScope};

@@ -6,12 +6,12 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use io_uring::{cqueue, opcode, squeue, types};
+use io_uring::{cqueue, squeue};
 use nvme::cmd::{Deallocate, Flush, Prps, Read, Write, WriteZeroes};
 use nvme::spec::{DsmRange, SubmissionEntry};
 use zerocopy::IntoBytes;
 
-use super::sys::{self, NVME_URING_CMD_IO, Outcome, PassthruCmd};
+use super::sys::{self, Outcome, PassthruCmd};
 use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
 };
@@ -42,19 +42,7 @@ struct Slot {
 
 /// The stack's error kind for a passthrough completion.
 pub(super) fn io_kind(outcome: Outcome, block_count: u64) -> Option<IoErrorKind> {
-    match outcome {
-        Outcome::Done => None,
-        Outcome::Status(s) => Some(crate::nvme_leaf::io_kind(
-            nvme::IoError::Status(s),
-            block_count,
-        )),
-        // Cancelled by a controller reset (after a timeout): the device no
-        // longer has it, it may have executed.
-        Outcome::Errno(libc::EINTR) => Some(IoErrorKind::Aborted),
-        Outcome::Errno(libc::ETIMEDOUT) => Some(IoErrorKind::Timeout),
-        Outcome::Errno(libc::ENODEV) => Some(IoErrorKind::DeviceRemoved),
-        Outcome::Errno(errno) => Some(IoErrorKind::Os { errno }),
-    }
+    sys::io_error(outcome).map(|e| crate::nvme_leaf::io_kind(e, block_count))
 }
 
 /// The I/O channel of an `ng:` leaf.
@@ -128,12 +116,11 @@ impl NgChannel {
         (addr, len): (u64, usize),
         fixed: Option<u16>,
     ) -> bool {
-        let cmd = PassthruCmd::from_sqe(sqe, addr, len as u32);
-        let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
-            .cmd(cmd.uring_cmd())
-            .buf_index(fixed)
-            .build()
-            .user_data(u64::from(slot));
+        let entry = PassthruCmd::from_sqe(sqe, addr, len as u32).entry(
+            self.file.as_raw_fd(),
+            fixed,
+            u64::from(slot),
+        );
         // SAFETY: the caller keeps the data valid; the file lives in self.
         unsafe { self.ring.push(&entry) }
     }

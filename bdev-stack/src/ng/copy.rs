@@ -6,13 +6,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use io_uring::{cqueue, opcode, squeue, types};
+use io_uring::{cqueue, squeue};
 use nvme::cmd::{Copy, Prps};
 use nvme::spec::CopyRangeFormat0;
 use zerocopy::IntoBytes;
 
 use super::namespace::COPY_RANGES;
-use super::sys::{self, NVME_URING_CMD_IO, Outcome, PassthruCmd};
+use super::sys::{self, Outcome, PassthruCmd};
 use crate::device::{DeviceId, DeviceInfo, NotSync};
 use crate::error::BdevError;
 use crate::nvme_leaf::{CopyLimits, check_copy, failed_copy};
@@ -161,11 +161,11 @@ impl CopyChannel for NgCopyChannel {
         let count = self.ranges.len();
         let bytes = slot.descriptors[..count].as_bytes();
         let sqe = Copy::new(self.nsid, dst, count as u32).build(Prps::NONE);
-        let cmd = PassthruCmd::from_sqe(&sqe, bytes.as_ptr() as u64, bytes.len() as u32);
-        let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
-            .cmd(cmd.uring_cmd())
-            .build()
-            .user_data(u64::from(index));
+        let entry = PassthruCmd::from_sqe(&sqe, bytes.as_ptr() as u64, bytes.len() as u32).entry(
+            self.file.as_raw_fd(),
+            None,
+            u64::from(index),
+        );
         slot.ctx = req.ctx;
         slot.dst = dst;
         slot.busy = true;

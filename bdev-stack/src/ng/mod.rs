@@ -38,6 +38,9 @@
 //!   a command cancelled by a reset completes as aborted (`EINTR`), its
 //!   destination unknown. A channel dropped with commands in flight waits
 //!   for them.
+//! - [`NgPassthru`] shows the namespace as an [`nvme::ControllerView`]:
+//!   queues of raw commands reported with their NVMe status (or the
+//!   kernel's errno), on which the NVMe conformance checks run.
 //! - Passthrough needs CAP_SYS_ADMIN before Linux 6.2; the namespace must be
 //!   formatted without metadata or protection information.
 //!
@@ -47,12 +50,14 @@
 mod channel;
 mod copy;
 mod namespace;
+mod passthru;
 mod sys;
 
 use std::path::Path;
 use std::sync::Arc;
 
 pub use namespace::{NgNamespace, NgOptions, QueueLimits};
+pub use passthru::{NgPassthru, NgPassthruQueue};
 
 use crate::device::BlockDevice;
 use crate::spec::{LeafError, LeafFactory, LeafSpec};

@@ -48,6 +48,9 @@ pub struct QueueLimits {
     pub block_dev: Option<u64>,
     /// The block device's name (`nvmeXnY`).
     pub block_name: Option<String>,
+    /// The kernel's hardware queues to the controller (`mq/*`), which
+    /// passthrough commands go through.
+    pub hw_queues: Option<u16>,
 }
 
 /// How an `ng:` leaf runs its channels.
@@ -339,6 +342,11 @@ impl NgNamespace {
     pub fn queue_limits(&self) -> &QueueLimits {
         &self.limits
     }
+
+    /// The open node, for the raw passthrough queues.
+    pub(super) fn file(&self) -> &Arc<File> {
+        &self.file
+    }
 }
 
 /// The kernel's limits for the namespace behind a generic node, from
@@ -364,7 +372,14 @@ fn queue_limits(meta: &std::fs::Metadata) -> QueueLimits {
             .map(|s| s.trim().to_string())
     };
     let number = |name: &str| read(name).and_then(|s| s.parse::<u64>().ok());
+    let hw_queues = block
+        .as_ref()
+        .and_then(|b| std::fs::read_dir(b.join("mq")).ok())
+        .map(|dir| dir.filter(|e| e.is_ok()).count())
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|&n| n > 0);
     QueueLimits {
+        hw_queues,
         max_hw_bytes: number("queue/max_hw_sectors_kb").map(|kb| kb.saturating_mul(1024)),
         max_segments: number("queue/max_segments"),
         poll_queues: number("queue/io_poll") == Some(1),

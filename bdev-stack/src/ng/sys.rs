@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use io_uring::{opcode, squeue, types};
 use nvme::NvmeStatus;
 use nvme::spec::SubmissionEntry;
 use zerocopy::{Immutable, IntoBytes, KnownLayout};
@@ -84,6 +85,17 @@ impl PassthruCmd {
         area[..72].copy_from_slice(self.as_bytes());
         area
     }
+
+    /// The `IORING_OP_URING_CMD` entry carrying this command to the node
+    /// `fd`, with `user_data`; `fixed`: the registered buffer its data
+    /// lies in.
+    pub(super) fn entry(&self, fd: RawFd, fixed: Option<u16>, user_data: u64) -> squeue::Entry128 {
+        opcode::UringCmd80::new(types::Fd(fd), NVME_URING_CMD_IO)
+            .cmd(self.uring_cmd())
+            .buf_index(fixed)
+            .build()
+            .user_data(user_data)
+    }
 }
 
 /// How the kernel completed a passthrough command.
@@ -105,6 +117,24 @@ pub(super) fn outcome(result: i32) -> Outcome {
         0 => Outcome::Done,
         r if r > 0 => Outcome::Status(NvmeStatus::from_field((r as u16) << 1)),
         r => Outcome::Errno(-r),
+    }
+}
+
+/// The NVMe driver's error for a passthrough completion that failed: the
+/// device's status, or what the kernel's errno stands for.
+pub(super) fn io_error(outcome: Outcome) -> Option<nvme::IoError> {
+    match outcome {
+        Outcome::Done => None,
+        Outcome::Status(s) => Some(nvme::IoError::Status(s)),
+        // Cancelled by a controller reset (after a timeout): the device no
+        // longer has it, it may have executed.
+        Outcome::Errno(libc::EINTR) => Some(nvme::IoError::Aborted),
+        Outcome::Errno(libc::ETIMEDOUT) => Some(nvme::IoError::Timeout),
+        Outcome::Errno(libc::ENODEV) => Some(nvme::IoError::Removed),
+        // Refused before the device saw it (EINVAL for a namespace id other
+        // than the node's, EACCES without the capability), or failed by
+        // the kernel: kept as the errno, not guessed into a status.
+        Outcome::Errno(errno) => Some(nvme::IoError::Os { errno }),
     }
 }
 
@@ -187,5 +217,27 @@ mod tests {
         };
         assert!(s.same_code(NvmeStatus::CMD_SIZE_LIMIT));
         assert_eq!(outcome(-libc::EINTR), Outcome::Errno(libc::EINTR));
+    }
+
+    #[test]
+    fn kernel_errors_map_to_typed_io_errors() {
+        use nvme::IoError;
+        assert_eq!(io_error(outcome(0)), None);
+        assert_eq!(
+            io_error(outcome(0x4080)).and_then(|e| e.status()),
+            Some(NvmeStatus::from_field(0x4080 << 1))
+        );
+        assert_eq!(io_error(outcome(-libc::EINTR)), Some(IoError::Aborted));
+        assert_eq!(io_error(outcome(-libc::ETIMEDOUT)), Some(IoError::Timeout));
+        assert_eq!(io_error(outcome(-libc::ENODEV)), Some(IoError::Removed));
+        // A refusal stays the kernel's: no made-up NVMe status.
+        let refused = io_error(outcome(-libc::EINVAL));
+        assert_eq!(
+            refused,
+            Some(IoError::Os {
+                errno: libc::EINVAL
+            })
+        );
+        assert_eq!(refused.and_then(|e| e.status()), None);
     }
 }

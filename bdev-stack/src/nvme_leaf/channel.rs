@@ -60,6 +60,7 @@ pub(crate) fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
         // The connection failed: the command may have executed; the queue
         // takes nothing until it is connected again.
         nvme::IoError::Disconnected => IoErrorKind::DeviceFailed,
+        nvme::IoError::Os { errno } => IoErrorKind::Os { errno },
         nvme::IoError::Status(s) => {
             if s.sct == nvme::spec::sct::MEDIA {
                 IoErrorKind::Medium

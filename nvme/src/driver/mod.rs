@@ -207,6 +207,16 @@ pub enum IoError {
     /// Nothing arrives for it any more.
     #[error("connection to the controller lost (the command may have executed, wholly or in part)")]
     Disconnected,
+    /// The host's transport failed the command with this OS error number
+    /// instead of passing on a device status: a kernel's passthrough
+    /// refuses command shapes it does not forward (EINVAL for a command
+    /// naming another namespace than its node's), before the device sees
+    /// them. Never produced by [`QueuePair`].
+    #[error("the host refused or failed the command (OS error {errno}): see the errno")]
+    Os {
+        /// The `errno` value.
+        errno: i32,
+    },
 }
 
 impl IoError {
@@ -215,7 +225,9 @@ impl IoError {
         match self {
             IoError::Status(s) => Some(*s),
             IoError::Aborted => Some(NvmeStatus::ABORTED_SQ_DELETION),
-            IoError::Timeout | IoError::Removed | IoError::Disconnected => None,
+            IoError::Timeout | IoError::Removed | IoError::Disconnected | IoError::Os { .. } => {
+                None
+            }
         }
     }
 }

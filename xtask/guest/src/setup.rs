@@ -199,7 +199,8 @@ fn prepare_nvmet(subsystems: &[NvmetSubsystem]) -> Result<Vec<NvmetDevice>, Stri
             }
             NvmetBacking::File => {
                 let path = format!("/run/ustor/nvmet{i}.img");
-                fs::create_dir_all("/run/ustor").map_err(|e| format!("creating /run/ustor: {e}"))?;
+                fs::create_dir_all("/run/ustor")
+                    .map_err(|e| format!("creating /run/ustor: {e}"))?;
                 let f = fs::File::create(&path).map_err(|e| format!("creating {path}: {e}"))?;
                 f.set_len(size).map_err(|e| format!("sizing {path}: {e}"))?;
                 path

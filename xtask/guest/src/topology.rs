@@ -409,7 +409,9 @@ impl Topology {
 
     /// Names of every topology the rig knows.
     pub fn names() -> &'static [&'static str] {
-        &[DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH, HOTPLUG, TCP]
+        &[
+            DEFAULT, FAULTS, STACK, COPY, NVME_BENCH, GC_BENCH, HOTPLUG, TCP,
+        ]
     }
 }
 
