@@ -423,3 +423,32 @@ fn the_target_resetting_connections_mid_io_reports_each_request_once() {
     assert_each_once(&done, 16);
     assert!(done.iter().all(|c| c.result == Err(IoError::Disconnected)));
 }
+
+/// The conformance checks that are about commands, on the emulated
+/// controller reached over NVMe/TCP (the same checks run on QEMU through
+/// VFIO, on `ng:` and on Linux nvmet in the VM).
+#[test]
+fn the_conformance_checks_pass_over_tcp() {
+    use nvme::conformance::{self as c, Quirks};
+    let s = server(|cfg| {
+        cfg.emu.mqes = 255;
+        cfg.emu.namespaces = vec![
+            NamespaceConfig::memory(512, 64 * 1024),
+            NamespaceConfig::memory(4096, 16 * 1024),
+        ];
+    });
+    let ctrl = connect(&s, opts());
+    let check = |what: &str, r: c::Check| {
+        if let Err(e) = r {
+            panic!("{what}: {e}");
+        }
+    };
+    check("identify", c::identify_consistent(&ctrl));
+    check("rw 512", c::write_read_verify(&ctrl, 1, &[1, 8, 128], 1));
+    check("rw 4096", c::write_read_verify(&ctrl, 2, &[1, 32], 2));
+    check("copy", c::copy_multi_range(&ctrl, 1, 3));
+    check("copy limits", c::copy_over_limits(&ctrl, 1, Quirks::SPEC));
+    check("copy mcl", c::copy_over_mcl(&ctrl, 1, Quirks::SPEC));
+    check("lba range", c::lba_out_of_range(&ctrl, 1, Quirks::SPEC));
+    check("two queues", c::two_queue_pairs_two_threads(&ctrl, 1));
+}

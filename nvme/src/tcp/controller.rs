@@ -49,6 +49,7 @@ impl Shared {
 /// [`TcpQueuePair`]s it creates, one per thread.
 pub struct TcpController {
     shared: Arc<Shared>,
+    name: String,
     cap: Cap,
     identify: Box<IdentifyController>,
     namespaces: Vec<Namespace>,
@@ -96,6 +97,7 @@ impl TcpController {
         *shared.lock_qids() = vec![false; usize::from(granted) + 1];
         let keep_alive = start_keep_alive(&shared);
         Ok(TcpController {
+            name: target.to_string(),
             shared,
             cap,
             identify,
@@ -110,7 +112,7 @@ impl TcpController {
 
     /// The target, as `nvme-tcp:ADDR:PORT/SUBNQN`.
     pub fn name(&self) -> String {
-        self.shared.target.to_string()
+        self.name.clone()
     }
 
     /// The target this controller is connected to.
@@ -555,4 +557,45 @@ pub fn discover(addr: &str, opts: TcpOptions) -> Result<Vec<DiscoveryEntry>> {
         device: target.to_string(),
         what: "the Discovery log kept changing while it was read".into(),
     })
+}
+
+impl crate::view::ControllerView for TcpController {
+    type Error = Error;
+    type Queue = TcpQueuePair;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn identify(&self) -> &IdentifyController {
+        &self.identify
+    }
+
+    fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    fn scope(&self) -> crate::view::NamespaceScope {
+        crate::view::NamespaceScope::Controller
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+
+    fn max_queue_entries(&self) -> u32 {
+        self.cap.max_queue_entries()
+    }
+
+    fn io_queues(&self) -> u16 {
+        self.io_queues
+    }
+
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer> {
+        TcpController::dma_alloc(self, len)
+    }
+
+    fn create_queue(&self, opts: QueueOptions) -> Result<TcpQueuePair> {
+        self.create_qpair(opts)
+    }
 }

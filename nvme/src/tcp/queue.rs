@@ -743,25 +743,35 @@ impl TcpQueuePair {
     }
 
     /// Passthrough: sends `sqe` as given except for the CID and the data
-    /// descriptor, which describes `buf` (data to the host when `to_host`,
-    /// else to the controller). No other check: the controller judges the
-    /// command.
+    /// descriptor, which describes `buf`. The opcode's data direction
+    /// (bits 1:0) says which way the data moves. No other check: the
+    /// controller judges the command.
     pub fn submit_raw(
         &mut self,
         sqe: SubmissionEntry,
-        buf: Option<(&DmaSlice, bool)>,
+        buf: Option<&DmaSlice>,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        if buf.is_some_and(|(b, _)| b.is_empty() || b.len() > self.max_transfer) {
+        if buf.is_some_and(|b| b.is_empty() || b.len() > self.max_transfer) {
             return Err(SubmitError::Invalid(
                 "raw buffer empty or beyond max transfer",
             ));
         }
+        let to_controller = match (sqe.opc & 0b11, buf.is_some()) {
+            (_, false) => false,
+            (0b01, true) => true,
+            (0b10, true) => false,
+            _ => {
+                return Err(SubmitError::Invalid(
+                    "the opcode moves no data one way (bits 1:0 are 00 or 11)",
+                ));
+            }
+        };
         self.check_submit(1)?;
-        let req = self.alloc_req(tag, 1, buf.map(|(b, _)| b.clone()));
+        let req = self.alloc_req(tag, 1, buf.cloned());
         match buf {
             None => self.stage_rw(req, sqe, false, std::ptr::null_mut(), 0),
-            Some((b, to_host)) => self.stage_rw(req, sqe, !to_host, b.host_ptr(), b.len()),
+            Some(b) => self.stage_rw(req, sqe, to_controller, b.host_ptr(), b.len()),
         }
         Ok(())
     }
@@ -906,5 +916,66 @@ fn connect_failure(e: IoError, dw0: u32) -> String {
         0x83 => "restart discovery".to_owned(),
         0x84 => "invalid host: this host is not allowed on the subsystem (add its NQN to the subsystem's allowed hosts)".to_owned(),
         _ => NvmeStatus::to_string(&s),
+    }
+}
+
+impl crate::view::IoQueue for TcpQueuePair {
+    type Error = Error;
+
+    fn submit_raw(
+        &mut self,
+        sqe: SubmissionEntry,
+        buf: Option<&DmaSlice>,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::submit_raw(self, sqe, buf, tag)
+    }
+
+    fn read(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: &DmaSlice,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::read(self, ns, lba, buf, tag)
+    }
+
+    fn write(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: &DmaSlice,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::write(self, ns, lba, buf, tag)
+    }
+
+    fn copy(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(u64, u64)],
+        dest: u64,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::copy(self, ns, ranges, dest, tag)
+    }
+
+    fn copy_single(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(u64, u64)],
+        dest: u64,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::copy_single(self, ns, ranges, dest, tag)
+    }
+
+    fn poll(&mut self, max: usize, on_done: impl FnMut(Completion)) -> Result<usize> {
+        TcpQueuePair::poll(self, max, on_done)
+    }
+
+    fn drain(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
+        TcpQueuePair::drain(self, timeout)
     }
 }
