@@ -206,6 +206,10 @@ impl LeafRegistry {
         );
         registry.register("nvme", Arc::new(crate::nvme_leaf::NvmeFactory::new(env)));
         registry.register("ng", Arc::new(crate::ng::NgFactory));
+        registry.register(
+            "nvme-tcp",
+            Arc::new(crate::nvme_leaf::TcpFactory::default()),
+        );
         registry.register("sg", Arc::new(crate::scsi_leaf::SgFactory));
         registry.register("sgemu", Arc::new(crate::scsi_leaf::SgEmuFactory::new()));
         registry
@@ -333,7 +337,8 @@ impl<'s> Parser<'s, '_> {
     fn ident(&mut self) -> &'s str {
         let start = self.pos;
         while let Some(c) = self.peek() {
-            if !(c.is_ascii_alphanumeric() || c == '_') {
+            // `-` for leaf kinds like `nvme-tcp`.
+            if !(c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 break;
             }
             self.pos += 1;

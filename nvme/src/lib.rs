@@ -103,4 +103,4 @@ pub use error::{Error, Result};
 pub use mmio::RegisterAccess;
 pub use spec::NvmeStatus;
 pub use transport::Transport;
-pub use view::{ControllerView, IoQueue, NamespaceScope};
+pub use view::{BlockQueue, ControllerView, DataRef, IoQueue, NamespaceScope};

@@ -247,3 +247,127 @@ impl<T: Transport> IoQueue for QueuePair<T> {
         QueuePair::drain(self, timeout)
     }
 }
+
+/// Where a request's data lies, for [`BlockQueue`]: each transport takes
+/// what it moves data with (PCIe the IOVA, NVMe/TCP the host address).
+#[derive(Clone, Copy, Debug)]
+pub struct DataRef {
+    /// The IOVA of the first byte in the controller's DMA context, when
+    /// the memory has one.
+    pub iova: Option<u64>,
+    /// The host address of the first byte.
+    pub host: *mut u8,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// What a block-device leaf drives beyond [`IoQueue`]: data by address
+/// (the leaf's callers own their buffers), and the commands without data
+/// checks of their own.
+pub trait BlockQueue: IoQueue<Error = crate::Error> {
+    /// Commands the queue can have outstanding.
+    fn depth(&self) -> usize;
+
+    /// Reads `data.len` bytes at `lba` into `data`.
+    ///
+    /// # Safety
+    /// The memory must stay valid, and untouched by anyone else, until the
+    /// request is reported (or the queue dropped); where the transport
+    /// needs an IOVA, `data.iova` must be one of its controller's context.
+    unsafe fn read_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataRef,
+        tag: u64,
+    ) -> Result<(), SubmitError>;
+
+    /// Writes `data` at `lba`.
+    ///
+    /// # Safety
+    /// As for [`BlockQueue::read_data`]; the memory is only read.
+    unsafe fn write_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataRef,
+        tag: u64,
+    ) -> Result<(), SubmitError>;
+
+    /// Flush.
+    fn flush(&mut self, ns: &Namespace, tag: u64) -> Result<(), SubmitError>;
+
+    /// Write Zeroes of `blocks` at `lba`, split at 65 536 blocks.
+    fn write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError>;
+
+    /// One Dataset Management (deallocate) command over `ranges`.
+    fn deallocate(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(u64, u32)],
+        tag: u64,
+    ) -> Result<(), SubmitError>;
+}
+
+impl<T: Transport> BlockQueue for QueuePair<T> {
+    fn depth(&self) -> usize {
+        QueuePair::depth(self)
+    }
+
+    unsafe fn read_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataRef,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let Some(iova) = data.iova else {
+            return Err(SubmitError::Invalid("buffer has no IOVA"));
+        };
+        // SAFETY: the caller's promise.
+        unsafe { self.read_iova(ns, lba, iova, data.len, tag) }
+    }
+
+    unsafe fn write_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataRef,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let Some(iova) = data.iova else {
+            return Err(SubmitError::Invalid("buffer has no IOVA"));
+        };
+        // SAFETY: the caller's promise.
+        unsafe { self.write_iova(ns, lba, iova, data.len, tag) }
+    }
+
+    fn flush(&mut self, ns: &Namespace, tag: u64) -> Result<(), SubmitError> {
+        QueuePair::flush(self, ns, tag)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        QueuePair::write_zeroes(self, ns, lba, blocks, tag)
+    }
+
+    fn deallocate(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(u64, u32)],
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        QueuePair::deallocate(self, ns, ranges, tag)
+    }
+}

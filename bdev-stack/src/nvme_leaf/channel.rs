@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use nvme::{Namespace, NvmeStatus, QueuePair, Transport};
+use nvme::{BlockQueue, DataRef, Namespace, NvmeStatus};
 
 use crate::device::{
     Channel, Completion, DeviceId, DeviceInfo, IoOp, IoRequest, NotSync, SubmitError,
@@ -37,10 +37,10 @@ impl Default for IoSlot {
 }
 
 /// The I/O channel: one queue pair.
-pub(super) struct NvmeChannel<T: Transport> {
+pub(super) struct NvmeChannel<Q: BlockQueue> {
     info: DeviceInfo,
     ns: Namespace,
-    qp: QueuePair<T>,
+    qp: Q,
     slots: Vec<IoSlot>,
     free: Vec<u32>,
     /// Completions made by the channel itself (controller failure).
@@ -49,6 +49,15 @@ pub(super) struct NvmeChannel<T: Transport> {
     /// nothing more is taken.
     dead: bool,
     _not_sync: NotSync,
+}
+
+/// Where a request's buffer lies, as the queue takes it.
+fn data_ref(buf: &crate::buffer::DmaSlice) -> DataRef {
+    DataRef {
+        iova: buf.iova(),
+        host: buf.host_ptr(),
+        len: buf.len(),
+    }
 }
 
 /// The stack's error kind for an NVMe failure.
@@ -79,8 +88,8 @@ pub(crate) fn io_kind(e: nvme::IoError, block_count: u64) -> IoErrorKind {
     }
 }
 
-impl<T: Transport> NvmeChannel<T> {
-    pub(super) fn new(info: DeviceInfo, ns: Namespace, qp: QueuePair<T>, depth: usize) -> Self {
+impl<Q: BlockQueue> NvmeChannel<Q> {
+    pub(super) fn new(info: DeviceInfo, ns: Namespace, qp: Q, depth: usize) -> Self {
         NvmeChannel {
             info,
             ns,
@@ -121,18 +130,16 @@ impl<T: Transport> NvmeChannel<T> {
         let ns = &self.ns;
         match req.op {
             IoOp::Read => {
-                let iova = req.buf.iova().unwrap_or(0);
-                // SAFETY: `validate` checked the buffer carries an IOVA and
-                // holds the transfer; the contract of `Channel::submit`
-                // keeps it allocated and untouched until `poll` returns
-                // this request's completion, which comes after the queue
-                // pair reports it.
-                unsafe { self.qp.read_iova(ns, req.lba, iova, req.buf.len(), tag) }
+                // SAFETY: `validate` checked the buffer holds the transfer
+                // (and carries an IOVA where the transport needs one); the
+                // contract of `Channel::submit` keeps it allocated and
+                // untouched until `poll` returns this request's completion,
+                // which comes after the queue reports it.
+                unsafe { self.qp.read_data(ns, req.lba, data_ref(&req.buf), tag) }
             }
             IoOp::Write => {
-                let iova = req.buf.iova().unwrap_or(0);
                 // SAFETY: as for reads.
-                unsafe { self.qp.write_iova(ns, req.lba, iova, req.buf.len(), tag) }
+                unsafe { self.qp.write_data(ns, req.lba, data_ref(&req.buf), tag) }
             }
             IoOp::Flush => self.qp.flush(ns, tag),
             IoOp::WriteZeroes => self.qp.write_zeroes(ns, req.lba, req.blocks, tag),
@@ -152,7 +159,7 @@ impl<T: Transport> NvmeChannel<T> {
     }
 }
 
-impl<T: Transport> Channel for NvmeChannel<T> {
+impl<Q: BlockQueue> Channel for NvmeChannel<Q> {
     fn device(&self) -> DeviceId {
         self.info.id
     }

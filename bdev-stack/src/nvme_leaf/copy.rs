@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use nvme::{Namespace, NvmeStatus, QueuePair, Transport};
+use nvme::{BlockQueue, Namespace, NvmeStatus};
 
 use crate::device::{DeviceId, DeviceInfo, NotSync};
 use crate::offload::no_rod_tokens;
@@ -21,10 +21,10 @@ struct CopySlot {
 }
 
 /// The copy channel: NVMe Copy (format 0) through a queue pair of its own.
-pub(super) struct NvmeCopyChannel<T: Transport> {
+pub(super) struct NvmeCopyChannel<Q: BlockQueue> {
     info: DeviceInfo,
     ns: Namespace,
-    qp: QueuePair<T>,
+    qp: Q,
     /// The current command's `(slba, blocks)` source ranges.
     ranges: Vec<(u64, u64)>,
     /// Source ranges per command (MSRC + 1, at most one descriptor page).
@@ -119,11 +119,11 @@ pub(crate) fn copy_outcome(
     OffloadOutcome::DestinationUnknown(make(kind, status))
 }
 
-impl<T: Transport> NvmeCopyChannel<T> {
+impl<Q: BlockQueue> NvmeCopyChannel<Q> {
     pub(super) fn new(
         info: DeviceInfo,
         ns: Namespace,
-        qp: QueuePair<T>,
+        qp: Q,
         depth: usize,
         max_ranges: usize,
     ) -> Self {
@@ -221,7 +221,7 @@ pub(crate) fn check_copy(
     Ok(())
 }
 
-impl<T: Transport> CopyChannel for NvmeCopyChannel<T> {
+impl<Q: BlockQueue> CopyChannel for NvmeCopyChannel<Q> {
     fn device(&self) -> DeviceId {
         self.info.id
     }

@@ -43,6 +43,7 @@ mod dma;
 mod env;
 mod factory;
 mod namespace;
+mod tcp;
 
 #[cfg(not(feature = "emu"))]
 pub(crate) use crate::no_emu::EmuFactory;
@@ -55,8 +56,9 @@ pub(crate) use factory::EmuFactory;
 #[cfg(feature = "emu")]
 pub use factory::EmuNamespace;
 pub(crate) use factory::NvmeFactory;
-pub use namespace::NvmeNamespace;
 pub(crate) use namespace::nvme_ops;
+pub use namespace::{NamespaceLeaf, NvmeHost, NvmeNamespace, TcpNamespace};
+pub(crate) use tcp::TcpFactory;
 
 #[cfg(test)]
 mod tests {
@@ -69,8 +71,9 @@ mod tests {
     #[test]
     fn channels_are_send() {
         fn send<T: Send>() {}
-        send::<NvmeChannel<EmuController>>();
-        send::<NvmeCopyChannel<VfioPci>>();
+        send::<NvmeChannel<nvme::QueuePair<EmuController>>>();
+        send::<NvmeCopyChannel<nvme::QueuePair<VfioPci>>>();
+        send::<NvmeChannel<nvme::tcp::TcpQueuePair>>();
         send::<NvmeDmaBuffer>();
     }
 }

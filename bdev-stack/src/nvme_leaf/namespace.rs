@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use nvme::spec::{ONCS_COPY, ONCS_DSM, ONCS_WRITE_ZEROES, ascii_field};
-use nvme::{Controller, Namespace, QueueOptions, QueuePair, Transport};
+use nvme::spec::{IdentifyNamespace, ONCS_COPY, ONCS_DSM, ONCS_WRITE_ZEROES, ascii_field};
+use nvme::tcp::TcpController;
+use nvme::{
+    BlockQueue, Controller, ControllerView, DmaContext, Namespace, QueueOptions, Transport,
+};
 
 use super::channel::NvmeChannel;
 use super::copy::NvmeCopyChannel;
@@ -24,13 +27,52 @@ const COPY_RANGES: u32 = 128;
 /// Queue entries at least: the slack lets completion doorbells be batched.
 const MIN_QUEUE_ENTRIES: usize = 256;
 
+/// A controller a namespace leaf runs on: over PCIe (VFIO, the emulator)
+/// or NVMe/TCP. The leaf's channels drive its queues.
+pub trait NvmeHost:
+    ControllerView<Error = nvme::Error, Queue: BlockQueue> + Send + Sync + 'static
+{
+    /// Identify Namespace `nsid`.
+    fn identify_namespace(&self, nsid: u32) -> nvme::Result<IdentifyNamespace>;
+
+    /// The DMA context buffers must come from (their IOVAs are what the
+    /// controller reads), or `None` when the transport moves host memory
+    /// itself.
+    fn dma_context(&self) -> Option<&Arc<DmaContext>>;
+}
+
+impl<T: Transport> NvmeHost for Controller<T> {
+    fn identify_namespace(&self, nsid: u32) -> nvme::Result<IdentifyNamespace> {
+        Controller::identify_namespace(self, nsid)
+    }
+
+    fn dma_context(&self) -> Option<&Arc<DmaContext>> {
+        Some(self.transport().dma())
+    }
+}
+
+impl NvmeHost for TcpController {
+    fn identify_namespace(&self, nsid: u32) -> nvme::Result<IdentifyNamespace> {
+        TcpController::identify_namespace(self, nsid)
+    }
+
+    fn dma_context(&self) -> Option<&Arc<DmaContext>> {
+        None
+    }
+}
+
 /// A namespace of an NVMe controller as a block device.
-pub struct NvmeNamespace<T: Transport> {
+pub struct NamespaceLeaf<C: NvmeHost> {
     info: DeviceInfo,
-    ctrl: Arc<Controller<T>>,
+    ctrl: Arc<C>,
     ns: Namespace,
     queue: QueueOptions,
 }
+
+/// A namespace of a controller over PCIe (VFIO or the emulator).
+pub type NvmeNamespace<T> = NamespaceLeaf<Controller<T>>;
+/// A namespace of a controller over NVMe/TCP.
+pub type TcpNamespace = NamespaceLeaf<TcpController>;
 
 /// The operations an NVMe namespace supports, from the controller's ONCS
 /// and the namespace's DLFEAT.
@@ -47,13 +89,13 @@ pub(crate) fn nvme_ops(oncs: u16, dlfeat: u8) -> SupportedOps {
     ops
 }
 
-impl<T: Transport> NvmeNamespace<T> {
+impl<C: NvmeHost> NamespaceLeaf<C> {
     /// The leaf over namespace `nsid` of `ctrl`, described from Identify.
     ///
     /// Errors: [`BdevError::InvalidParameter`] for a namespace the
     /// controller does not have (the reason lists those it has), and
     /// [`BdevError::Nvme`] when Identify Namespace fails.
-    pub fn new(ctrl: Arc<Controller<T>>, nsid: u32) -> Result<NvmeNamespace<T>, BdevError> {
+    pub fn new(ctrl: Arc<C>, nsid: u32) -> Result<NamespaceLeaf<C>, BdevError> {
         let name = format!("{}/{nsid}", ctrl.name());
         let Some(ns) = ctrl.namespace(nsid) else {
             let have: Vec<String> = ctrl
@@ -104,10 +146,10 @@ impl<T: Transport> NvmeNamespace<T> {
             block_size: ns.block_size,
             block_count: ns.blocks,
             max_transfer_blocks: (ctrl.max_transfer() as u64 / bs).max(1),
-            // PRP entries must be dword aligned.
-            buf_align: 4,
-            needs_iova: true,
-            dma_context: Some(ctrl.transport().dma().id()),
+            // PRP entries must be dword aligned; NVMe/TCP copies any.
+            buf_align: if ctrl.dma_context().is_some() { 4 } else { 1 },
+            needs_iova: ctrl.dma_context().is_some(),
+            dma_context: ctrl.dma_context().map(|c| c.id()),
             optimal_boundary_blocks: u64::from(id_ns.noiob.get()),
             ops,
             copy_offloads,
@@ -121,7 +163,7 @@ impl<T: Transport> NvmeNamespace<T> {
             copy = !info.copy_offloads.is_empty(),
             "NVMe namespace leaf ready"
         );
-        Ok(NvmeNamespace {
+        Ok(NamespaceLeaf {
             info,
             ctrl,
             ns,
@@ -130,7 +172,7 @@ impl<T: Transport> NvmeNamespace<T> {
     }
 
     /// The controller.
-    pub fn controller(&self) -> &Arc<Controller<T>> {
+    pub fn controller(&self) -> &Arc<C> {
         &self.ctrl
     }
 
@@ -141,23 +183,23 @@ impl<T: Transport> NvmeNamespace<T> {
 
     /// An allocator of buffers valid on this controller (and on every
     /// other controller of its DMA context).
-    pub fn dma_allocator(&self) -> Arc<dyn DmaAllocator> {
-        Arc::new(NvmeDmaAllocator::new(Arc::clone(
-            self.ctrl.transport().dma(),
-        )))
+    pub fn dma_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
+        self.ctrl
+            .dma_context()
+            .map(|ctx| Arc::new(NvmeDmaAllocator::new(Arc::clone(ctx))) as Arc<dyn DmaAllocator>)
     }
 
     #[cfg(feature = "emu")]
-    pub(super) fn with_kind(mut self, kind: DeviceKind) -> NvmeNamespace<T> {
+    pub(super) fn with_kind(mut self, kind: DeviceKind) -> NamespaceLeaf<C> {
         self.info.kind = kind;
         self
     }
 
-    fn open_qpair(&self, depth: usize) -> Result<QueuePair<T>, BdevError> {
+    fn open_qpair(&self, depth: usize) -> Result<C::Queue, BdevError> {
         let entries =
             u16::try_from(depth.saturating_add(1).max(MIN_QUEUE_ENTRIES)).unwrap_or(u16::MAX);
         self.ctrl
-            .create_qpair(QueueOptions {
+            .create_queue(QueueOptions {
                 entries,
                 ..self.queue
             })
@@ -169,7 +211,7 @@ impl<T: Transport> NvmeNamespace<T> {
     }
 }
 
-impl<T: Transport> BlockDevice for NvmeNamespace<T> {
+impl<C: NvmeHost> BlockDevice for NamespaceLeaf<C> {
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -190,7 +232,7 @@ impl<T: Transport> BlockDevice for NvmeNamespace<T> {
     }
 
     fn iova_allocator(&self) -> Option<Arc<dyn DmaAllocator>> {
-        Some(self.dma_allocator())
+        self.dma_allocator()
     }
 
     fn backing(&self) -> BackingId {

@@ -979,3 +979,54 @@ impl crate::view::IoQueue for TcpQueuePair {
         TcpQueuePair::drain(self, timeout)
     }
 }
+
+impl crate::view::BlockQueue for TcpQueuePair {
+    fn depth(&self) -> usize {
+        TcpQueuePair::depth(self)
+    }
+
+    unsafe fn read_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: crate::view::DataRef,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        // SAFETY: the caller's promise.
+        unsafe { self.read_raw(ns, lba, data.host, data.len, tag) }
+    }
+
+    unsafe fn write_data(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: crate::view::DataRef,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        // SAFETY: the caller's promise.
+        unsafe { self.write_raw(ns, lba, data.host, data.len, tag) }
+    }
+
+    fn flush(&mut self, ns: &Namespace, tag: u64) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::flush(self, ns, tag)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u64,
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::write_zeroes(self, ns, lba, blocks, tag)
+    }
+
+    fn deallocate(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(u64, u32)],
+        tag: u64,
+    ) -> std::result::Result<(), SubmitError> {
+        TcpQueuePair::deallocate(self, ns, ranges, tag)
+    }
+}
