@@ -452,3 +452,23 @@ fn the_conformance_checks_pass_over_tcp() {
     check("lba range", c::lba_out_of_range(&ctrl, 1, Quirks::SPEC));
     check("two queues", c::two_queue_pairs_two_threads(&ctrl, 1));
 }
+
+#[test]
+fn queues_closed_and_opened_in_quick_succession_all_connect() {
+    // The served target keeps a closed queue's id for a while, as nvmet
+    // tears queues down in a work item; Connect for it meanwhile is a
+    // Command Sequence Error, which the controller must ride out.
+    let s = server(|_| {});
+    let o = TcpOptions {
+        io_queues: 2,
+        ..opts()
+    };
+    let ctrl = connect(&s, o);
+    let ns = ctrl.namespace(1).expect("ns");
+    for i in 0..12 {
+        let mut qp = ctrl
+            .create_qpair(QueueOptions::default())
+            .unwrap_or_else(|e| panic!("queue {i}: {e}"));
+        write_read(&ctrl, &mut qp, &ns, i, &pattern(i, 512));
+    }
+}

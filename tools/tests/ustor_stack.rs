@@ -142,3 +142,38 @@ fn stripes_and_concats_are_created_shown_and_refused_where_they_have_no_copy() {
     assert!(err.contains("--chunk 1000"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn discover_lists_an_nvme_tcp_targets_subsystems_as_leaf_specs() {
+    let server = nvme::tcp::serve::TcpServer::start(nvme::tcp::serve::ServeConfig::default())
+        .expect("serve");
+    let target = format!("nvme-tcp:{}", server.addr());
+    let out = stack(&["discover", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "nvme-tcp:{}/{}/NSID",
+            server.addr(),
+            server.subnqn()
+        )),
+        "{text}"
+    );
+    let out = stack(&["discover", "--json", &target]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["records"][0]["subnqn"], server.subnqn());
+    // Nothing listens: the whole cause chain, with the OS error.
+    let out = stack(&["discover", "nvme-tcp:127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect") && err.contains("refused"),
+        "{err}"
+    );
+    let out = stack(&["discover", "127.0.0.1:4420"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nvme-tcp:ADDR:PORT"));
+}

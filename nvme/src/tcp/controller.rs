@@ -33,6 +33,10 @@ struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
     qids: Mutex<Vec<bool>>,
+    /// Where the search for a free queue id starts: ids go round, so one
+    /// just closed (which the controller may still be tearing down) is
+    /// taken last.
+    next_qid: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -80,6 +84,7 @@ impl TcpController {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             qids: Mutex::new(Vec::new()),
+            next_qid: std::sync::atomic::AtomicUsize::new(1),
         });
         let identify = identify_controller(&shared)?;
         let mdts = identify.mdts;
@@ -191,6 +196,32 @@ impl TcpController {
 
     /// Connects an I/O queue on a free queue id.
     pub fn create_qpair(&self, opts: QueueOptions) -> Result<TcpQueuePair> {
+        // A controller may still be tearing down the queue a closed
+        // connection had (Linux nvmet does it in a work item) and answer
+        // Connect for that id with Command Sequence Error: try the next
+        // free id, then wait a little for the old one to go.
+        let mut last = None;
+        for attempt in 0..40 {
+            match self.try_create_qpair(opts) {
+                Err(Error::Tcp(e))
+                    if matches!(&*e, TcpError::Connect { status: Some(s), .. }
+                        if s.same_code(crate::NvmeStatus::generic(0x0C))) =>
+                {
+                    last = Some(Error::Tcp(e));
+                    if attempt >= usize::from(self.io_queues) {
+                        std::thread::sleep(Duration::from_millis(25));
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(Error::NoFreeQueue {
+            device: self.name(),
+            granted: self.io_queues,
+        }))
+    }
+
+    fn try_create_qpair(&self, opts: QueueOptions) -> Result<TcpQueuePair> {
         if self.is_down() {
             return Err(TcpError::ControllerDown {
                 target: self.name(),
@@ -199,13 +230,19 @@ impl TcpController {
         }
         let qid = {
             let mut q = self.shared.lock_qids();
-            let Some(qid) = (1..q.len()).find(|&i| !q[i]) else {
+            let n = q.len().saturating_sub(1).max(1);
+            let start = self.shared.next_qid.load(Ordering::Relaxed);
+            let Some(qid) = (0..n)
+                .map(|k| 1 + (start - 1 + k) % n)
+                .find(|&i| q.get(i) == Some(&false))
+            else {
                 return Err(Error::NoFreeQueue {
                     device: self.name(),
                     granted: self.io_queues,
                 });
             };
             q[qid] = true;
+            self.shared.next_qid.store(1 + qid % n, Ordering::Relaxed);
             qid as u16
         };
         let entries = opts.entries.min(self.cap.mqes().saturating_add(1)).max(2);
@@ -250,6 +287,7 @@ impl TcpController {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             qids: Mutex::new(vec![false; usize::from(self.io_queues) + 1]),
+            next_qid: std::sync::atomic::AtomicUsize::new(1),
         });
         let granted = set_queue_count(&shared, self.io_queues)?;
         *shared.lock_qids() = vec![false; usize::from(granted) + 1];
@@ -511,6 +549,7 @@ pub fn discover(addr: &str, opts: TcpOptions) -> Result<Vec<DiscoveryEntry>> {
         stop: Mutex::new(false),
         wake: Condvar::new(),
         qids: Mutex::new(Vec::new()),
+        next_qid: std::sync::atomic::AtomicUsize::new(1),
     };
     let read = |len: usize, offset: u64| -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(len);

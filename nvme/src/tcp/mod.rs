@@ -232,6 +232,8 @@ pub enum TcpError {
         qid: u16,
         /// Why, in words.
         reason: String,
+        /// The status the controller answered with, if it answered.
+        status: Option<crate::NvmeStatus>,
     },
     /// The socket failed.
     #[error("{target}: queue {qid}: connection failed")]

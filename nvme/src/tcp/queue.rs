@@ -222,6 +222,7 @@ impl TcpQueuePair {
                 target: self.target.to_string(),
                 qid: self.qid,
                 reason: connect_failure(e, c.dw0),
+                status: e.status(),
             })),
         }
     }
@@ -818,11 +819,30 @@ impl TcpQueuePair {
     }
 
     /// Dials again and connects this queue anew after a failure. Commands
-    /// of the old connection were all reported when it failed.
+    /// of the old connection were all reported when it failed. The
+    /// controller may still be tearing the old queue down (Command
+    /// Sequence Error): that is waited out for up to a second.
     pub fn reconnect(&mut self) -> Result<()> {
         if self.failure.is_none() {
             return Ok(());
         }
+        let mut attempt = 0;
+        loop {
+            match self.reconnect_once() {
+                Err(Error::Tcp(e))
+                    if attempt < 40
+                        && matches!(&*e, TcpError::Connect { status: Some(s), .. }
+                            if s.same_code(NvmeStatus::generic(0x0C))) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn reconnect_once(&mut self) -> Result<()> {
         let (stream, params) = conn::dial(&self.target)?;
         self.stream = Some(stream);
         self.params = params;

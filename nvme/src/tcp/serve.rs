@@ -95,7 +95,13 @@ struct Association {
     last_keep_alive: Instant,
     /// Connections of this association, closed together when it dies.
     streams: Vec<TcpStream>,
+    /// I/O queue ids connected, or closed and not yet torn down.
+    qids: std::collections::HashSet<u16>,
 }
+
+/// How long a closed I/O queue's id stays taken, as Linux nvmet tears a
+/// queue down in a work item after its connection closes.
+const QUEUE_TEARDOWN: Duration = Duration::from_millis(30);
 
 struct State {
     cfg: ServeConfig,
@@ -269,6 +275,19 @@ impl Conn {
 
     fn close(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+        if self.qid > 0
+            && let Some(id) = self.cntlid
+        {
+            let (st, qid) = (Arc::clone(&self.st), self.qid);
+            let _ = std::thread::Builder::new()
+                .name("nvme-tcp-teardown".into())
+                .spawn(move || {
+                    std::thread::sleep(QUEUE_TEARDOWN);
+                    if let Some(a) = st.assocs().get_mut(&id) {
+                        a.qids.remove(&qid);
+                    }
+                });
+        }
         if self.qid == 0
             && let Some(id) = self.cntlid
         {
@@ -747,6 +766,7 @@ impl Conn {
                     kato_ms: kato,
                     last_keep_alive: Instant::now(),
                     streams: vec![stream],
+                    qids: std::collections::HashSet::new(),
                 },
             );
             id
@@ -758,7 +778,9 @@ impl Conn {
                 let (s, dw0) = invalid(16, 1);
                 return self.respond(cid, s, dw0, 0);
             };
-            if !a.cc.en() {
+            if !a.cc.en() || !a.qids.insert(qid) {
+                // Not enabled, or the id is taken (still being torn down):
+                // Command Sequence Error, as nvmet answers.
                 drop(assocs);
                 return self.respond(cid, NvmeStatus::generic(0x0C).dnr(), 0, 0);
             }

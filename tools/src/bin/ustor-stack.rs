@@ -8,6 +8,8 @@
 //! ustor-stack show [--json] DEV ...              level, members, states, events, dirty regions
 //! ustor-stack replace --leg N NEW DEV ...        put NEW in place of failed leg N, rebuild it
 //! ustor-stack check [--repair] [--json] DEV ...  compare the legs; with --repair make them equal
+//! ustor-stack discover [--json] nvme-tcp:ADDR:PORT
+//!                                                the subsystems an NVMe/TCP discovery controller lists
 //! ```
 //!
 //! DEV is a leaf spec (`file:/path`, `nvme:0000:00:04.0/1`, `sg:/dev/sg1`,
@@ -98,6 +100,19 @@ enum Command {
         /// The members, in any order.
         #[arg(required = true)]
         members: Vec<String>,
+    },
+    /// Lists the subsystems an NVMe/TCP discovery controller offers (its
+    /// Discovery log page), as leaf specs to open them with.
+    Discover {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Host NQN to connect as (default: /etc/nvme/hostnqn).
+        #[arg(long)]
+        hostnqn: Option<String>,
+        /// `nvme-tcp:ADDR:PORT` (discovery controllers listen on 8009 by
+        /// convention, nvmet on its ports' numbers).
+        target: String,
     },
 }
 
@@ -317,6 +332,11 @@ fn show(mirror: &Mirror, report: &Assembly, json: bool) -> Result<(), Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let registry = LeafRegistry::with_defaults();
     match cli.command {
+        Command::Discover {
+            json,
+            hostnqn,
+            target,
+        } => discover(&target, hostnqn, json)?,
         Command::Create {
             level,
             region,
@@ -444,6 +464,55 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// `ustor-stack discover`.
+fn discover(
+    target: &str,
+    hostnqn: Option<String>,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let addr = target.strip_prefix("nvme-tcp:").ok_or_else(|| {
+        format!("`{target}`: give the discovery controller as nvme-tcp:ADDR:PORT")
+    })?;
+    let mut opts = nvme::tcp::TcpOptions::default();
+    if let Some(nqn) = hostnqn {
+        opts.host_nqn = nqn;
+    }
+    let entries = nvme::tcp::discover(addr, opts)?;
+    if json {
+        let records: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "subtype": e.subtype_name(),
+                    "subnqn": e.subnqn,
+                    "traddr": e.traddr,
+                    "trsvcid": e.trsvcid,
+                    "portid": e.portid,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "records": records }));
+        return Ok(());
+    }
+    for e in &entries {
+        if e.subtype == 2 {
+            println!("nvme-tcp:{}:{}/{}/NSID", e.traddr, e.trsvcid, e.subnqn);
+        } else {
+            println!(
+                "({}) {} at {}:{}",
+                e.subtype_name(),
+                e.subnqn,
+                e.traddr,
+                e.trsvcid
+            );
+        }
+    }
+    if entries.is_empty() {
+        println!("{target} lists no subsystems for this host");
     }
     Ok(())
 }

@@ -186,16 +186,26 @@ fn prepare_nvmet(subsystems: &[NvmetSubsystem]) -> Result<Vec<NvmetDevice>, Stri
                 let dev = format!("{NULLB}/ustor{i}");
                 fs::create_dir_all(&dev).map_err(|e| format!("creating {dev}: {e}"))?;
                 write(format!("{dev}/size"), &sub.size_mib.to_string())?;
-                write(format!("{dev}/blocksize"), "512")?;
+                // 4 KiB, as the file backend's (tmpfs's block size): one
+                // stripe can take both, and the store's 4 KiB blocks fit.
+                write(format!("{dev}/blocksize"), "4096")?;
                 write(format!("{dev}/memory_backed"), "1")?;
                 write(format!("{dev}/power"), "1")?;
                 let index = read_trimmed(format!("{dev}/index"))
                     .ok_or_else(|| format!("{dev}/index unreadable"))?;
-                let path = format!("/dev/nullb{index}");
-                wait_for(&format!("{path} to appear"), DEVICE_WAIT, || {
-                    Path::new(&path).exists()
-                })?;
-                path
+                // Kernels name a configfs device nullbINDEX, or, newer
+                // ones, after its configfs directory.
+                let names = [format!("/dev/nullb{index}"), format!("/dev/ustor{i}")];
+                let mut found = None;
+                wait_for(
+                    &format!("{} or {} to appear", names[0], names[1]),
+                    DEVICE_WAIT,
+                    || {
+                        found = names.iter().find(|p| Path::new(p).exists()).cloned();
+                        found.is_some()
+                    },
+                )?;
+                found.unwrap_or_default()
             }
             NvmetBacking::File => {
                 let path = format!("/run/ustor/nvmet{i}.img");
@@ -225,7 +235,7 @@ fn prepare_nvmet(subsystems: &[NvmetSubsystem]) -> Result<Vec<NvmetDevice>, Stri
             addr: format!("127.0.0.1:{NVMET_PORT}"),
             backing_path,
             size_bytes: size,
-            block_size: 512,
+            block_size: 4096,
         });
     }
     Ok(out)

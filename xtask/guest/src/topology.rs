@@ -368,8 +368,9 @@ impl Topology {
         topo
     }
 
-    /// nvmet over TCP on loopback (see [`TCP`]): no QEMU devices, two
-    /// subsystems of 256 MiB, 512-byte blocks.
+    /// nvmet over TCP on loopback (see [`TCP`]): no QEMU devices, a
+    /// 256 MiB null_blk subsystem and a 64 MiB file subsystem, 4 KiB
+    /// blocks.
     pub fn tcp() -> Topology {
         let mut topo = Topology::default_rig();
         topo.name = TCP.to_string();
@@ -386,7 +387,9 @@ impl Topology {
             NvmetSubsystem {
                 nqn: "nqn.2026-01.io.ustor:file".to_string(),
                 backing: NvmetBacking::File,
-                size_mib: 256,
+                // As the rig's other stores: the gc test's workload makes
+                // the cleaner run on 64 MiB.
+                size_mib: 64,
             },
         ];
         topo

@@ -33,6 +33,7 @@ mod nvme;
 mod rig;
 mod scsi;
 mod stack;
+mod tcp;
 
 /// What a guest test sees: the run configuration and the devices found.
 pub struct GuestEnv {
@@ -87,6 +88,7 @@ pub fn all() -> impl Iterator<Item = &'static GuestTest> {
         .chain(mirrorbench::TESTS)
         .chain(gc::TESTS)
         .chain(ng::TESTS)
+        .chain(tcp::TESTS)
 }
 
 /// Looks a test up by name.

@@ -260,7 +260,7 @@ fn ng_identify_matches_nvme_cli(env: &GuestEnv) -> Result<(), String> {
 /// `depth` in flight, with buffers from the stack's allocator (for an
 /// io_uring leaf: its registered memory, fixed-buffer commands); returns
 /// what reads read, in extent order.
-fn transfer(
+pub(super) fn transfer(
     dev: &Arc<dyn BlockDevice>,
     depth: usize,
     extents: &[(u64, u64)],
@@ -316,7 +316,7 @@ fn transfer(
 
 /// Reads `blocks` 4 KiB blocks at `lba` of the block node with `dd`
 /// (O_DIRECT): what the kernel's own path sees.
-fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
+pub(super) fn dd_read(node: &str, lba: u64, blocks: u64) -> Result<Vec<u8>, String> {
     let out = format!("/run/ustor/ng-dd-{}-{lba}.bin", std::process::id());
     tool_output(
         "dd",
@@ -563,7 +563,7 @@ fn ng_gc_store(env: &GuestEnv) -> Result<(), String> {
     let spec = format!("ng:{}", ns.ng);
     let dev = spec::build(&spec).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    super::gc::gc_store_relocates_by_copy(&spec, &dev)?;
+    super::gc::gc_store_run(&spec, &dev, super::gc::Relocation::Offloaded)?;
     println!("{spec}: {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
