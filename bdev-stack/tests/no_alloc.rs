@@ -79,3 +79,33 @@ fn splitting_path_allocates_nothing_per_io_at_steady_state() {
         "allocations during {completed} I/Os at steady state"
     );
 }
+
+#[test]
+fn nvme_tcp_leaf_allocates_nothing_per_io_at_steady_state() {
+    use nvme::emu::{EmuConfig, NamespaceConfig};
+    use nvme::tcp::serve::{ServeConfig, TcpServer};
+    // The target runs on threads of its own; this thread is the
+    // initiator's: capsules, R2T and H2CData, C2HData, completions.
+    let server = TcpServer::start(ServeConfig {
+        emu: EmuConfig {
+            namespaces: vec![NamespaceConfig::memory(512, 8192)],
+            ..EmuConfig::default()
+        },
+        ..ServeConfig::default()
+    })
+    .expect("serve");
+    let device =
+        spec::build(&format!("nvme-tcp:{}/{}/1", server.addr(), server.subnqn())).expect("build");
+    let blocks = device.info().block_count;
+    let mut ch = OwnedChannel::<HostBuffer>::open(device.as_ref(), DEPTH).expect("channel");
+    let mut buffers: Vec<HostBuffer> = (0..DEPTH)
+        .map(|_| HostBuffer::new((IO_BLOCKS * 512) as usize).expect("buffer"))
+        .collect();
+    run(&mut ch, &mut buffers, blocks, 16);
+    let (completed, allocations) = counted(|| run(&mut ch, &mut buffers, blocks, 100));
+    assert_eq!(completed, 100 * DEPTH as u64);
+    assert_eq!(
+        allocations, 0,
+        "allocations during {completed} I/Os over NVMe/TCP at steady state"
+    );
+}

@@ -281,6 +281,7 @@ impl TcpQueuePair {
                 return;
             };
             let end = self.rx.end;
+            let room = self.rx.buf.len() - end;
             match stream.read(&mut self.rx.buf[end..]) {
                 Ok(0) => {
                     self.fail(TcpError::Closed {
@@ -292,9 +293,10 @@ impl TcpQueuePair {
                 Ok(n) => {
                     self.rx.end += n;
                     self.parse();
-                    if self.rx.end < self.rx.buf.len() {
-                        // The socket had less than the room: it is empty.
-                        continue;
+                    if n < room {
+                        // The socket had less than the room: it is empty,
+                        // and asking again would only cost a system call.
+                        return;
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
