@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, squeue};
 use nvme::cmd::{Copy, Prps, Read, Write};
 use nvme::spec::{CopyRangeFormat0, IdentifyController, NvmeStatus, SubmissionEntry};
-use nvme::split::CopySplitter;
 use nvme::{
     Completion, ControllerView, DmaBuffer, DmaContext, DmaContextId, DmaSlice, IoError, IoQueue,
     Namespace, NamespaceScope, QueueOptions, SubmitError,
@@ -450,21 +449,7 @@ impl IoQueue for NgPassthruQueue {
         dest: u64,
         tag: u64,
     ) -> Result<(), SubmitError> {
-        let total = ranges.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
-        if total.is_none_or(|t| t == 0 || dest.checked_add(t).is_none_or(|e| e > ns.blocks))
-            || ranges
-                .iter()
-                .any(|&(l, n)| l.checked_add(n).is_none_or(|e| e > ns.blocks))
-        {
-            return Err(SubmitError::Invalid(
-                "copy range empty or beyond the namespace",
-            ));
-        }
-        let Some(mut splitter) = CopySplitter::new(ranges, dest, ns.copy_limits()) else {
-            return Err(SubmitError::Invalid(
-                "namespace cannot copy (MSSRL, MCL or MSRC is 0)",
-            ));
-        };
+        let mut splitter = ns.copy_splitter(ranges, dest)?;
         let parts = splitter.count_commands();
         let req = self.begin(parts, tag, None)?;
         for _ in 0..parts {
@@ -491,14 +476,7 @@ impl IoQueue for NgPassthruQueue {
         dest: u64,
         tag: u64,
     ) -> Result<(), SubmitError> {
-        if ranges.is_empty()
-            || ranges.len() > COPY_RANGES as usize
-            || ranges.iter().any(|r| r.1 == 0 || r.1 > 65536)
-        {
-            return Err(SubmitError::Invalid(
-                "one Copy takes 1 to 128 ranges of 1 to 65536 blocks",
-            ));
-        }
+        Namespace::check_single_copy(ranges)?;
         let req = self.begin(1, tag, None)?;
         let Some(cmd) = self.take_cmd() else {
             return Ok(());

@@ -150,6 +150,43 @@ impl Namespace {
         })
     }
 
+    /// The Copy commands that copy source `ranges` of `(lba, blocks)`,
+    /// concatenated, to `dest` within this namespace, split to MSRC,
+    /// MSSRL and MCL; refused when a range is empty or beyond the
+    /// namespace, or the namespace cannot copy.
+    pub fn copy_splitter<'r>(
+        &self,
+        ranges: &'r [(u64, u64)],
+        dest: u64,
+    ) -> std::result::Result<CopySplitter<'r>, SubmitError> {
+        let total = ranges.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
+        if total.is_none_or(|t| t == 0 || dest.checked_add(t).is_none_or(|e| e > self.blocks))
+            || ranges
+                .iter()
+                .any(|&(l, n)| l.checked_add(n).is_none_or(|e| e > self.blocks))
+        {
+            return Err(SubmitError::Invalid(
+                "copy range empty or beyond the namespace",
+            ));
+        }
+        CopySplitter::new(ranges, dest, self.copy_limits()).ok_or(SubmitError::Invalid(
+            "namespace cannot copy (MSSRL, MCL or MSRC is 0)",
+        ))
+    }
+
+    /// Checks the source ranges of one unsplit Copy command (format 0,
+    /// one descriptor page): 1 to 128 ranges of 1 to 65536 blocks. The
+    /// device judges the rest.
+    pub fn check_single_copy(ranges: &[(u64, u64)]) -> std::result::Result<(), SubmitError> {
+        if ranges.is_empty() || ranges.len() > 128 || ranges.iter().any(|r| r.1 == 0 || r.1 > 65536)
+        {
+            return Err(SubmitError::Invalid(
+                "one Copy takes 1 to 128 ranges of 1 to 65536 blocks",
+            ));
+        }
+        Ok(())
+    }
+
     /// Copy limits for one command with format-0 descriptors.
     pub fn copy_limits(&self) -> CopyLimits {
         CopyLimits {

@@ -260,21 +260,7 @@ impl<T: Transport> QueuePair<T> {
         dest: u64,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        let total = ranges.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
-        if total.is_none_or(|t| t == 0 || dest.checked_add(t).is_none_or(|e| e > ns.blocks))
-            || ranges
-                .iter()
-                .any(|&(l, n)| l.checked_add(n).is_none_or(|e| e > ns.blocks))
-        {
-            return Err(SubmitError::Invalid(
-                "copy range empty or beyond the namespace",
-            ));
-        }
-        let Some(splitter) = CopySplitter::new(ranges, dest, ns.copy_limits()) else {
-            return Err(SubmitError::Invalid(
-                "namespace cannot copy (MSSRL, MCL or MSRC is 0)",
-            ));
-        };
+        let splitter = ns.copy_splitter(ranges, dest)?;
         let parts = splitter.count_commands();
         self.check_submit(parts)?;
         let req = self.alloc_req(tag, parts as u16, None);
@@ -307,12 +293,7 @@ impl<T: Transport> QueuePair<T> {
         dest: u64,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        if ranges.is_empty() || ranges.len() > 128 || ranges.iter().any(|r| r.1 == 0 || r.1 > 65536)
-        {
-            return Err(SubmitError::Invalid(
-                "one Copy takes 1 to 128 ranges of 1 to 65536 blocks",
-            ));
-        }
+        Namespace::check_single_copy(ranges)?;
         self.check_submit(1)?;
         let slot = self.reserve();
         for (i, &(slba, n)) in ranges.iter().enumerate() {

@@ -209,6 +209,25 @@ pub struct TermReq {
     pub _rsvd: [u8; 10],
 }
 
+impl TermReq {
+    /// A termination request of `pdu_type` (H2C or C2H) with status `fes`
+    /// and no copy of the offending header.
+    pub fn new(pdu_type: u8, fes: u16) -> TermReq {
+        TermReq {
+            ch: CommonHeader {
+                pdu_type,
+                flags: 0,
+                hlen: 24,
+                pdo: 0,
+                plen: 24u32.into(),
+            },
+            fes: fes.into(),
+            fei: 0.into(),
+            _rsvd: [0; 10],
+        }
+    }
+}
+
 const _: () = {
     assert!(size_of::<CommonHeader>() == 8);
     assert!(size_of::<IcReq>() == 128);

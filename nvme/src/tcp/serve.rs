@@ -513,18 +513,7 @@ impl Conn {
     }
 
     fn term(&mut self, fes: u16) {
-        let t = TermReq {
-            ch: CommonHeader {
-                pdu_type: pdu_type::C2H_TERM_REQ,
-                flags: 0,
-                hlen: 24,
-                pdo: 0,
-                plen: 24u32.into(),
-            },
-            fes: fes.into(),
-            fei: 0.into(),
-            _rsvd: [0; 10],
-        };
+        let t = TermReq::new(pdu_type::C2H_TERM_REQ, fes);
         let _ = self.stream.write_all(t.as_bytes());
     }
 

@@ -665,18 +665,7 @@ impl TcpQueuePair {
     }
 
     fn send_term(&mut self, fes: u16) {
-        let t = TermReq {
-            ch: CommonHeader {
-                pdu_type: pdu_type::H2C_TERM_REQ,
-                flags: 0,
-                hlen: 24,
-                pdo: 0,
-                plen: 24u32.into(),
-            },
-            fes: fes.into(),
-            fei: 0.into(),
-            _rsvd: [0; 10],
-        };
+        let t = TermReq::new(pdu_type::H2C_TERM_REQ, fes);
         if let Some(s) = self.stream.as_mut() {
             // Best effort on a connection that is being torn down.
             let _ = std::io::Write::write(s, t.as_bytes());

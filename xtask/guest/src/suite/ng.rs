@@ -601,29 +601,12 @@ fn fio_uring_cmd_iops(ng: &str, qd: u16) -> Result<f64, String> {
 /// ustor-perf on `ng:...,poll=on`; `registered`: with the leaf's
 /// registered buffers.
 fn ustor_ng_iops(ng: &str, qd: u16, registered: bool) -> Result<f64, String> {
-    let cfg = ustor_tools::perf::PerfConfig {
-        target: ustor_tools::perf::Target::Stack {
-            spec: format!(
-                "ng:{ng},poll=on,registered={}",
-                if registered { "on" } else { "off" }
-            ),
-        },
-        workload: ustor_tools::perf::Workload::RandRead,
-        io_size: 4096,
-        queue_depth: qd,
-        duration: Duration::from_secs(super::nvme::BENCH_SECONDS),
-        threads: 1,
-        shadow_doorbells: false,
-        batch: 1,
-        sq_doorbell_every: 0,
-        host_buffers: false,
-    };
-    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {ng}: {e}"))?;
-    if r.errors > 0 {
-        return Err(format!("ustor-perf on {ng}: {} I/O errors", r.errors));
-    }
-    println!("{r}");
-    Ok(r.iops)
+    let spec = format!(
+        "ng:{ng},poll=on,registered={}",
+        if registered { "on" } else { "off" }
+    );
+    let target = ustor_tools::perf::Target::Stack { spec };
+    Ok(super::nvme::ustor_randread(target, qd, 0)?.iops)
 }
 
 /// ustor-perf on `ng:` against fio's io_uring_cmd engine on the same

@@ -447,7 +447,7 @@ const QD32_SQ_DOORBELL_EVERY: u16 = 16;
 
 /// How fio is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FioSetup {
+pub(super) enum FioSetup {
     /// As the target was set: io_uring with polled completions
     /// (`--hipri`, the nvme driver's poll queue), direct I/O.
     Reference,
@@ -458,7 +458,7 @@ enum FioSetup {
     Tuned,
 }
 
-fn fio_iops(node: &str, qd: u16, setup: FioSetup) -> Result<f64, String> {
+pub(super) fn fio_iops(node: &str, qd: u16, setup: FioSetup) -> Result<f64, String> {
     let mut args = vec![
         "--name=randread".to_string(),
         format!("--filename={node}"),
@@ -525,12 +525,16 @@ fn without_io_stats(node: &str) -> Result<(), String> {
     std::fs::write(&path, "0").map_err(|e| format!("writing {path}: {e}"))
 }
 
-fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String> {
+/// `ustor-perf`: 4 KiB random reads on `target` at `qd` from one thread
+/// for [`BENCH_SECONDS`]; printed, and an error on any failed I/O.
+pub(super) fn ustor_randread(
+    target: ustor_tools::perf::Target,
+    qd: u16,
+    sq_doorbell_every: u16,
+) -> Result<ustor_tools::perf::PerfReport, String> {
+    let what = format!("{target:?}");
     let cfg = ustor_tools::perf::PerfConfig {
-        target: ustor_tools::perf::Target::Vfio {
-            addr: addr.to_owned(),
-            nsid: 1,
-        },
+        target,
         workload: ustor_tools::perf::Workload::RandRead,
         io_size: 4096,
         queue_depth: qd,
@@ -541,12 +545,20 @@ fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String
         sq_doorbell_every,
         host_buffers: false,
     };
-    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {addr}: {e}"))?;
+    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {what}: {e}"))?;
     if r.errors > 0 {
-        return Err(format!("ustor-perf on {addr}: {} I/O errors", r.errors));
+        return Err(format!("ustor-perf on {what}: {} I/O errors", r.errors));
     }
     println!("{r}");
-    Ok(r.iops)
+    Ok(r)
+}
+
+fn ustor_iops(addr: &str, qd: u16, sq_doorbell_every: u16) -> Result<f64, String> {
+    let target = ustor_tools::perf::Target::Vfio {
+        addr: addr.to_owned(),
+        nsid: 1,
+    };
+    Ok(ustor_randread(target, qd, sq_doorbell_every)?.iops)
 }
 
 /// fio (kernel nvme driver, io_uring, polled) against ustor-perf (VFIO) on

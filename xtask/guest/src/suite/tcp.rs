@@ -486,30 +486,18 @@ fn own_cpu() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// `ustor-perf` on `spec`: IOPS, the guest's busy CPU share and the part
+/// of it that was not ours (the target's).
 fn ustor_tcp_iops(spec: &str, qd: u16) -> Result<(f64, f64, f64), String> {
-    let cfg = ustor_tools::perf::PerfConfig {
-        target: ustor_tools::perf::Target::Stack {
-            spec: spec.to_owned(),
-        },
-        workload: ustor_tools::perf::Workload::RandRead,
-        io_size: 4096,
-        queue_depth: qd,
-        duration: Duration::from_secs(super::nvme::BENCH_SECONDS),
-        threads: 1,
-        shadow_doorbells: false,
-        batch: 1,
-        sq_doorbell_every: 0,
-        host_buffers: false,
-    };
     let (busy0, total0) = cpu_jiffies();
     let own0 = own_cpu();
-    let r = ustor_tools::perf::run(&cfg).map_err(|e| format!("ustor-perf on {spec}: {e}"))?;
+    let target = ustor_tools::perf::Target::Stack {
+        spec: spec.to_owned(),
+    };
+    let r = super::nvme::ustor_randread(target, qd, 0)?;
     let own = own_cpu() - own0;
     let (busy1, total1) = cpu_jiffies();
-    if r.errors > 0 {
-        return Err(format!("ustor-perf on {spec}: {} I/O errors", r.errors));
-    }
-    println!("{r}");
+    // USER_HZ: /proc/stat counts in hundredths of a second.
     let hz = 100.0;
     let busy = (busy1 - busy0) as f64 / hz;
     let wall = (total1 - total0) as f64 / hz;
@@ -521,21 +509,7 @@ fn ustor_tcp_iops(spec: &str, qd: u16) -> Result<(f64, f64, f64), String> {
 }
 
 fn fio_kernel_iops(node: &str, qd: u16) -> Result<f64, String> {
-    let args: Vec<String> = vec![
-        "--name=randread".into(),
-        format!("--filename={node}"),
-        "--ioengine=io_uring".into(),
-        "--hipri".into(),
-        "--direct=1".into(),
-        "--rw=randread".into(),
-        "--bs=4k".into(),
-        format!("--iodepth={qd}"),
-        "--numjobs=1".into(),
-        format!("--runtime={}", super::nvme::BENCH_SECONDS),
-        "--time_based".into(),
-        "--output-format=json".into(),
-    ];
-    super::nvme::run_fio(&args)
+    super::nvme::fio_iops(node, qd, super::nvme::FioSetup::Reference)
 }
 
 /// `ustor-perf` on `nvme-tcp:` against fio (io_uring, polled) on the
