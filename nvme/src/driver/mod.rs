@@ -174,6 +174,28 @@ impl Namespace {
         ))
     }
 
+    /// The Write Zeroes commands that zero `blocks` at `lba` (65 536
+    /// blocks each), with their count; refused when the range is empty or
+    /// beyond the namespace.
+    pub fn write_zeroes_commands(
+        &self,
+        lba: u64,
+        blocks: u64,
+    ) -> std::result::Result<(usize, impl Iterator<Item = SubmissionEntry>), SubmitError> {
+        if blocks == 0 || lba.checked_add(blocks).is_none_or(|e| e > self.blocks) {
+            return Err(SubmitError::Invalid(
+                "LBA range empty or beyond the namespace",
+            ));
+        }
+        let nsid = self.nsid;
+        let commands = (0..blocks.div_ceil(65536)).map(move |k| {
+            let at = k * 65536;
+            let n = (blocks - at).min(65536);
+            crate::cmd::WriteZeroes::new(nsid, lba + at, n as u32).build()
+        });
+        Ok((blocks.div_ceil(65536) as usize, commands))
+    }
+
     /// Checks the source ranges of one unsplit Copy command (format 0,
     /// one descriptor page): 1 to 128 ranges of 1 to 65536 blocks. The
     /// device judges the rest.

@@ -601,20 +601,11 @@ impl TcpQueuePair {
         blocks: u64,
         tag: u64,
     ) -> std::result::Result<(), SubmitError> {
-        if blocks == 0 || lba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
-            return Err(SubmitError::Invalid(
-                "LBA range empty or beyond the namespace",
-            ));
-        }
-        let parts = blocks.div_ceil(65536) as usize;
+        let (parts, commands) = ns.write_zeroes_commands(lba, blocks)?;
         self.check_submit(parts)?;
         let req = self.alloc_req(tag, parts as u16, None);
-        let mut done = 0;
-        while done < blocks {
-            let n = (blocks - done).min(65536);
-            let sqe = cmd::WriteZeroes::new(ns.nsid, lba + done, n as u32).build();
+        for sqe in commands {
             self.stage_rw(req, sqe, false, std::ptr::null_mut(), 0);
-            done += n;
         }
         Ok(())
     }
