@@ -472,3 +472,30 @@ fn queues_closed_and_opened_in_quick_succession_all_connect() {
         write_read(&ctrl, &mut qp, &ns, i, &pattern(i, 512));
     }
 }
+
+#[test]
+fn reconnecting_before_polling_everything_still_reports_each_request_once() {
+    // The failure is noticed by a poll that takes one completion; the
+    // others wait in the queue while it reconnects. Connect's own answer
+    // must never be mistaken for one of them, nor one of them for it.
+    let s = server(|_| {});
+    let ctrl = connect(&s, opts());
+    let ns = ctrl.namespace(1).expect("ns");
+    let mut qp = ctrl.create_qpair(QueueOptions::default()).expect("queue");
+    s.inject(ServeFault::DropAfterExecute);
+    let _keep = reads(&ctrl, &mut qp, &ns, 8);
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while qp.failure().is_none() {
+        qp.poll(1, |c| done.push(c)).expect("poll");
+        assert!(std::time::Instant::now() < deadline, "never failed");
+    }
+    qp.reconnect().expect("reconnect");
+    done.extend(drain(&mut qp));
+    assert_each_once(&done, 8);
+    assert!(
+        done.iter().all(|c| c.result == Err(IoError::Disconnected)),
+        "{done:?}"
+    );
+    write_read(&ctrl, &mut qp, &ns, 10, &pattern(3, 4096));
+}

@@ -442,10 +442,23 @@ fn admin(
         None if data_len > 0 => AdminData::In(out.as_mut_ptr(), out.len()),
         None => AdminData::None,
     };
-    let mut q = shared.lock_admin();
-    let (c, _) = q.admin_like(sqe, data, what)?;
-    let dw0 = checked(&q, what, c)?;
-    Ok((dw0, out))
+    // The admin queue is locked only to submit and to poll, never while
+    // waiting, so Keep Alive goes out while a long command runs. `out`
+    // outlives the command: it is answered, or the connection is failed
+    // (closed) before this returns.
+    let req = shared.lock_admin().submit_internal(sqe, data)?;
+    let deadline = Instant::now() + shared.target.opts.admin_timeout;
+    loop {
+        {
+            let mut q = shared.lock_admin();
+            if let Some(r) = q.wait_internal(req, deadline, what) {
+                let (c, _) = r?;
+                let dw0 = checked(&q, what, c)?;
+                return Ok((dw0, out));
+            }
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 fn identify_controller(shared: &Shared) -> Result<Box<IdentifyController>> {

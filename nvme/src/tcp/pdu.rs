@@ -361,8 +361,11 @@ impl CommonHeader {
             pdo: self.pdo,
         };
         let ic = matches!(t, pdu_type::IC_REQ | pdu_type::IC_RESP);
-        let hdgst = !ic && header_digest;
-        if !ic && (self.flags & flags::HDGSTF != 0) != hdgst {
+        // Termination requests carry no digests, whatever was negotiated:
+        // the connection they end may be the one whose digests failed.
+        let term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
+        let hdgst = !ic && !term && header_digest;
+        if !ic && !term && (self.flags & flags::HDGSTF != 0) != hdgst {
             return Err(bad_length);
         }
         let header_end = expected + if hdgst { DIGEST_LEN } else { 0 };
@@ -390,7 +393,6 @@ impl CommonHeader {
         }
         // Term requests carry the offending header raw, without digests or
         // a PDO of their own.
-        let term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
         let pdo = if term {
             header_end
         } else {
@@ -488,6 +490,11 @@ mod tests {
         );
         let ic = ch(pdu_type::IC_RESP, 0, 128, 0, 128);
         assert!(ic.check(true, true, 1 << 20).is_ok());
+        // A termination request has no digest even where digests are on.
+        let term = ch(pdu_type::C2H_TERM_REQ, 0, 24, 0, 24);
+        assert_eq!(term.check(true, true, 1 << 20).expect("valid").plen, 24);
+        let term = ch(pdu_type::C2H_TERM_REQ, 0, 24, 0, 24 + 72);
+        assert_eq!(term.check(true, true, 1 << 20).expect("valid").data_len, 72);
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub(super) struct Req {
     pub(super) dw0: u32,
     pub(super) dw1: u32,
     pub(super) keep: Option<DmaSlice>,
+    /// A command of the queue's own: its completion waits in `finished`
+    /// for [`TcpQueuePair::take_internal`], never in `done`.
+    pub(super) internal: bool,
+    pub(super) finished: Option<(Completion, u32)>,
 }
 
 /// A PDU waiting to be sent: its header is in the slot's `hdr`.
@@ -226,15 +230,15 @@ impl TcpQueuePair {
         }
     }
 
-    /// Sends one command with its data and waits for it (set-up and admin
-    /// commands; not the I/O path).
-    pub(super) fn admin_like(
+    /// Stages a set-up or admin command of the queue's own (Connect,
+    /// properties, Identify, Keep Alive). Its completion never goes to
+    /// [`TcpQueuePair::poll`]'s caller: [`TcpQueuePair::take_internal`]
+    /// collects it by the request index returned.
+    pub(super) fn submit_internal(
         &mut self,
         sqe: SubmissionEntry,
         data: AdminData<'_>,
-        what: &str,
-    ) -> Result<(Completion, u32)> {
-        let tag = u64::MAX - 1;
+    ) -> Result<u16> {
         let (ptr, len, dir) = match data {
             AdminData::None => (std::ptr::null_mut(), 0, Data::None),
             AdminData::In(ptr, len) => (ptr, len, Data::ToHost),
@@ -246,45 +250,88 @@ impl TcpQueuePair {
             }
         };
         self.check_submit(1).map_err(|e| match e {
-            SubmitError::Disconnected => {
-                Error::from(self.failure.clone().unwrap_or(TcpError::Closed {
-                    target: self.target.to_string(),
-                    qid: self.qid,
-                }))
-            }
+            SubmitError::Disconnected => Error::from(self.down_error()),
             _ => Error::InvalidArgument("admin queue full"),
         })?;
-        let req = self.alloc_req(tag, 1, None);
+        let req = self.alloc_req(0, 1, None);
+        self.reqs[req as usize].internal = true;
         let cid = self.take_slot();
         if let AdminData::Out(bytes) = data {
             self.slots[cid as usize].desc[..bytes.len()].copy_from_slice(bytes);
         }
-        let (ptr, dir) = if dir == Data::InCapsule {
-            (self.slots[cid as usize].desc.as_mut_ptr(), Data::InCapsule)
+        let ptr = if dir == Data::InCapsule {
+            self.slots[cid as usize].desc.as_mut_ptr()
         } else {
-            (ptr, dir)
+            ptr
         };
         self.stage(req, cid, sqe, dir, ptr, len);
+        Ok(req)
+    }
+
+    /// The completion of internal request `req`, once it is in; the
+    /// request is freed then.
+    pub(super) fn take_internal(&mut self, req: u16) -> Option<(Completion, u32)> {
+        let r = self.reqs.get_mut(usize::from(req))?;
+        let done = r.finished.take()?;
+        r.internal = false;
+        self.free_reqs.push(req);
+        Some(done)
+    }
+
+    /// Why the connection is down, as an error.
+    pub(super) fn down_error(&self) -> TcpError {
+        self.failure.clone().unwrap_or(TcpError::Closed {
+            target: self.target.to_string(),
+            qid: self.qid,
+        })
+    }
+
+    /// Waits for internal request `req` until `deadline`, polling; on
+    /// timeout the connection is failed (nothing more arrives for it) and
+    /// the wait is an error. A completion that stands for the connection's
+    /// failure comes back as that failure.
+    pub(super) fn wait_internal(
+        &mut self,
+        req: u16,
+        deadline: Instant,
+        what: &str,
+    ) -> Option<Result<(Completion, u32)>> {
+        self.poll_once();
+        if let Some((c, dw1)) = self.take_internal(req) {
+            if c.result == Err(IoError::Disconnected) {
+                return Some(Err(Error::from(self.down_error())));
+            }
+            return Some(Ok((c, dw1)));
+        }
+        if Instant::now() > deadline {
+            let waited_ms = self.target.opts.admin_timeout.as_millis() as u64;
+            self.fail(TcpError::Timeout {
+                target: self.target.to_string(),
+                qid: self.qid,
+            });
+            let _ = self.take_internal(req);
+            return Some(Err(Error::AdminTimeout {
+                device: self.target.to_string(),
+                command: what.to_owned(),
+                waited_ms,
+            }));
+        }
+        None
+    }
+
+    /// Sends one command with its data and waits for it (set-up, and
+    /// admin commands from the thread that holds the queue).
+    pub(super) fn admin_like(
+        &mut self,
+        sqe: SubmissionEntry,
+        data: AdminData<'_>,
+        what: &str,
+    ) -> Result<(Completion, u32)> {
+        let req = self.submit_internal(sqe, data)?;
         let deadline = Instant::now() + self.target.opts.admin_timeout;
         loop {
-            self.poll_once();
-            if let Some(c) = self.done.pop_front() {
-                return Ok(c);
-            }
-            if let Some(f) = &self.failure {
-                return Err(Error::from(f.clone()));
-            }
-            if Instant::now() > deadline {
-                let waited_ms = self.target.opts.admin_timeout.as_millis() as u64;
-                self.fail(TcpError::Timeout {
-                    target: self.target.to_string(),
-                    qid: self.qid,
-                });
-                return Err(Error::AdminTimeout {
-                    device: self.target.to_string(),
-                    command: what.to_owned(),
-                    waited_ms,
-                });
+            if let Some(r) = self.wait_internal(req, deadline, what) {
+                return r;
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -355,6 +402,8 @@ impl TcpQueuePair {
             dw0: 0,
             dw1: 0,
             keep,
+            internal: false,
+            finished: None,
         };
         self.outstanding += 1;
         r

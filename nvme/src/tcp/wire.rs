@@ -97,11 +97,15 @@ impl TcpQueuePair {
         let expired: Option<u16> = self
             .slots
             .iter()
-            .position(|s| s.busy && !s.zombie && now.duration_since(s.sent_at) > limit)
+            .position(|s| s.busy && now.duration_since(s.sent_at) > limit)
             .map(|i| i as u16);
         if let Some(cid) = expired {
-            let req = self.slots[cid as usize].req as usize;
-            self.reqs[req].error = Some(IoError::Timeout);
+            // A zombie (answered, its PDU stuck in a socket the target no
+            // longer reads) keeps its answer; `fail` reports it.
+            let slot = &self.slots[cid as usize];
+            if !slot.zombie {
+                self.reqs[slot.req as usize].error = Some(IoError::Timeout);
+            }
             self.fail(TcpError::Timeout {
                 target: self.target.to_string(),
                 qid: self.qid,
@@ -639,9 +643,14 @@ impl TcpQueuePair {
                 },
                 dw0: r.dw0,
             };
-            self.free_reqs.push(req as u16);
             self.outstanding -= 1;
-            self.done.push_back((c, r.dw1));
+            if r.internal {
+                // Its waiter takes it, and frees the request then.
+                r.finished = Some((c, r.dw1));
+            } else {
+                self.free_reqs.push(req as u16);
+                self.done.push_back((c, r.dw1));
+            }
         }
     }
 
@@ -665,6 +674,11 @@ impl TcpQueuePair {
     }
 
     fn send_term(&mut self, fes: u16) {
+        // Bytes written now would land inside a PDU half on the wire (the
+        // target could take them as a write's data): then only close.
+        if self.tx.front().is_some_and(|t| t.sent > 0) {
+            return;
+        }
         let t = TermReq::new(pdu_type::H2C_TERM_REQ, fes);
         if let Some(s) = self.stream.as_mut() {
             // Best effort on a connection that is being torn down.
