@@ -106,7 +106,9 @@ fn connects_identifies_and_moves_data_on_every_path() {
 
 #[test]
 fn many_commands_in_flight_complete_once_each() {
-    let s = server(|_| {});
+    // A target that keeps SQ flow control: Connect is sent again without
+    // asking to turn it off, and reads end with a response capsule.
+    let s = server(|c| c.refuse_sq_flow_off = true);
     let ctrl = connect(&s, opts());
     let ns = ctrl.namespace(1).expect("ns");
     let mut qp = ctrl
@@ -139,7 +141,9 @@ fn many_commands_in_flight_complete_once_each() {
 
 #[test]
 fn digests_and_the_success_flag_path_work() {
-    let s = server(|c| c.c2h_success = true);
+    // Reads end in their last C2HData PDU (SUCCESS flag): the host asks
+    // for SQ flow control off.
+    let s = server(|_| {});
     let o = TcpOptions {
         header_digest: true,
         data_digest: true,

@@ -97,14 +97,23 @@ impl SglDescriptor {
     }
 }
 
+/// CATTR bit 2: the host asks for SQ flow control off (it never has more
+/// commands outstanding than the queue holds); a controller then need not
+/// report SQ heads, and Linux nvmet completes reads with the C2HData
+/// SUCCESS flag, without a response capsule.
+pub const CATTR_DISABLE_SQ_FLOW: u8 = 1 << 2;
+/// Byte offset of CATTR in Connect, as a refusal's IPO names it.
+pub const CATTR_OFFSET: u32 = 46;
+
 /// Connect command: queue `qid` of `sqsize` entries; `kato_ms` on the
-/// admin queue. The 1024 bytes of [`ConnectData`] go in the capsule.
-pub fn connect(qid: u16, entries: u16, kato_ms: u32) -> SubmissionEntry {
+/// admin queue; `cattr` attributes. The 1024 bytes of [`ConnectData`] go
+/// in the capsule.
+pub fn connect(qid: u16, entries: u16, kato_ms: u32, cattr: u8) -> SubmissionEntry {
     let mut sqe = fabrics(fctype::CONNECT);
     // RECFMT 0 (bytes 40-41), QID (42-43), SQSIZE 0's based (44-45),
     // CATTR (46), KATO (48-51).
     sqe.cdw10 = (u32::from(qid) << 16).into();
-    sqe.cdw11 = u32::from(entries.saturating_sub(1)).into();
+    sqe.cdw11 = (u32::from(entries.saturating_sub(1)) | u32::from(cattr) << 16).into();
     sqe.cdw12 = kato_ms.into();
     sqe
 }
@@ -321,13 +330,14 @@ mod tests {
 
     #[test]
     fn fabrics_commands_put_their_fields_where_linux_does() {
-        let c = connect(3, 128, 0);
+        let c = connect(3, 128, 0, CATTR_DISABLE_SQ_FLOW);
         let raw = c.as_bytes();
         assert_eq!(raw[0], FABRICS_OPC);
         assert_eq!(raw[4], fctype::CONNECT);
         assert_eq!(u16::from_le_bytes([raw[42], raw[43]]), 3);
         assert_eq!(u16::from_le_bytes([raw[44], raw[45]]), 127);
-        let c = connect(0, 32, 5000);
+        assert_eq!(raw[CATTR_OFFSET as usize], CATTR_DISABLE_SQ_FLOW);
+        let c = connect(0, 32, 5000, 0);
         assert_eq!(
             u32::from_le_bytes([raw_at(&c, 48), raw_at(&c, 49), 0, 0]),
             5000

@@ -212,8 +212,27 @@ impl TcpQueuePair {
     fn fabrics_connect(&mut self) -> Result<()> {
         let t = &self.target;
         let data = ConnectData::new(t.host_id, self.cntlid, &t.subnqn, &t.host_nqn);
-        let sqe = fabrics::connect(self.qid, self.entries, self.kato_ms);
-        let (c, _) = self.admin_like(sqe, AdminData::Out(data.as_bytes()), "Connect")?;
+        // I/O queues ask for SQ flow control off: never more commands are
+        // outstanding than the queue holds, and reads then complete in
+        // their last C2HData PDU. A controller that refuses the attribute
+        // gets Connect again without it.
+        let mut cattr = if self.qid > 0 {
+            fabrics::CATTR_DISABLE_SQ_FLOW
+        } else {
+            0
+        };
+        let c = loop {
+            let sqe = fabrics::connect(self.qid, self.entries, self.kato_ms, cattr);
+            let (c, _) = self.admin_like(sqe, AdminData::Out(data.as_bytes()), "Connect")?;
+            let refused_cattr = matches!(c.result, Err(IoError::Status(s))
+                if s.same_code(NvmeStatus::specific(0x82).dnr()))
+                && c.dw0 >> 16 == fabrics::CATTR_OFFSET;
+            if cattr != 0 && refused_cattr {
+                cattr = 0;
+                continue;
+            }
+            break c;
+        };
         match c.result {
             Ok(dw0) => {
                 if self.qid == 0 {

@@ -42,7 +42,7 @@ pub enum ServeFault {
     /// Flip a bit of the next C2HData's data digest (or its data when
     /// digests are off).
     CorruptData,
-    /// Send the next response with a wrong header length.
+    /// Send the next response or read data PDU with a wrong header length.
     GarbleHeader,
     /// Close the connection instead of answering the next I/O command
     /// (after executing it).
@@ -69,9 +69,10 @@ pub struct ServeConfig {
     pub inline_data: u32,
     /// Largest C2HData payload; longer reads come in several PDUs.
     pub c2h_chunk: usize,
-    /// Complete reads with the C2HData SUCCESS flag instead of a response
-    /// capsule.
-    pub c2h_success: bool,
+    /// Refuse a host's request to turn SQ flow control off (Connect
+    /// Invalid Parameters on CATTR), as a controller without it does: reads
+    /// then end with a response capsule after their data.
+    pub refuse_sq_flow_off: bool,
     /// Host NQNs allowed; empty allows any.
     pub allowed_hosts: Vec<String>,
 }
@@ -83,7 +84,7 @@ impl Default for ServeConfig {
             emu: EmuConfig::default(),
             inline_data: 8192,
             c2h_chunk: 16 * 1024,
-            c2h_success: false,
+            refuse_sq_flow_off: false,
             allowed_hosts: Vec::new(),
         }
     }
@@ -251,6 +252,9 @@ struct Conn {
     sqsize: u16,
     sqhd: u16,
     qp: Option<QueuePair<EmuController>>,
+    /// The host turned SQ flow control off: no SQ heads, reads complete
+    /// with the C2HData SUCCESS flag.
+    sq_flow_off: bool,
     /// Capsules that came while a command's data was being collected.
     pending: std::collections::VecDeque<(SubmissionEntry, Vec<u8>)>,
 }
@@ -269,6 +273,7 @@ impl Conn {
             sqsize: 0,
             sqhd: 0,
             qp: None,
+            sq_flow_off: false,
             pending: std::collections::VecDeque::new(),
         }
     }
@@ -501,7 +506,7 @@ impl Conn {
             let last = out.len() - 1;
             out[last] ^= 1;
         }
-        if pdu_type == pdu_type::CAPSULE_RESP
+        if matches!(pdu_type, pdu_type::CAPSULE_RESP | pdu_type::C2H_DATA)
             && self
                 .st
                 .take_fault(|f| *f == ServeFault::GarbleHeader)
@@ -518,7 +523,9 @@ impl Conn {
     }
 
     fn respond(&mut self, cid: u16, status: NvmeStatus, dw0: u32, dw1: u32) -> Served<()> {
-        self.sqhd = if self.sqsize > 0 {
+        self.sqhd = if self.sq_flow_off {
+            0xFFFF
+        } else if self.sqsize > 0 {
             (self.sqhd + 1) % (self.sqsize + 1)
         } else {
             0
@@ -722,6 +729,11 @@ impl Conn {
         };
         let qid = (sqe.cdw10.get() >> 16) as u16;
         let sqsize = sqe.cdw11.get() as u16;
+        let cattr = (sqe.cdw11.get() >> 16) as u8;
+        if cattr & fabrics::CATTR_DISABLE_SQ_FLOW != 0 && self.st.cfg.refuse_sq_flow_off {
+            let (s, dw0) = invalid(fabrics::CATTR_OFFSET, 0);
+            return self.respond(cid, s, dw0, 0);
+        }
         let kato = sqe.cdw12.get();
         let discovery = cd.subsystem() == fabrics::DISCOVERY_NQN;
         if !discovery && cd.subsystem() != self.st.cfg.subnqn {
@@ -795,6 +807,7 @@ impl Conn {
         self.qid = qid;
         self.cntlid = Some(cntlid);
         self.sqsize = sqsize;
+        self.sq_flow_off = cattr & fabrics::CATTR_DISABLE_SQ_FLOW != 0;
         self.respond(cid, NvmeStatus::SUCCESS, u32::from(cntlid), 0)
     }
 
@@ -913,10 +926,9 @@ impl Conn {
         match result {
             Ok((dw0, data)) => {
                 if to_host && !data.is_empty() {
-                    let success = self.st.cfg.c2h_success && dw0 == 0;
+                    let success = self.sq_flow_off && dw0 == 0;
                     self.send_c2h(cid, &data, success)?;
                     if success {
-                        self.sqhd = (self.sqhd + 1) % (self.sqsize.max(1) + 1);
                         return Ok(());
                     }
                 }
