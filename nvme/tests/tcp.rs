@@ -503,3 +503,23 @@ fn reconnecting_before_polling_everything_still_reports_each_request_once() {
     );
     write_read(&ctrl, &mut qp, &ns, 10, &pattern(3, 4096));
 }
+
+#[test]
+fn a_queue_keeps_its_association_alive_after_the_controller_is_dropped() {
+    let s = server(|_| {});
+    let o = TcpOptions {
+        keep_alive: Duration::from_millis(400),
+        ..opts()
+    };
+    let ctrl = connect(&s, o);
+    let ns = ctrl.namespace(1).expect("ns");
+    let mut qp = ctrl.create_qpair(QueueOptions::default()).expect("queue");
+    let buf = ctrl.dma_alloc(4096).expect("alloc");
+    drop(ctrl);
+    // Well past the target's KATO: Keep Alive must have gone on.
+    std::thread::sleep(Duration::from_millis(1500));
+    buf.write_bytes(0, &pattern(8, 4096)).expect("fill");
+    qp.write(&ns, 0, &buf.as_slice(), 1).expect("write");
+    let done = drain(&mut qp);
+    assert_eq!(done[0].result.map(|_| ()), Ok(()), "{:?}", qp.failure());
+}

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zerocopy::FromBytes;
@@ -25,13 +24,40 @@ const DEFAULT_MAX_TRANSFER: usize = 1 << 20;
 /// Discovery log entries read at most.
 const MAX_DISCOVERY_RECORDS: u64 = 1024;
 
+/// Ends the keep-alive thread: set when the association's last holder
+/// (the controller or one of its queues) lets go of it.
+#[derive(Default)]
+struct StopToken {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl StopToken {
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits `period` or until stopped; true when stopped.
+    fn wait(&self, period: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (stopped, _) = self
+            .wake
+            .wait_timeout_while(stopped, period, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *stopped
+    }
+}
+
+/// One association: what the controller and its queues share. Its admin
+/// queue, and with it the association, lives as long as the controller
+/// or any queue it made.
 struct Shared {
     target: Arc<TcpTarget>,
     admin: Mutex<TcpQueuePair>,
     cntlid: u16,
     down: AtomicBool,
-    stop: Mutex<bool>,
-    wake: Condvar,
+    stop: Arc<StopToken>,
     qids: Mutex<Vec<bool>>,
     /// Where the search for a free queue id starts: ids go round, so one
     /// just closed (which the controller may still be tearing down) is
@@ -39,7 +65,25 @@ struct Shared {
     next_qid: std::sync::atomic::AtomicUsize,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.stop();
+    }
+}
+
 impl Shared {
+    fn new(target: &Arc<TcpTarget>, admin: TcpQueuePair) -> Shared {
+        Shared {
+            target: Arc::clone(target),
+            cntlid: admin.cntlid,
+            admin: Mutex::new(admin),
+            down: AtomicBool::new(false),
+            stop: Arc::default(),
+            qids: Mutex::new(Vec::new()),
+            next_qid: std::sync::atomic::AtomicUsize::new(1),
+        }
+    }
+
     fn lock_admin(&self) -> MutexGuard<'_, TcpQueuePair> {
         self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -61,7 +105,6 @@ pub struct TcpController {
     max_transfer: usize,
     inline_data: usize,
     dma: Arc<DmaContext>,
-    keep_alive: Option<JoinHandle<()>>,
 }
 
 impl TcpController {
@@ -75,17 +118,7 @@ impl TcpController {
     /// Brings up the controller of `target`.
     pub fn connect_to(target: Arc<TcpTarget>) -> Result<TcpController> {
         let (admin, cap) = admin_queue(&target)?;
-        let cntlid = admin.cntlid;
-        let shared = Arc::new(Shared {
-            target: Arc::clone(&target),
-            admin: Mutex::new(admin),
-            cntlid,
-            down: AtomicBool::new(false),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-            qids: Mutex::new(Vec::new()),
-            next_qid: std::sync::atomic::AtomicUsize::new(1),
-        });
+        let shared = Arc::new(Shared::new(&target, admin));
         let identify = identify_controller(&shared)?;
         let mdts = identify.mdts;
         let max_transfer = if mdts == 0 || mdts > 20 {
@@ -100,7 +133,7 @@ impl TcpController {
         let granted = set_queue_count(&shared, target.opts.io_queues)?;
         let namespaces = identify_namespaces(&shared, identify.nn.get())?;
         *shared.lock_qids() = vec![false; usize::from(granted) + 1];
-        let keep_alive = start_keep_alive(&shared);
+        start_keep_alive(&shared);
         Ok(TcpController {
             name: target.to_string(),
             shared,
@@ -111,7 +144,6 @@ impl TcpController {
             max_transfer,
             inline_data,
             dma: DmaContext::host(),
-            keep_alive,
         })
     }
 
@@ -277,24 +309,14 @@ impl TcpController {
     /// new controller id: I/O queues of the old one must be connected
     /// again with [`TcpController::create_qpair`]).
     pub fn reconnect(&mut self) -> Result<()> {
-        stop_keep_alive(&self.shared, self.keep_alive.take());
         let (admin, cap) = admin_queue(&self.shared.target)?;
-        let shared = Arc::new(Shared {
-            target: Arc::clone(&self.shared.target),
-            cntlid: admin.cntlid,
-            admin: Mutex::new(admin),
-            down: AtomicBool::new(false),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-            qids: Mutex::new(vec![false; usize::from(self.io_queues) + 1]),
-            next_qid: std::sync::atomic::AtomicUsize::new(1),
-        });
+        let shared = Arc::new(Shared::new(&self.shared.target, admin));
         let granted = set_queue_count(&shared, self.io_queues)?;
         *shared.lock_qids() = vec![false; usize::from(granted) + 1];
         self.io_queues = granted;
         self.cap = cap;
         self.shared = shared;
-        self.keep_alive = start_keep_alive(&self.shared);
+        start_keep_alive(&self.shared);
         Ok(())
     }
 
@@ -316,12 +338,6 @@ impl TcpController {
             what: "CSTS.SHST = complete",
             waited_ms: 5000,
         })
-    }
-}
-
-impl Drop for TcpController {
-    fn drop(&mut self) {
-        stop_keep_alive(&self.shared, self.keep_alive.take());
     }
 }
 
@@ -504,44 +520,31 @@ fn set_queue_count(shared: &Shared, want: u16) -> Result<u16> {
     Ok(granted.saturating_add(1).min(want.max(1)))
 }
 
-/// Sends Keep Alive every half KATO from a thread of its own; marks the
-/// association down when one fails.
-fn start_keep_alive(shared: &Arc<Shared>) -> Option<JoinHandle<()>> {
+/// Sends Keep Alive every half KATO from a thread of its own, for as
+/// long as the association has a holder; marks it down when one fails.
+fn start_keep_alive(shared: &Arc<Shared>) {
     let kato = shared.target.opts.keep_alive;
     if kato.is_zero() {
-        return None;
+        return;
     }
-    let shared = Arc::clone(shared);
+    let (association, stop) = (Arc::downgrade(shared), Arc::clone(&shared.stop));
     let period = kato / 2;
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("nvme-tcp-keepalive".into())
         .spawn(move || {
-            loop {
-                {
-                    let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
-                    let (stop, _) = shared
-                        .wake
-                        .wait_timeout_while(stop, period, |s| !*s)
-                        .unwrap_or_else(|p| p.into_inner());
-                    if *stop {
-                        return;
-                    }
-                }
+            while !stop.wait(period) {
+                let Some(shared) = association.upgrade() else {
+                    return;
+                };
                 if let Err(e) = admin(&shared, "Keep Alive", fabrics::keep_alive(), 0, None) {
                     tracing::warn!(target_addr = %shared.target, error = %e, "Keep Alive failed; the association is down");
                     shared.down.store(true, Ordering::SeqCst);
                     return;
                 }
             }
-        })
-        .ok()
-}
-
-fn stop_keep_alive(shared: &Shared, handle: Option<JoinHandle<()>>) {
-    *shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
-    shared.wake.notify_all();
-    if let Some(h) = handle {
-        let _ = h.join();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(target_addr = %shared.target, error = %e, "no keep-alive thread; the target will end the association after its KATO");
     }
 }
 
@@ -554,16 +557,7 @@ pub fn discover(addr: &str, opts: TcpOptions) -> Result<Vec<DiscoveryEntry>> {
     };
     let target = Arc::new(TcpTarget::new(addr, fabrics::DISCOVERY_NQN, opts)?);
     let (queue, _) = admin_queue(&target)?;
-    let shared = Shared {
-        target: Arc::clone(&target),
-        cntlid: queue.cntlid,
-        admin: Mutex::new(queue),
-        down: AtomicBool::new(false),
-        stop: Mutex::new(false),
-        wake: Condvar::new(),
-        qids: Mutex::new(Vec::new()),
-        next_qid: std::sync::atomic::AtomicUsize::new(1),
-    };
+    let shared = Shared::new(&target, queue);
     let read = |len: usize, offset: u64| -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(len);
         // The admin queue moves at most 4 KiB per command.
