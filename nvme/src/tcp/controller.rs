@@ -235,10 +235,7 @@ impl TcpController {
         let mut last = None;
         for attempt in 0..40 {
             match self.try_create_qpair(opts) {
-                Err(Error::Tcp(e))
-                    if matches!(&*e, TcpError::Connect { status: Some(s), .. }
-                        if s.same_code(crate::NvmeStatus::generic(0x0C))) =>
-                {
+                Err(Error::Tcp(e)) if e.queue_still_held() => {
                     last = Some(Error::Tcp(e));
                     if attempt >= usize::from(self.io_queues) {
                         std::thread::sleep(Duration::from_millis(25));

@@ -304,6 +304,16 @@ pub enum TcpError {
     },
 }
 
+impl TcpError {
+    /// Connect was answered Command Sequence Error: the controller still
+    /// holds a queue of that id (Linux nvmet tears a closed connection's
+    /// queue down in a work item), so a retry a little later may succeed.
+    pub fn queue_still_held(&self) -> bool {
+        matches!(self, TcpError::Connect { status: Some(s), .. }
+            if s.same_code(crate::NvmeStatus::generic(0x0C)))
+    }
+}
+
 impl From<TcpError> for crate::Error {
     fn from(e: TcpError) -> crate::Error {
         crate::Error::Tcp(Box::new(e))

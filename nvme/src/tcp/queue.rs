@@ -75,7 +75,9 @@ pub(super) struct Slot {
     pub(super) hdr: [u8; HDR_BUF],
     pub(super) ddgst: [u8; 4],
     pub(super) desc: Box<[u8; DESC_PAGE]>,
-    pub(super) sent_at: Instant,
+    /// When the command's capsule was handed to the socket; a capsule
+    /// still waiting is stamped by the first timeout check that sees it.
+    pub(super) sent_at: Option<Instant>,
 }
 
 /// One caller request (several commands when split).
@@ -103,6 +105,9 @@ pub(super) struct TxItem {
     pub(super) data_len: usize,
     pub(super) digest: bool,
     pub(super) sent: usize,
+    /// A command capsule: its timeout counts from when it is first handed
+    /// to the socket.
+    pub(super) capsule: bool,
 }
 
 /// An NVMe/TCP queue pair (admin queue 0 or an I/O queue). `Send`, not
@@ -134,6 +139,8 @@ pub struct TcpQueuePair {
     pub(super) failure: Option<TcpError>,
     pub(super) timeout: Option<Duration>,
     pub(super) last_timeout_check: Instant,
+    /// Polls since the clock was last read for the timeout check.
+    pub(super) polls: u32,
 }
 
 // SAFETY: the raw pointers in slots point at memory the caller handed over
@@ -178,7 +185,7 @@ impl TcpQueuePair {
                 hdr: [0; HDR_BUF],
                 ddgst: [0; 4],
                 desc: Box::new([0; DESC_PAGE]),
-                sent_at: now,
+                sent_at: None,
             })
             .collect();
         let mut qp = TcpQueuePair {
@@ -203,6 +210,7 @@ impl TcpQueuePair {
             failure: None,
             timeout: opts.timeout,
             last_timeout_check: now,
+            polls: 0,
         };
         qp.fabrics_connect()?;
         Ok(qp)
@@ -486,7 +494,7 @@ impl TcpQueuePair {
         slot.xfer = if in_capsule { len } else { 0 };
         slot.r2t_end = 0;
         slot.ttag = 0;
-        slot.sent_at = Instant::now();
+        slot.sent_at = None;
         slot.hdr[..hlen].copy_from_slice(capsule.as_bytes());
         let mut hdr_len = hlen;
         if hd {
@@ -512,6 +520,7 @@ impl TcpQueuePair {
             data_len,
             digest: dd,
             sent: 0,
+            capsule: true,
         });
     }
 
@@ -868,11 +877,7 @@ impl TcpQueuePair {
         let mut attempt = 0;
         loop {
             match self.reconnect_once() {
-                Err(Error::Tcp(e))
-                    if attempt < 40
-                        && matches!(&*e, TcpError::Connect { status: Some(s), .. }
-                            if s.same_code(NvmeStatus::generic(0x0C))) =>
-                {
+                Err(Error::Tcp(e)) if attempt < 40 && e.queue_still_held() => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(25));
                 }

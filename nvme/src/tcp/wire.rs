@@ -87,18 +87,27 @@ impl TcpQueuePair {
 
     fn check_timeouts(&mut self) {
         let Some(limit) = self.timeout else { return };
+        // A clock read every 16 polls, a scan at most every few
+        // milliseconds, as the PCIe queue pair does.
+        self.polls = self.polls.wrapping_add(1);
+        if !self.polls.is_multiple_of(16) {
+            return;
+        }
         let now = Instant::now();
-        // One clock read per poll is cheap next to the system calls a poll
-        // makes; the scan runs at most every few milliseconds.
         if now.duration_since(self.last_timeout_check).as_millis() < 5 {
             return;
         }
         self.last_timeout_check = now;
-        let expired: Option<u16> = self
-            .slots
-            .iter()
-            .position(|s| s.busy && now.duration_since(s.sent_at) > limit)
-            .map(|i| i as u16);
+        let mut expired: Option<u16> = None;
+        for (cid, s) in self.slots.iter_mut().enumerate() {
+            if !s.busy {
+                continue;
+            }
+            let since = *s.sent_at.get_or_insert(now);
+            if expired.is_none() && now.duration_since(since) > limit {
+                expired = Some(cid as u16);
+            }
+        }
         if let Some(cid) = expired {
             // A zombie (answered, its PDU stuck in a socket the target no
             // longer reads) keeps its answer; `fail` reports it.
@@ -115,6 +124,8 @@ impl TcpQueuePair {
 
     /// Writes queued PDUs until the socket takes no more.
     pub(super) fn flush_tx(&mut self) {
+        // One clock read per flush stamps the capsules it hands over.
+        let mut now: Option<Instant> = None;
         while !self.tx.is_empty() && self.failure.is_none() {
             let mut iov: [libc::iovec; IOV_BATCH] = [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -124,6 +135,10 @@ impl TcpQueuePair {
             for item in self.tx.iter() {
                 if n + 3 > IOV_BATCH {
                     break;
+                }
+                if item.capsule && item.sent == 0 {
+                    self.slots[item.cid as usize].sent_at =
+                        Some(*now.get_or_insert_with(Instant::now));
                 }
                 let slot = &self.slots[item.cid as usize];
                 let mut skip = item.sent;
@@ -263,6 +278,7 @@ impl TcpQueuePair {
             data_len: len,
             digest: dd,
             sent: 0,
+            capsule: false,
         });
     }
 

@@ -476,26 +476,21 @@ fn cpu_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// This process's CPU time, in seconds.
-fn own_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
 /// `ustor-perf` on `spec`: IOPS, the guest's busy CPU share and the part
 /// of it that was not ours (the target's).
 fn ustor_tcp_iops(spec: &str, qd: u16) -> Result<(f64, f64, f64), String> {
+    use ustor_tools::copybench::{CpuOf, cpu_time};
     let (busy0, total0) = cpu_jiffies();
-    let own0 = own_cpu();
+    let own0 = cpu_time(CpuOf::Process).map_err(|e| e.to_string())?;
     let target = ustor_tools::perf::Target::Stack {
         spec: spec.to_owned(),
     };
     let r = super::nvme::ustor_randread(target, qd, 0)?;
-    let own = own_cpu() - own0;
+    let own = cpu_time(CpuOf::Process)
+        .map_err(|e| e.to_string())?
+        .since(&own0)
+        .total()
+        .as_secs_f64();
     let (busy1, total1) = cpu_jiffies();
     // USER_HZ: /proc/stat counts in hundredths of a second.
     let hz = 100.0;
